@@ -1,0 +1,234 @@
+//! A small typed client over the generated gRPC stubs, for Rust users and the CLI.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use mediacache::client::{media_key, Client};
+//! let mut client = Client::connect("http://127.0.0.1:50051").await?;
+//! let key = media_key("example.org", "AbCd", "");
+//! client.put_bytes(key.clone(), Default::default(), "hello".into()).await?;
+//! if let Some((info, body)) = client.get_bytes(key).await? {
+//!     assert_eq!(info.size, body.len() as u64);
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Status, Streaming};
+
+use crate::proto::{
+    cache_admin_client::CacheAdminClient, get_response, media_cache_client::MediaCacheClient,
+    put_request, GetRequest, GetResponse, MediaInfo, MediaKey, PurgeRequest, PurgeResponse,
+    PutHeader, PutRequest, PutResponse, RingStatusRequest, RingStatusResponse, StatRequest,
+    StatResponse,
+};
+
+/// Chunk size the client sends on Put.
+pub const PUT_CHUNK_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Status(#[from] Status),
+    #[error("server broke the protocol: {0}")]
+    Protocol(&'static str),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+pub fn media_key(origin: &str, media_id: &str, variant: &str) -> MediaKey {
+    MediaKey {
+        origin: origin.to_owned(),
+        media_id: media_id.to_owned(),
+        variant: variant.to_owned(),
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    cache: MediaCacheClient<Channel>,
+    admin: CacheAdminClient<Channel>,
+}
+
+/// An open hit: the object's info, then the body chunks of the requested range.
+pub struct Download {
+    pub info: MediaInfo,
+    stream: Streaming<GetResponse>,
+}
+
+impl Download {
+    /// The next body chunk; `None` at the end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClientError> {
+        match self.stream.message().await? {
+            None => Ok(None),
+            Some(GetResponse {
+                kind: Some(get_response::Kind::Chunk(b)),
+            }) => Ok(Some(b)),
+            Some(_) => Err(ClientError::Protocol("expected a chunk")),
+        }
+    }
+
+    /// Copies the rest of the body to `out`; returns the bytes written.
+    pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, out: &mut W) -> Result<u64, ClientError> {
+        let mut n = 0;
+        while let Some(chunk) = self.next_chunk().await? {
+            out.write_all(&chunk).await?;
+            n += chunk.len() as u64;
+        }
+        out.flush().await?;
+        Ok(n)
+    }
+}
+
+impl Client {
+    pub async fn connect(addr: impl Into<String>) -> Result<Self, ClientError> {
+        let addr = addr.into();
+        let channel = Endpoint::from_shared(addr.clone())
+            .map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        Ok(Self::from_channel(channel))
+    }
+
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            cache: MediaCacheClient::new(channel.clone()),
+            admin: CacheAdminClient::new(channel),
+        }
+    }
+
+    /// Opens `[offset, offset+limit)` of an object (`limit` 0: to the end). `None` is a miss.
+    pub async fn get(&mut self, key: MediaKey, offset: u64, limit: u64) -> Result<Option<Download>, ClientError> {
+        let mut stream = self
+            .cache
+            .get(GetRequest {
+                key: Some(key),
+                offset,
+                limit,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        match stream.message().await?.and_then(|m| m.kind) {
+            Some(get_response::Kind::Info(info)) => Ok(Some(Download { info, stream })),
+            Some(get_response::Kind::Miss(_)) => Ok(None),
+            _ => Err(ClientError::Protocol("first message must be info or miss")),
+        }
+    }
+
+    /// A whole object in memory; `None` is a miss.
+    pub async fn get_bytes(&mut self, key: MediaKey) -> Result<Option<(MediaInfo, Bytes)>, ClientError> {
+        let Some(mut download) = self.get(key, 0, 0).await? else {
+            return Ok(None);
+        };
+        let mut body = BytesMut::with_capacity(download.info.size as usize);
+        while let Some(chunk) = download.next_chunk().await? {
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Some((download.info, body.freeze())))
+    }
+
+    /// Puts a body held in memory; `info.size` is set from it.
+    pub async fn put_bytes(&mut self, key: MediaKey, mut info: MediaInfo, body: Bytes) -> Result<PutResponse, ClientError> {
+        info.size = body.len() as u64;
+        let header = header_message(key, info);
+        let chunks = (0..body.len()).step_by(PUT_CHUNK_BYTES).map(move |s| PutRequest {
+            kind: Some(put_request::Kind::Chunk(
+                body.slice(s..(s + PUT_CHUNK_BYTES).min(body.len())),
+            )),
+        });
+        let messages = std::iter::once(header).chain(chunks);
+        Ok(self
+            .cache
+            .put(tokio_stream::iter(messages))
+            .await?
+            .into_inner())
+    }
+
+    /// Streams `info.size` bytes from `reader`. A read error ends the Put (the server then
+    /// stores nothing) and is returned.
+    pub async fn put_reader<R>(&mut self, key: MediaKey, info: MediaInfo, mut reader: R) -> Result<PutResponse, ClientError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+    {
+        let failure: Arc<Mutex<Option<std::io::Error>>> = Arc::default();
+        let seen = failure.clone();
+        let header = header_message(key, info);
+        let messages = async_stream::stream! {
+            yield header;
+            loop {
+                let mut buf = BytesMut::with_capacity(PUT_CHUNK_BYTES);
+                while buf.len() < PUT_CHUNK_BYTES {
+                    match reader.read_buf(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) => {
+                            *seen.lock().expect("failure slot") = Some(e);
+                            return;
+                        }
+                    }
+                }
+                if buf.is_empty() {
+                    return;
+                }
+                yield PutRequest { kind: Some(put_request::Kind::Chunk(buf.freeze())) };
+            }
+        };
+        let answer = self.cache.put(messages).await;
+        if let Some(e) = failure.lock().expect("failure slot").take() {
+            return Err(e.into());
+        }
+        Ok(answer?.into_inner())
+    }
+
+    pub async fn stat(&mut self, key: MediaKey) -> Result<StatResponse, ClientError> {
+        Ok(self
+            .cache
+            .stat(StatRequest { key: Some(key) })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn purge(&mut self, key: MediaKey, all_variants: bool, quarantine: bool) -> Result<PurgeResponse, ClientError> {
+        Ok(self
+            .cache
+            .purge(PurgeRequest {
+                key: Some(key),
+                all_variants,
+                quarantine,
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn ring_status(&mut self) -> Result<RingStatusResponse, ClientError> {
+        Ok(self
+            .admin
+            .ring_status(RingStatusRequest {})
+            .await?
+            .into_inner())
+    }
+}
+
+fn header_message(key: MediaKey, info: MediaInfo) -> PutRequest {
+    PutRequest {
+        kind: Some(put_request::Kind::Header(PutHeader {
+            key: Some(key),
+            info: Some(info),
+            lease_token: String::new(),
+        })),
+    }
+}

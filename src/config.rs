@@ -1,0 +1,472 @@
+//! The YAML configuration: a serde model with named defaults, then one validation step whose
+//! messages name the key they are about (`shards[2].url: …`). The same file is the Helm ConfigMap.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+/// Largest chunk the service sends or buffers: tonic decodes at most 4 MiB per message by default,
+/// and a chunk well under that keeps per-stream memory small.
+pub const MAX_CHUNK_BYTES: u64 = MIB;
+/// Smallest useful chunk; below this, per-message overhead dominates.
+pub const MIN_CHUNK_BYTES: u64 = 4 * KIB;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// HTTP listen address for metrics and health; none when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Size of the body chunks the service streams to readers and writes to Redis.
+    #[serde(default = "default_chunk_bytes")]
+    pub chunk_bytes: u64,
+    /// Largest object the tier stores at all; larger Puts answer `TOO_LARGE`.
+    #[serde(default = "default_max_object_bytes")]
+    pub max_object_bytes: u64,
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    /// The Redis shards of the ring. Empty: the service runs on its memory tier alone.
+    #[serde(default)]
+    pub shards: Vec<ShardConfig>,
+    /// What a Put does when the owner shard of its key is down.
+    #[serde(default)]
+    pub failover: Failover,
+    #[serde(default)]
+    pub redis: RedisConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Bytes of object bodies the memory tier may hold.
+    #[serde(default = "default_memory_max_bytes")]
+    pub max_bytes: u64,
+    /// Largest object the memory tier holds.
+    #[serde(default = "default_max_object_bytes")]
+    pub max_object_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    /// Stable identity of the shard: the ring hashes this name, not the URL, so re-addressing a
+    /// shard moves no keys.
+    pub name: String,
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…`.
+    pub url: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// Where a Put goes, and where a Get looks, while a key's owner shard is down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Failover {
+    /// Only the owner: a Put answers `UNAVAILABLE`, a Get misses. The default, because a copy
+    /// written elsewhere is not found once the owner is back, and is left behind as a stray copy.
+    #[default]
+    None,
+    /// The next live shard in the key's rendezvous order takes the Put, and Gets look there too
+    /// while the owner is down.
+    Next,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Time allowed to open a connection (TCP and TLS).
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for one command; a cache answers a miss rather than wait longer.
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Connections per shard.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// How often a shard is pinged to learn whether it is up.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// TTL of the temporary key a Put writes to; refreshed while the Put is alive, so a writer
+    /// that crashed leaks nothing for longer than this.
+    #[serde(default = "default_temp_key_ttl", with = "humantime_serde")]
+    pub temp_key_ttl: Duration,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+fn default_chunk_bytes() -> u64 {
+    256 * KIB
+}
+fn default_max_object_bytes() -> u64 {
+    100 * MIB
+}
+fn default_memory_max_bytes() -> u64 {
+    1000 * MIB
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_millis(1000)
+}
+fn default_pool_size() -> usize {
+    4
+}
+fn default_health_interval() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_temp_key_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            metrics_listen: None,
+            chunk_bytes: default_chunk_bytes(),
+            max_object_bytes: default_max_object_bytes(),
+            memory: MemoryConfig::default(),
+            shards: Vec::new(),
+            failover: Failover::default(),
+            redis: RedisConfig::default(),
+        }
+    }
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_memory_max_bytes(),
+            max_object_bytes: default_max_object_bytes(),
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: default_connect_timeout(),
+            command_timeout: default_command_timeout(),
+            pool_size: default_pool_size(),
+            health_interval: default_health_interval(),
+            temp_key_ttl: default_temp_key_ttl(),
+        }
+    }
+}
+
+/// One problem found in a config, with the path of the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid config:\n{}", .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    /// Every problem, one per line, each naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid(problems) => problems.iter().map(|p| p.to_string()).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// A validated config together with the digest of the text it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub config: Config,
+    /// SHA-256 (hex) of the source text; identifies the config in RingStatus.
+    pub digest: String,
+}
+
+impl Config {
+    /// Parses and validates YAML text. An empty document is the default config.
+    pub fn from_yaml(text: &str) -> Result<Loaded, ConfigError> {
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            yaml_serde::from_str(text).map_err(|e| ConfigError::Parse(parse_message(&e)))?
+        };
+        config.validate().map_err(ConfigError::Invalid)?;
+        Ok(Loaded {
+            config,
+            digest: hex::encode(Sha256::digest(text.as_bytes())),
+        })
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Checks every rule and returns all problems, not only the first.
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut problem = |path: String, message: String| problems.push(Problem { path, message });
+
+        if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&self.chunk_bytes) {
+            problem(
+                "chunk_bytes".into(),
+                format!("must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}, got {}", self.chunk_bytes),
+            );
+        }
+        if self.max_object_bytes == 0 {
+            problem("max_object_bytes".into(), "must be greater than 0".into());
+        }
+        if self.memory.max_object_bytes > self.memory.max_bytes {
+            problem(
+                "memory.max_object_bytes".into(),
+                format!(
+                    "must not exceed memory.max_bytes ({}), got {}",
+                    self.memory.max_bytes, self.memory.max_object_bytes
+                ),
+            );
+        }
+        if self.metrics_listen.is_some() && self.metrics_listen == Some(self.listen) {
+            problem(
+                "metrics_listen".into(),
+                "must differ from listen".into(),
+            );
+        }
+
+        let mut names = HashSet::new();
+        for (i, shard) in self.shards.iter().enumerate() {
+            let at = format!("shards[{i}]");
+            if shard.name.is_empty() {
+                problem(format!("{at}.name"), "must not be empty".into());
+            } else if shard.name.len() > 64
+                || !shard
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                problem(
+                    format!("{at}.name"),
+                    format!(
+                        "{:?}: use at most 64 characters from A-Z a-z 0-9 - _ .",
+                        shard.name
+                    ),
+                );
+            } else if !names.insert(shard.name.as_str()) {
+                problem(
+                    format!("{at}.name"),
+                    format!("{:?} is used by an earlier shard; names must be unique", shard.name),
+                );
+            }
+            if let Err(e) = check_shard_url(&shard.url) {
+                problem(format!("{at}.url"), e);
+            }
+            if shard.weight == 0 || shard.weight > 10_000 {
+                problem(
+                    format!("{at}.weight"),
+                    format!("must be between 1 and 10000, got {}", shard.weight),
+                );
+            }
+        }
+
+        let r = &self.redis;
+        let timeouts = [
+            ("redis.connect_timeout", r.connect_timeout),
+            ("redis.command_timeout", r.command_timeout),
+            ("redis.health_interval", r.health_interval),
+        ];
+        for (path, value) in timeouts {
+            if value.is_zero() || value > Duration::from_secs(60) {
+                problem(path.into(), format!("must be between 1ms and 60s, got {value:?}"));
+            }
+        }
+        if r.temp_key_ttl < Duration::from_secs(5) || r.temp_key_ttl > Duration::from_secs(3600) {
+            problem(
+                "redis.temp_key_ttl".into(),
+                format!("must be between 5s and 1h, got {:?}", r.temp_key_ttl),
+            );
+        }
+        if r.pool_size == 0 || r.pool_size > 64 {
+            problem(
+                "redis.pool_size".into(),
+                format!("must be between 1 and 64, got {}", r.pool_size),
+            );
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+fn check_shard_url(raw: &str) -> Result<(), String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("{:?} is not a URL: {e}", redact_url(raw)))?;
+    match url.scheme() {
+        "redis" | "rediss" => {}
+        other => {
+            return Err(format!(
+                "scheme {other:?} is not supported; use redis:// or rediss://"
+            ))
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".into());
+    }
+    let path = url.path().trim_start_matches('/');
+    if !path.is_empty() && path.parse::<u8>().is_err() {
+        return Err(format!("path {path:?} must be a database number (0-255)"));
+    }
+    Ok(())
+}
+
+/// The URL with any password replaced, for logs and status output.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("REDACTED"));
+            }
+            url.to_string()
+        }
+        // Not a URL: it may still hold a secret, so show only its scheme-like prefix.
+        Err(_) => match raw.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://…"),
+            None => "…".to_string(),
+        },
+    }
+}
+
+fn parse_message(e: &yaml_serde::Error) -> String {
+    match e.location() {
+        Some(loc) => format!("line {} column {}: {e}", loc.line(), loc.column()),
+        None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_document_is_the_memory_only_default() {
+        let loaded = Config::from_yaml("").unwrap();
+        assert_eq!(loaded.config, Config::default());
+        assert!(loaded.config.shards.is_empty());
+        assert_eq!(loaded.config.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(loaded.config.chunk_bytes, 256 * 1024);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let text = r#"
+listen: 0.0.0.0:7000
+metrics_listen: 0.0.0.0:9100
+chunk_bytes: 131072
+max_object_bytes: 1048576
+memory: { max_bytes: 2048000, max_object_bytes: 1024 }
+failover: next
+shards:
+  - { name: a, url: "redis://10.0.0.1:6379" }
+  - { name: b, url: "rediss://user:secret@10.0.0.2:6380/2", weight: 3 }
+redis: { connect_timeout: 250ms, command_timeout: 2s, pool_size: 2 }
+"#;
+        let c = Config::from_yaml(text).unwrap().config;
+        assert_eq!(c.shards.len(), 2);
+        assert_eq!(c.shards[0].weight, 1);
+        assert_eq!(c.shards[1].weight, 3);
+        assert_eq!(c.failover, Failover::Next);
+        assert_eq!(c.redis.command_timeout, Duration::from_secs(2));
+        assert_eq!(c.redis.temp_key_ttl, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let err = Config::from_yaml("shards: []\nlisten_addr: 1.2.3.4:5\n").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+        let err = Config::from_yaml("memory: { max_byte: 3 }").unwrap_err();
+        assert!(err.to_string().contains("max_byte"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+chunk_bytes: 10
+shards:
+  - { name: a, url: "redis://h:1" }
+  - { name: a, url: "http://h:1" }
+  - { name: "", url: "redis://h:1", weight: 0 }
+  - { name: c, url: "not a url" }
+redis: { pool_size: 0 }
+"#;
+        let problems = Config::from_yaml(text).unwrap_err().problems();
+        let paths: Vec<&str> = problems.iter().map(|p| p.split(':').next().unwrap()).collect();
+        assert_eq!(
+            paths,
+            [
+                "chunk_bytes",
+                "shards[1].name",
+                "shards[1].url",
+                "shards[2].name",
+                "shards[2].weight",
+                "shards[3].url",
+                "redis.pool_size"
+            ],
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn digest_follows_the_text() {
+        let a = Config::from_yaml("shards: []").unwrap();
+        let b = Config::from_yaml("shards: [] # comment").unwrap();
+        assert_eq!(a.config, b.config);
+        assert_ne!(a.digest, b.digest);
+        assert_eq!(a.digest.len(), 64);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("redis://user:hunter2@host:6379/1"),
+            "redis://user:REDACTED@host:6379/1"
+        );
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        assert!(!redact_url("redis//user:hunter2@x").contains("hunter2"));
+    }
+}

@@ -1,0 +1,35 @@
+//! mediacache: a gRPC cache tier that many Matrix media repositories share, in front of a ring of
+//! Redis shards, with an in-memory tier per replica.
+//!
+//! # Layout
+//! - [`config`]: the YAML model, defaults and the one validation step.
+//! - [`key`]: media key validation and the Redis key names derived from it.
+//! - [`object`]: the layout of one stored object (header + body) in a Redis string.
+//! - [`ring`]: weighted rendezvous hashing over shard names; an immutable ring of shards.
+//! - [`shard`]: one Redis shard: a fred pool with timeouts and a health state.
+//! - [`store`]: the memory tier, the Redis tier, and the store that chooses between them.
+//! - [`service`]: the tonic services `MediaCache` and `CacheAdmin`.
+//! - [`server`]: wires config, ring, store and services together and serves until shutdown.
+//! - [`client`]: a small typed client for Rust users and the CLI.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod key;
+pub mod object;
+pub mod ring;
+pub mod server;
+pub mod service;
+pub mod shard;
+pub mod store;
+
+/// Code generated from `proto/mediacache/v1/mediacache.proto`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("mediacache.v1");
+
+    /// Encoded descriptors of the protos, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/mediacache_descriptor.bin"));
+}

@@ -1,0 +1,348 @@
+//! The `mediacache` command: `serve`, `check-config`, and client subcommands for operators.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use mediacache::client::{media_key, Client};
+use mediacache::config::{Config, Loaded};
+use mediacache::proto::{MediaInfo, MediaKey, PutOutcome};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "mediacache", version, about = "A shared gRPC cache tier for Matrix media repositories")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the cache. Without a config file: memory tier only, on 127.0.0.1:50051.
+    Serve {
+        /// YAML config file.
+        #[arg(long, short, env = "MEDIACACHE_CONFIG")]
+        config: Option<PathBuf>,
+        /// gRPC listen address; overrides `listen` from the config.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Validate a config file and print every problem with its key path.
+    CheckConfig { file: PathBuf },
+    /// Fetch an object (or a byte range of it) to a file or stdout.
+    Get {
+        #[command(flatten)]
+        target: Target,
+        /// First body byte to fetch.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Bytes to fetch; 0 means to the end.
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+        /// Write the body here instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Store an object read from a file, or from stdin with `-`.
+    Put {
+        #[command(flatten)]
+        target: Target,
+        /// File to upload; `-` reads stdin.
+        #[arg(long, short, default_value = "-")]
+        input: PathBuf,
+        #[arg(long, default_value = "")]
+        content_type: String,
+        #[arg(long, default_value = "")]
+        file_name: String,
+    },
+    /// Show whether and where an object is cached.
+    Stat {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove an object (or all its variants) from every shard and the memory tier.
+    Purge {
+        #[command(flatten)]
+        target: Target,
+        /// Remove every variant of ORIGIN/MEDIA_ID.
+        #[arg(long)]
+        all_variants: bool,
+    },
+    /// Print the ring: generation, config digest and each shard.
+    Ring {
+        #[command(flatten)]
+        addr: Addr,
+    },
+}
+
+#[derive(Args)]
+struct Addr {
+    /// Address of a mediacache server.
+    #[arg(long, env = "MEDIACACHE_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+}
+
+#[derive(Args)]
+struct Target {
+    #[command(flatten)]
+    addr: Addr,
+    /// Server name the media belongs to, e.g. example.org.
+    origin: String,
+    media_id: String,
+    /// Variant, e.g. thumb/320x240/scale; empty for the original.
+    #[arg(long, default_value = "")]
+    variant: String,
+}
+
+impl Target {
+    fn key(&self) -> MediaKey {
+        media_key(&self.origin, &self.media_id, &self.variant)
+    }
+    async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(self.addr.addr.clone()).await?)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Loaded, ExitCode> {
+    let loaded = match path {
+        Some(p) => Config::load(p),
+        None => Config::from_yaml(""),
+    };
+    loaded.map_err(|e| {
+        let source = path.map_or("built-in defaults".to_owned(), |p| p.display().to_string());
+        eprintln!("{source}: invalid config");
+        for problem in e.problems() {
+            eprintln!("  {problem}");
+        }
+        ExitCode::from(2)
+    })
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve { config, listen } => {
+            let mut loaded = match load_config(config.as_deref()) {
+                Ok(l) => l,
+                Err(code) => return Ok(code),
+            };
+            if let Some(listen) = listen {
+                loaded.config.listen = listen;
+            }
+            let listener = TcpListener::bind(loaded.config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", loaded.config.listen))?;
+            mediacache::server::run(listener, loaded, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { file } => Ok(match load_config(Some(&file)) {
+            Ok(loaded) => {
+                println!(
+                    "{}: valid ({} shards, digest {})",
+                    file.display(),
+                    loaded.config.shards.len(),
+                    &loaded.digest[..12]
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        }),
+        Command::Get {
+            target,
+            offset,
+            limit,
+            output,
+        } => {
+            let mut client = target.client().await?;
+            let Some(mut download) = client.get(target.key(), offset, limit).await? else {
+                eprintln!("miss");
+                return Ok(ExitCode::from(1));
+            };
+            let n = match output {
+                Some(path) => {
+                    let mut file = tokio::fs::File::create(&path)
+                        .await
+                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    download.write_to(&mut file).await?
+                }
+                None => download.write_to(&mut tokio::io::stdout()).await?,
+            };
+            eprintln!(
+                "hit: {n} of {} bytes, content_type {:?}, sha256 {}",
+                download.info.size,
+                download.info.content_type,
+                hex(&download.info.sha256)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Put {
+            target,
+            input,
+            content_type,
+            file_name,
+        } => {
+            let mut client = target.client().await?;
+            let info = MediaInfo {
+                content_type,
+                file_name,
+                ..Default::default()
+            };
+            let answer = if input.as_os_str() == "-" {
+                // The size must be declared up front, so stdin is read whole first.
+                let mut body = Vec::new();
+                tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut body).await?;
+                client.put_bytes(target.key(), info, body.into()).await?
+            } else {
+                let file = tokio::fs::File::open(&input)
+                    .await
+                    .with_context(|| format!("cannot open {}", input.display()))?;
+                let size = file.metadata().await?.len();
+                let info = MediaInfo { size, ..info };
+                client.put_reader(target.key(), info, file).await?
+            };
+            let outcome = PutOutcome::try_from(answer.outcome).unwrap_or(PutOutcome::Unspecified);
+            println!("{}", outcome.as_str_name().to_lowercase());
+            Ok(if answer.stored {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Stat { target } => {
+            let mut client = target.client().await?;
+            let s = client.stat(target.key()).await?;
+            if !s.found {
+                println!("not found");
+                return Ok(ExitCode::from(1));
+            }
+            let info = s.info.unwrap_or_default();
+            println!("tier:         {}", s.tier);
+            if !s.shard.is_empty() {
+                println!("shard:        {}", s.shard);
+            }
+            println!("size:         {}", info.size);
+            println!("content_type: {}", info.content_type);
+            println!("file_name:    {}", info.file_name);
+            println!("sha256:       {}", hex(&info.sha256));
+            println!("stored_at_ms: {}", info.stored_at_unix_ms);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Purge {
+            target,
+            all_variants,
+        } => {
+            let mut client = target.client().await?;
+            let answer = client.purge(target.key(), all_variants, false).await?;
+            println!("removed {}", answer.removed);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ring { addr } => {
+            let mut client = Client::connect(addr.addr).await?;
+            let ring = client.ring_status().await?;
+            println!(
+                "generation {}  config {}",
+                ring.generation,
+                ring.config_digest.get(..12).unwrap_or(&ring.config_digest)
+            );
+            if ring.shards.is_empty() {
+                println!("no shards: memory tier only");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows: Vec<[String; 7]> = ring
+                .shards
+                .iter()
+                .map(|s| {
+                    [
+                        s.name.clone(),
+                        s.address.clone(),
+                        s.weight.to_string(),
+                        if s.up { "up" } else { "DOWN" }.to_owned(),
+                        s.used_memory_bytes.to_string(),
+                        s.keys.to_string(),
+                        format!("{:.1}%", s.share * 100.0),
+                    ]
+                })
+                .collect();
+            print_table(
+                ["NAME", "ADDRESS", "WEIGHT", "STATE", "USED_BYTES", "KEYS", "SHARE"],
+                &rows,
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_table<const N: usize>(head: [&str; N], rows: &[[String; N]]) {
+    let mut widths = head.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(head.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    if bytes.is_empty() {
+        "-".to_owned()
+    } else {
+        hex::encode(bytes)
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

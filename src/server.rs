@@ -1,0 +1,114 @@
+//! Builds the ring and the store from a config and serves gRPC until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::config::{Config, Loaded};
+use crate::proto::{self, cache_admin_server::CacheAdminServer, media_cache_server::MediaCacheServer};
+use crate::ring::Ring;
+use crate::service::{CacheAdminService, MediaCacheService};
+use crate::shard::Shard;
+use crate::store::{memory::MemoryStore, redis::RedisStore, Store};
+
+/// How long in-flight streams may run after shutdown was asked for.
+const DRAIN_GRACE: Duration = Duration::from_secs(20);
+
+/// Connects every shard of `config` concurrently. A shard that is down still gets a client,
+/// which keeps reconnecting in the background.
+pub async fn connect_shards(config: &Config) -> anyhow::Result<Vec<Arc<Shard>>> {
+    let shards = futures_util::future::join_all(
+        config
+            .shards
+            .iter()
+            .map(|s| Shard::connect(s, &config.redis)),
+    )
+    .await;
+    shards
+        .into_iter()
+        .zip(&config.shards)
+        .map(|(r, cfg)| r.map_err(|e| anyhow::anyhow!("shard {}: {e}", cfg.name)))
+        .collect()
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains in-flight streams for up to
+/// [`DRAIN_GRACE`].
+pub async fn run(
+    listener: TcpListener,
+    loaded: Loaded,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let Loaded { config, digest } = loaded;
+    let shards = connect_shards(&config).await?;
+    let ring = Arc::new(ArcSwap::from_pointee(Ring::new(1, digest, shards)));
+    let store = Arc::new(Store::new(
+        MemoryStore::new(config.memory.max_bytes, config.memory.max_object_bytes),
+        RedisStore::new(
+            ring.clone(),
+            config.chunk_bytes,
+            config.failover,
+            config.redis.temp_key_ttl,
+        ),
+        config.chunk_bytes,
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<MediaCacheServer<MediaCacheService>>()
+        .await;
+    health
+        .set_serving::<CacheAdminServer<CacheAdminService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signal = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            info!("shutting down: refusing new requests, draining streams");
+            health
+                .set_not_serving::<MediaCacheServer<MediaCacheService>>()
+                .await;
+            let _ = stop_tx.send(true);
+        }
+    };
+
+    let addr = listener.local_addr()?;
+    let shard_count = ring.load().shards().len();
+    info!(%addr, shards = shard_count, "serving");
+    let serve = Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(MediaCacheServer::new(MediaCacheService::new(
+            store.clone(),
+            config.max_object_bytes,
+        )))
+        .add_service(CacheAdminServer::new(CacheAdminService::new(store.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+
+    let mut stopped = stop_rx;
+    let drain_deadline = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        tokio::time::sleep(DRAIN_GRACE).await;
+    };
+    tokio::select! {
+        r = serve => r?,
+        () = drain_deadline => warn!(grace = ?DRAIN_GRACE, "drain grace period ran out; closing open streams"),
+    }
+    for shard in ring.load().shards() {
+        shard.close().await;
+    }
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! The gRPC services: `mediacache.v1.MediaCache` and `mediacache.v1.CacheAdmin`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{stream, Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{error, instrument};
+
+use crate::key::{check_info, FieldError, Key};
+use crate::proto::{
+    self, get_response, put_request, GetRequest, GetResponse, Miss, PurgeRequest,
+    PurgeResponse, PutOutcome, PutRequest, PutResponse, RingStatusRequest, RingStatusResponse,
+    ShardStatus, StatRequest, StatResponse,
+};
+use crate::store::{now_unix_ms, Refusal, Store, StoreError};
+
+/// Everything a handler can fail with; [`to_status`] is the one place it becomes a `Status`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Field(#[from] FieldError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("purge incomplete: shards {shards:?} could not be reached ({removed} objects removed elsewhere); retry")]
+    PurgeIncomplete { shards: Vec<String>, removed: u64 },
+    #[error("{0}")]
+    Unimplemented(&'static str),
+}
+
+/// Maps errors to a small set of codes and logs the internal ones.
+pub fn to_status(e: ServiceError) -> Status {
+    match &e {
+        ServiceError::Field(_) => Status::invalid_argument(e.to_string()),
+        ServiceError::Unimplemented(_) => Status::unimplemented(e.to_string()),
+        ServiceError::PurgeIncomplete { .. } => Status::unavailable(e.to_string()),
+        ServiceError::Store(s) => match s {
+            StoreError::OutOfRange { .. } => Status::out_of_range(e.to_string()),
+            StoreError::Shard(_) => Status::unavailable(e.to_string()),
+            StoreError::Changed => Status::aborted(e.to_string()),
+            StoreError::Layout(_) | StoreError::Internal(_) => {
+                error!(error = %e, "internal error");
+                Status::internal(e.to_string())
+            }
+        },
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        to_status(e)
+    }
+}
+
+fn field(name: &str, message: impl Into<String>) -> Status {
+    to_status(FieldError::new(name, message).into())
+}
+
+pub struct MediaCacheService {
+    store: Arc<Store>,
+    /// Largest object accepted at all.
+    max_object_bytes: u64,
+}
+
+impl MediaCacheService {
+    pub fn new(store: Arc<Store>, max_object_bytes: u64) -> Self {
+        Self {
+            store,
+            max_object_bytes,
+        }
+    }
+}
+
+type GetStream = Pin<Box<dyn Stream<Item = Result<GetResponse, Status>> + Send>>;
+
+fn put_answer(outcome: PutOutcome) -> Response<PutResponse> {
+    Response::new(PutResponse {
+        stored: outcome == PutOutcome::Stored,
+        outcome: outcome as i32,
+    })
+}
+
+#[tonic::async_trait]
+impl proto::media_cache_server::MediaCache for MediaCacheService {
+    type GetStream = GetStream;
+
+    #[instrument(skip_all, fields(key, offset = req.get_ref().offset, limit = req.get_ref().limit))]
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetStream>, Status> {
+        let req = req.into_inner();
+        let key = Key::from_proto(req.key.as_ref()).map_err(ServiceError::from)?;
+        tracing::Span::current().record("key", tracing::field::display(&key));
+        let hit = self
+            .store
+            .get(&key, req.offset, req.limit)
+            .await
+            .map_err(ServiceError::from)?;
+        let Some(hit) = hit else {
+            let miss = GetResponse {
+                kind: Some(get_response::Kind::Miss(Miss::default())),
+            };
+            return Ok(Response::new(stream::once(async { Ok(miss) }).boxed()));
+        };
+        let info = GetResponse {
+            kind: Some(get_response::Kind::Info(hit.info)),
+        };
+        let chunks = hit.body.map(|chunk| match chunk {
+            Ok(bytes) => Ok(GetResponse {
+                kind: Some(get_response::Kind::Chunk(bytes)),
+            }),
+            Err(e) => Err(to_status(e.into())),
+        });
+        Ok(Response::new(
+            stream::once(async { Ok(info) }).chain(chunks).boxed(),
+        ))
+    }
+
+    #[instrument(skip_all, fields(key, size, shard))]
+    async fn put(&self, req: Request<Streaming<PutRequest>>) -> Result<Response<PutResponse>, Status> {
+        let mut incoming = req.into_inner();
+        let header = match incoming.message().await?.and_then(|m| m.kind) {
+            Some(put_request::Kind::Header(h)) => h,
+            Some(put_request::Kind::Chunk(_)) => {
+                return Err(field("header", "the first message must be a header, got a chunk"))
+            }
+            None => return Err(field("header", "the first message must be a header")),
+        };
+        let key = Key::from_proto(header.key.as_ref()).map_err(ServiceError::from)?;
+        let span = tracing::Span::current();
+        span.record("key", tracing::field::display(&key));
+        let mut info = header.info.ok_or_else(|| field("info", "is required"))?;
+        check_info(&info).map_err(ServiceError::from)?;
+        span.record("size", info.size);
+        if info.size > self.max_object_bytes {
+            return Ok(put_answer(PutOutcome::TooLarge));
+        }
+        info.stored_at_unix_ms = now_unix_ms();
+
+        let mut writer = match self.store.begin_put(&key, &info).await.map_err(ServiceError::from)? {
+            Ok(w) => w,
+            Err(Refusal::TooLarge) => return Ok(put_answer(PutOutcome::TooLarge)),
+            Err(Refusal::Unavailable) => return Ok(put_answer(PutOutcome::Unavailable)),
+        };
+        span.record("shard", writer.target().1);
+
+        let mut hasher = Sha256::new();
+        let mut received: u64 = 0;
+        while let Some(msg) = incoming.message().await? {
+            let chunk: Bytes = match msg.kind {
+                Some(put_request::Kind::Chunk(c)) => c,
+                Some(put_request::Kind::Header(_)) => {
+                    return Err(field("header", "only the first message may be a header"))
+                }
+                None => return Err(field("kind", "message has neither header nor chunk")),
+            };
+            received += chunk.len() as u64;
+            if received > info.size {
+                return Err(field(
+                    "info.size",
+                    format!("declared {} bytes, the body is longer", info.size),
+                ));
+            }
+            hasher.update(&chunk);
+            if let Err(e) = writer.write(chunk).await {
+                return match e {
+                    StoreError::Shard(_) => Ok(put_answer(PutOutcome::Unavailable)),
+                    other => Err(ServiceError::from(other).into()),
+                };
+            }
+        }
+        if received != info.size {
+            return Err(field(
+                "info.size",
+                format!("declared {} bytes, received {received}", info.size),
+            ));
+        }
+        let digest = hasher.finalize();
+        if !info.sha256.is_empty() && info.sha256[..] != digest[..] {
+            return Err(field(
+                "info.sha256",
+                format!("does not match the body (body hashes to {})", hex::encode(digest)),
+            ));
+        }
+        info.sha256 = Bytes::copy_from_slice(&digest);
+        match self.store.commit(writer, info).await {
+            Ok(true) => Ok(put_answer(PutOutcome::Stored)),
+            Ok(false) | Err(StoreError::Shard(_)) => Ok(put_answer(PutOutcome::Unavailable)),
+            Err(e) => Err(ServiceError::from(e).into()),
+        }
+    }
+
+    #[instrument(skip_all, fields(key))]
+    async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
+        let key = Key::from_proto(req.get_ref().key.as_ref()).map_err(ServiceError::from)?;
+        tracing::Span::current().record("key", tracing::field::display(&key));
+        let answer = match self.store.stat(&key).await {
+            Some(found) => StatResponse {
+                found: true,
+                info: Some(found.info),
+                tier: found.tier.as_str().to_owned(),
+                shard: found.shard.unwrap_or_default(),
+            },
+            None => StatResponse::default(),
+        };
+        Ok(Response::new(answer))
+    }
+
+    #[instrument(skip_all, fields(key, all_variants = req.get_ref().all_variants))]
+    async fn purge(&self, req: Request<PurgeRequest>) -> Result<Response<PurgeResponse>, Status> {
+        let req = req.into_inner();
+        let key = Key::from_proto(req.key.as_ref()).map_err(ServiceError::from)?;
+        tracing::Span::current().record("key", tracing::field::display(&key));
+        if req.quarantine {
+            return Err(ServiceError::Unimplemented(
+                "quarantine: not supported by this release; purge without it",
+            )
+            .into());
+        }
+        let (removed, failed) = self.store.purge(&key, req.all_variants).await;
+        if !failed.is_empty() {
+            return Err(ServiceError::PurgeIncomplete {
+                shards: failed,
+                removed,
+            }
+            .into());
+        }
+        Ok(Response::new(PurgeResponse { removed }))
+    }
+}
+
+pub struct CacheAdminService {
+    store: Arc<Store>,
+}
+
+impl CacheAdminService {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::cache_admin_server::CacheAdmin for CacheAdminService {
+    async fn ring_status(
+        &self,
+        _req: Request<RingStatusRequest>,
+    ) -> Result<Response<RingStatusResponse>, Status> {
+        let ring = self.store.redis().ring();
+        let shards = futures_util::future::join_all(ring.shards().iter().enumerate().map(
+            |(i, shard)| {
+                let ring = &ring;
+                async move {
+                    let (used, keys) = shard.usage().await.unwrap_or((0, 0));
+                    ShardStatus {
+                        name: shard.name().to_owned(),
+                        address: crate::config::redact_url(shard.url()),
+                        weight: shard.weight(),
+                        up: shard.is_up(),
+                        used_memory_bytes: used,
+                        keys,
+                        share: ring.share(i),
+                    }
+                }
+            },
+        ))
+        .await;
+        Ok(Response::new(RingStatusResponse {
+            generation: ring.generation,
+            config_digest: ring.digest.clone(),
+            shards,
+        }))
+    }
+}

@@ -1,0 +1,360 @@
+//! One Redis shard: a fred pool with connect and command timeouts, plus a health state.
+//!
+//! A shard that failed a command is marked down and skipped (a miss, or `UNAVAILABLE` for a
+//! Put) until a background ping answers again, so a dead shard costs nothing but a fast miss.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::*;
+use fred::clients::Pipeline;
+use fred::types::config::Options;
+use fred::types::scan::Scanner;
+use futures_util::StreamExt;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::{redact_url, RedisConfig, ShardConfig};
+
+/// Why a shard operation did not return a value.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// Known to be down; the command was not sent.
+    #[error("shard {0} is down")]
+    Down(String),
+    /// The connection failed or timed out; the shard is now marked down.
+    #[error("shard {shard}: {source}")]
+    Fault { shard: String, source: Error },
+    /// The shard answered with an error about the value (e.g. a foreign key of another type).
+    #[error("shard {shard} rejected the command: {source}")]
+    Reply { shard: String, source: Error },
+}
+
+/// Publishes a temporary key under its final name, only when it holds exactly the expected
+/// number of bytes: writes the final header over the draft one, renames, and clears the TTL,
+/// all in one atomic step.
+const PUBLISH_SCRIPT: &str = r#"
+if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('SETRANGE', KEYS[1], 0, ARGV[2])
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('PERSIST', KEYS[2])
+return 1
+"#;
+
+pub struct Shard {
+    name: String,
+    /// The configured URL, kept to tell whether a reload changed the connection settings.
+    url: String,
+    weight: u32,
+    pool: Pool,
+    up: AtomicBool,
+    command_timeout: Duration,
+    health: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("name", &self.name)
+            .field("url", &redact_url(&self.url))
+            .field("weight", &self.weight)
+            .field("up", &self.is_up())
+            .finish()
+    }
+}
+
+impl Shard {
+    /// Creates the pool and starts connecting. Waits at most `connect_timeout` for a first
+    /// connection; a shard that is down then starts as down and is retried in the background.
+    pub async fn connect(cfg: &ShardConfig, redis: &RedisConfig) -> Result<Arc<Shard>, Error> {
+        let mut config = Config::from_url(&cfg.url)?;
+        config.fail_fast = false;
+        let pool = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = redis.connect_timeout;
+                c.internal_command_timeout = redis.command_timeout;
+                c.max_command_attempts = 1;
+                c.tcp.nodelay = Some(true);
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = redis.command_timeout;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+            .build_pool(redis.pool_size)?;
+        let _connections = pool.connect_pool();
+        let up = tokio::time::timeout(redis.connect_timeout, pool.wait_for_connect())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !up {
+            warn!(shard = %cfg.name, url = %redact_url(&cfg.url), "shard unreachable at start");
+        }
+        let shard = Arc::new(Shard {
+            name: cfg.name.clone(),
+            url: cfg.url.clone(),
+            weight: cfg.weight,
+            pool,
+            up: AtomicBool::new(up),
+            command_timeout: redis.command_timeout,
+            health: std::sync::Mutex::new(None),
+        });
+        let task = tokio::spawn(health_loop(Arc::downgrade(&shard), redis.health_interval));
+        *shard.health.lock().expect("health lock") = Some(task);
+        Ok(shard)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn set_up(&self, up: bool) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                info!(shard = %self.name, "shard up");
+            } else {
+                warn!(shard = %self.name, "shard down");
+            }
+        }
+    }
+
+    fn options(&self) -> Options {
+        Options {
+            timeout: Some(self.command_timeout),
+            fail_fast: true,
+            max_attempts: Some(1),
+            ..Default::default()
+        }
+    }
+
+    fn check_up(&self) -> Result<(), ShardError> {
+        if self.is_up() {
+            Ok(())
+        } else {
+            Err(ShardError::Down(self.name.clone()))
+        }
+    }
+
+    /// Classifies a fred error: connection trouble marks the shard down.
+    fn fail(&self, e: Error) -> ShardError {
+        match e.kind() {
+            ErrorKind::IO
+            | ErrorKind::Timeout
+            | ErrorKind::Canceled
+            | ErrorKind::Routing
+            | ErrorKind::Backpressure
+            | ErrorKind::Protocol
+            | ErrorKind::Auth => {
+                warn!(shard = %self.name, error = %e, "shard command failed");
+                self.set_up(false);
+                ShardError::Fault {
+                    shard: self.name.clone(),
+                    source: e,
+                }
+            }
+            _ => ShardError::Reply {
+                shard: self.name.clone(),
+                source: e,
+            },
+        }
+    }
+
+    /// A connected client of the pool, or the reason there is none.
+    fn client(&self) -> Result<&Client, ShardError> {
+        self.check_up()?;
+        let client = self.pool.next_connected();
+        if client.is_connected() {
+            Ok(client)
+        } else {
+            Err(self.fail(Error::new(ErrorKind::IO, "not connected")))
+        }
+    }
+
+    /// Sends a pipeline under the command timeout. A pipeline keeps its commands in order on one
+    /// connection, which the windowed reads rely on.
+    async fn finish<R: FromValue>(&self, pipeline: Pipeline<Client>) -> Result<R, ShardError> {
+        match tokio::time::timeout(self.command_timeout, pipeline.all::<R>()).await {
+            Ok(result) => result.map_err(|e| self.fail(e)),
+            Err(_) => Err(self.fail(Error::new(ErrorKind::Timeout, "pipeline timed out"))),
+        }
+    }
+
+    /// The first window of a value and the value's total length, read on one connection.
+    pub async fn read_first(&self, key: &str, len: usize) -> Result<(Bytes, u64), ShardError> {
+        let p = self.client()?.pipeline();
+        let queued: Result<(), Error> = async {
+            p.getrange::<(), _>(key, 0, len.max(1) - 1).await?;
+            p.strlen::<(), _>(key).await
+        }
+        .await;
+        queued.map_err(|e| self.fail(e))?;
+        self.finish(p).await
+    }
+
+    /// Bytes `[start, end)` of a value and then its first `prefix_len` bytes, read in that
+    /// order on one connection: if the prefix still matches, the window came from the same value.
+    pub async fn read_window(
+        &self,
+        key: &str,
+        start: u64,
+        end: u64,
+        prefix_len: usize,
+    ) -> Result<(Bytes, Bytes), ShardError> {
+        let p = self.client()?.pipeline();
+        let queued: Result<(), Error> = async {
+            p.getrange::<(), _>(key, start as usize, end as usize - 1).await?;
+            p.getrange::<(), _>(key, 0, prefix_len - 1).await
+        }
+        .await;
+        queued.map_err(|e| self.fail(e))?;
+        self.finish(p).await
+    }
+
+    /// Starts a temporary key with its first bytes and a TTL.
+    pub async fn create_temp(&self, key: &str, first: Bytes, ttl: Duration) -> Result<(), ShardError> {
+        self.check_up()?;
+        self.pool
+            .with_options(&self.options())
+            .set::<(), _, _>(
+                key,
+                first,
+                Some(Expiration::PX(ttl.as_millis() as i64)),
+                None,
+                false,
+            )
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Appends to a temporary key, refreshing its TTL when `ttl` is given.
+    pub async fn append_temp(
+        &self,
+        key: &str,
+        data: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<(), ShardError> {
+        self.check_up()?;
+        let pool = self.pool.with_options(&self.options());
+        pool.append::<(), _, _>(key, data).await.map_err(|e| self.fail(e))?;
+        if let Some(ttl) = ttl {
+            pool.pexpire::<(), _>(key, ttl.as_millis() as i64, None)
+                .await
+                .map_err(|e| self.fail(e))?;
+        }
+        Ok(())
+    }
+
+    /// Atomically writes `header` at the start of a complete temporary key and renames it to its
+    /// final name. False when the temporary key did not hold `expected_len` bytes (it expired or
+    /// was cut short); it is then deleted.
+    pub async fn publish_with_header(
+        &self,
+        temp: &str,
+        key: &str,
+        header: Bytes,
+        expected_len: u64,
+    ) -> Result<bool, ShardError> {
+        self.check_up()?;
+        let args: Vec<Value> = vec![Value::from(expected_len as i64), Value::from(header)];
+        let done: i64 = self
+            .pool
+            .with_options(&self.options())
+            .eval(PUBLISH_SCRIPT, vec![temp, key], args)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(done == 1)
+    }
+
+    /// Deletes keys; returns how many existed.
+    pub async fn del(&self, keys: Vec<String>) -> Result<u64, ShardError> {
+        self.check_up()?;
+        self.pool
+            .with_options(&self.options())
+            .del(keys)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Deletes every key matching `pattern`, a page at a time so the shard is never blocked.
+    pub async fn delete_matching(&self, pattern: &str) -> Result<u64, ShardError> {
+        self.check_up()?;
+        let client = self.pool.next_connected().clone();
+        let mut pages = client.scan(pattern, Some(500), None);
+        let mut removed = 0;
+        while let Some(page) = pages.next().await {
+            let mut page = page.map_err(|e| self.fail(e))?;
+            if let Some(keys) = page.take_results() {
+                if !keys.is_empty() {
+                    removed += client
+                        .with_options(&self.options())
+                        .del::<u64, _>(keys)
+                        .await
+                        .map_err(|e| self.fail(e))?;
+                }
+            }
+            page.next();
+        }
+        Ok(removed)
+    }
+
+    /// `used_memory` from `INFO memory` and `DBSIZE`.
+    pub async fn usage(&self) -> Result<(u64, u64), ShardError> {
+        self.check_up()?;
+        let pool = self.pool.with_options(&self.options());
+        let info: String = pool
+            .info(Some(fred::types::InfoKind::Memory))
+            .await
+            .map_err(|e| self.fail(e))?;
+        let used = info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let keys: u64 = pool.dbsize().await.map_err(|e| self.fail(e))?;
+        Ok((used, keys))
+    }
+
+    async fn ping(&self) -> bool {
+        let pool = self.pool.with_options(&self.options());
+        matches!(pool.ping::<String>(None).await, Ok(ref s) if s == "PONG")
+    }
+
+    /// Stops health checks and closes the connections.
+    pub async fn close(&self) {
+        if let Some(task) = self.health.lock().expect("health lock").take() {
+            task.abort();
+        }
+        let _ = self.pool.quit().await;
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        if let Some(task) = self.health.get_mut().ok().and_then(Option::take) {
+            task.abort();
+        }
+    }
+}
+
+async fn health_loop(shard: std::sync::Weak<Shard>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shard) = shard.upgrade() else { return };
+        let ok = shard.ping().await;
+        shard.set_up(ok);
+    }
+}

@@ -1,0 +1,311 @@
+//! The Redis tier over the shard ring: one string per object (see [`crate::object`]), read in
+//! `GETRANGE` windows and written through a temporary key that is published atomically.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use futures_util::{stream, StreamExt};
+use tracing::{debug, warn};
+
+use super::{body_ranges, ChunkStream, Range, StoreError};
+use crate::config::Failover;
+use crate::key::{temp_key, Key};
+use crate::object::{self, Header, MAX_HEADER_LEN, PREFIX_LEN};
+use crate::proto::MediaInfo;
+use crate::ring::Ring;
+use crate::shard::Shard;
+
+/// Windows fetched ahead of the one being sent, so the next `GETRANGE` overlaps the send.
+const READ_AHEAD: usize = 2;
+
+pub struct RedisStore {
+    ring: Arc<ArcSwap<Ring>>,
+    chunk_bytes: u64,
+    failover: Failover,
+    temp_key_ttl: Duration,
+}
+
+/// A found object: its shard, header, and the first window already read.
+pub struct Located {
+    pub shard: Arc<Shard>,
+    pub header: Header,
+    first: Bytes,
+}
+
+impl RedisStore {
+    pub fn new(
+        ring: Arc<ArcSwap<Ring>>,
+        chunk_bytes: u64,
+        failover: Failover,
+        temp_key_ttl: Duration,
+    ) -> Self {
+        Self {
+            ring,
+            chunk_bytes,
+            failover,
+            temp_key_ttl,
+        }
+    }
+
+    pub fn ring(&self) -> Arc<Ring> {
+        self.ring.load_full()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ring.load().is_empty()
+    }
+
+    /// The shard a key is read from and written to now: its owner, or with `failover: next`
+    /// the first live shard in its rendezvous order.
+    fn pick(&self, ring: &Ring, key: &Key) -> Option<Arc<Shard>> {
+        let route = key.route_key();
+        match self.failover {
+            Failover::None => ring.owner(&route).filter(|s| s.is_up()).cloned(),
+            Failover::Next => ring.ranked(&route).find(|s| s.is_up()).cloned(),
+        }
+    }
+
+    /// Reads the header and first window of `key`. `None` is a miss: absent, shard down, or a
+    /// value that is not a whole object of ours (which is deleted).
+    pub async fn locate(&self, key: &Key) -> Option<Located> {
+        let ring = self.ring.load_full();
+        let shard = self.pick(&ring, key)?;
+        let redis_key = key.redis_key();
+        let first_len = MAX_HEADER_LEN + self.chunk_bytes as usize;
+        let (first, total) = match shard.read_first(&redis_key, first_len).await {
+            Ok(found) => found,
+            Err(e) => {
+                debug!(key = %key, error = %e, "read failed, answering a miss");
+                return None;
+            }
+        };
+        if total == 0 {
+            return None;
+        }
+        let header = match object::decode_header(&first).and_then(|h| {
+            if h.value_len() == total {
+                Ok(h)
+            } else {
+                Err(object::LayoutError::WrongLength {
+                    expected: h.value_len(),
+                    actual: total,
+                })
+            }
+        }) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(key = %key, shard = %shard.name(), error = %e, "deleting a value that is not a whole object");
+                if let Err(e) = shard.del(vec![redis_key]).await {
+                    warn!(key = %key, error = %e, "could not delete a bad value");
+                }
+                return None;
+            }
+        };
+        Some(Located {
+            shard,
+            header,
+            first,
+        })
+    }
+
+    /// Streams `range` of a located object: slices of the first window where it covers them,
+    /// else windows read with a check that the value was not replaced in between.
+    pub fn stream(&self, key: &Key, located: Located, range: Range) -> ChunkStream {
+        let Located {
+            shard,
+            header,
+            first,
+        } = located;
+        let redis_key = key.redis_key();
+        let header_len = header.len as u64;
+        let prefix = header.prefix;
+        let windows = body_ranges(range, self.chunk_bytes).map(move |(start, end)| {
+            let shard = shard.clone();
+            let redis_key = redis_key.clone();
+            let first = first.clone();
+            async move {
+                let (vs, ve) = (header_len + start, header_len + end);
+                if ve <= first.len() as u64 {
+                    return Ok(first.slice(vs as usize..ve as usize));
+                }
+                let (window, now) = shard
+                    .read_window(&redis_key, vs, ve, PREFIX_LEN)
+                    .await
+                    .map_err(StoreError::Shard)?;
+                if now[..] != prefix[..] || window.len() as u64 != end - start {
+                    return Err(StoreError::Changed);
+                }
+                Ok(window)
+            }
+        });
+        stream::iter(windows).buffered(READ_AHEAD).boxed()
+    }
+
+    /// Starts a Put. `Ok(None)` when no shard can take it now.
+    pub async fn begin_put(&self, key: &Key, info: &MediaInfo) -> Result<Option<RedisWriter>, StoreError> {
+        let ring = self.ring.load_full();
+        let Some(shard) = self.pick(&ring, key) else {
+            return Ok(None);
+        };
+        let nonce = object::new_nonce();
+        // The digest is patched in at publish time when the client did not send one, so the
+        // header has its final length from the start.
+        let mut draft = info.clone();
+        if draft.sha256.is_empty() {
+            draft.sha256 = Bytes::from_static(&[0; 32]);
+        }
+        let header = object::encode_header(&draft, nonce)?;
+        let temp = temp_key();
+        match shard.create_temp(&temp, header.clone(), self.temp_key_ttl).await {
+            Ok(()) => {}
+            Err(e) => {
+                debug!(key = %key, error = %e, "put not started");
+                return Ok(None);
+            }
+        }
+        Ok(Some(RedisWriter {
+            guard: TempGuard {
+                shard: Some(shard),
+                temp,
+            },
+            key: key.clone(),
+            nonce,
+            header_len: header.len() as u64,
+            pending: BytesMut::with_capacity(self.chunk_bytes as usize),
+            chunk_bytes: self.chunk_bytes as usize,
+            written: 0,
+            ttl: self.temp_key_ttl,
+            last_refresh: Instant::now(),
+        }))
+    }
+
+    /// Deletes the key (or every variant) on every shard of the ring, since a ring change leaves
+    /// copies on former owners. Shards that could not be reached are returned by name.
+    pub async fn purge(&self, key: &Key, all_variants: bool) -> (u64, Vec<String>) {
+        let ring = self.ring.load_full();
+        let results = futures_util::future::join_all(ring.shards().iter().map(|shard| async move {
+            let r = if all_variants {
+                shard.delete_matching(&key.variants_pattern()).await
+            } else {
+                shard.del(vec![key.redis_key()]).await
+            };
+            (shard.name().to_owned(), r)
+        }))
+        .await;
+        let mut removed = 0;
+        let mut failed = Vec::new();
+        for (name, r) in results {
+            match r {
+                Ok(n) => removed += n,
+                Err(e) => {
+                    warn!(shard = %name, key = %key, error = %e, "purge could not reach shard");
+                    failed.push(name);
+                }
+            }
+        }
+        (removed, failed)
+    }
+}
+
+/// Deletes a temporary key that was never published, also when the Put's future is dropped
+/// because the client went away.
+struct TempGuard {
+    shard: Option<Arc<Shard>>,
+    temp: String,
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(shard) = self.shard.take() {
+            let temp = std::mem::take(&mut self.temp);
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = shard.del(vec![temp.clone()]).await {
+                        // The key's TTL removes it anyway.
+                        debug!(temp = %temp, error = %e, "temporary key left to expire");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A Put in progress on one shard.
+pub struct RedisWriter {
+    guard: TempGuard,
+    key: Key,
+    nonce: u64,
+    header_len: u64,
+    /// Small client chunks are gathered up to `chunk_bytes` before an `APPEND`.
+    pending: BytesMut,
+    chunk_bytes: usize,
+    written: u64,
+    ttl: Duration,
+    last_refresh: Instant,
+}
+
+impl RedisWriter {
+    pub fn shard_name(&self) -> &str {
+        self.guard.shard.as_ref().map_or("", |s| s.name())
+    }
+
+    fn shard(&self) -> &Arc<Shard> {
+        self.guard.shard.as_ref().expect("writer has a shard until it is finished")
+    }
+
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+        if self.pending.is_empty() && chunk.len() >= self.chunk_bytes {
+            return self.append(chunk).await;
+        }
+        self.pending.extend_from_slice(&chunk);
+        if self.pending.len() >= self.chunk_bytes {
+            let data = self.pending.split().freeze();
+            self.append(data).await?;
+        }
+        Ok(())
+    }
+
+    async fn append(&mut self, data: Bytes) -> Result<(), StoreError> {
+        // Refresh the TTL well before it runs out, so only an abandoned write expires.
+        let refresh = (self.last_refresh.elapsed() > self.ttl / 3).then_some(self.ttl);
+        let len = data.len() as u64;
+        let shard = self.shard().clone();
+        shard
+            .append_temp(&self.guard.temp, data, refresh)
+            .await
+            .map_err(StoreError::Shard)?;
+        if refresh.is_some() {
+            self.last_refresh = Instant::now();
+        }
+        self.written += len;
+        Ok(())
+    }
+
+    /// Publishes under the final key with `info` (which now carries the digest). False when the
+    /// temporary key was lost (expired or its shard restarted).
+    pub async fn commit(mut self, info: &MediaInfo) -> Result<bool, StoreError> {
+        if !self.pending.is_empty() {
+            let data = self.pending.split().freeze();
+            self.append(data).await?;
+        }
+        let header = object::encode_header(info, self.nonce)?;
+        if header.len() as u64 != self.header_len {
+            return Err(StoreError::Internal("header length changed between start and publish".into()));
+        }
+        let shard = self.shard().clone();
+        let published = shard
+            .publish_with_header(
+                &self.guard.temp,
+                &self.key.redis_key(),
+                header,
+                self.header_len + self.written,
+            )
+            .await
+            .map_err(StoreError::Shard)?;
+        // Published, or deleted by the script: nothing is left to clean up.
+        self.guard.shard = None;
+        Ok(published)
+    }
+}
