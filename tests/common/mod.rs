@@ -1,0 +1,310 @@
+//! The shared integration-test harness: real `redis-server` shards on free loopback ports and
+//! the service on port 0, with handles to kill and restart shards. Everything is cleaned up on
+//! drop. Readiness is awaited by polling, never by fixed sleeps.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fred::prelude::{Builder, ClientLike, Config as FredConfig, KeysInterface, Value};
+use mediacache::client::Client;
+use mediacache::config::{Config, ShardConfig};
+use mediacache::proto::media_cache_client::MediaCacheClient;
+use mediacache::ring::Placement;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One real `redis-server` process.
+pub struct RedisShard {
+    pub name: String,
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisShard {
+    pub fn start(name: &str) -> Self {
+        let mut shard = Self {
+            name: name.to_owned(),
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        shard.spawn();
+        shard
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--protected-mode", "no"])
+            .args(["--maxmemory", "512mb"])
+            .args(["--maxmemory-policy", "allkeys-lfu"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.answers_ping() {
+            assert!(Instant::now() < deadline, "redis-server on {} did not start", self.port);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn answers_ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, as a crashed shard.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP / SIGCONT: a shard that hangs without closing connections.
+    pub fn pause(&self, paused: bool) {
+        if let Some(child) = &self.child {
+            let sig = if paused { "-STOP" } else { "-CONT" };
+            let _ = Command::new("kill")
+                .args([sig, &child.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Starts again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A direct client, for looking at and tampering with what the service stored.
+    pub async fn client(&self) -> fred::prelude::Client {
+        let client = Builder::from_config(FredConfig::from_url(&self.url()).unwrap())
+            .build()
+            .unwrap();
+        client.init().await.expect("connect to shard");
+        client
+    }
+
+    /// Every key on the shard.
+    pub async fn keys(&self) -> Vec<String> {
+        let c = self.client().await;
+        let keys: Vec<String> = c
+            .custom(fred::types::CustomCommand::new_static("KEYS", None, false), vec!["*"])
+            .await
+            .unwrap();
+        let _ = c.quit().await;
+        keys
+    }
+
+    pub async fn raw_get(&self, key: &str) -> Option<Vec<u8>> {
+        let c = self.client().await;
+        let v: Option<Vec<u8>> = c.get(key).await.unwrap();
+        let _ = c.quit().await;
+        v
+    }
+
+    pub async fn raw_set(&self, key: &str, value: Vec<u8>) {
+        let c = self.client().await;
+        let _: () = c.set(key, Value::from(bytes::Bytes::from(value)), None, None, false).await.unwrap();
+        let _ = c.quit().await;
+    }
+}
+
+impl Drop for RedisShard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct TestClusterBuilder {
+    shards: usize,
+    config: Config,
+}
+
+impl TestClusterBuilder {
+    pub fn shards(mut self, n: usize) -> Self {
+        self.shards = n;
+        self
+    }
+
+    pub fn configure(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(&mut self.config);
+        self
+    }
+
+    pub async fn start(self) -> TestCluster {
+        let shards: Vec<RedisShard> = (0..self.shards)
+            .map(|i| RedisShard::start(&format!("shard-{i}")))
+            .collect();
+        let mut config = self.config;
+        config.shards = shards
+            .iter()
+            .map(|s| ShardConfig {
+                name: s.name.clone(),
+                url: s.url(),
+                weight: 1,
+            })
+            .collect();
+        let mut cluster = TestCluster {
+            shards,
+            config,
+            addr: None,
+            shutdown: None,
+            server: None,
+        };
+        cluster.start_service().await;
+        cluster
+    }
+}
+
+pub struct TestCluster {
+    pub shards: Vec<RedisShard>,
+    pub config: Config,
+    addr: Option<SocketAddr>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestCluster {
+    pub fn builder() -> TestClusterBuilder {
+        TestClusterBuilder {
+            shards: 0,
+            config: Config::default(),
+        }
+    }
+
+    async fn start_service(&mut self) {
+        // Through YAML, so the test config passes the same validation as a real one.
+        let yaml = yaml_serde::to_string(&self.config).unwrap();
+        let loaded = Config::from_yaml(&yaml).expect("test config is valid");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(mediacache::server::run(listener, loaded, async {
+            let _ = rx.await;
+        }));
+        self.addr = Some(addr);
+        self.shutdown = Some(tx);
+        self.server = Some(server);
+        let n = self.shards.len();
+        let endpoint = self.endpoint();
+        eventually("service up with all shards up", Duration::from_secs(10), || {
+            let endpoint = endpoint.clone();
+            async move {
+                let mut c = Client::connect(endpoint).await.ok()?;
+                let ring = c.ring_status().await.ok()?;
+                (ring.shards.len() == n && ring.shards.iter().all(|s| s.up)).then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr.expect("service started"))
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.endpoint()).await.unwrap()
+    }
+
+    /// The generated stub, for sending messages the typed client never would.
+    pub async fn raw(&self) -> MediaCacheClient<Channel> {
+        MediaCacheClient::connect(self.endpoint()).await.unwrap()
+    }
+
+    /// Index of the shard that owns `origin/media_id` in this cluster's ring.
+    pub fn owner(&self, origin: &str, media_id: &str) -> usize {
+        let placement = Placement::new(self.config.shards.iter().map(|s| (s.name.as_str(), s.weight)));
+        placement
+            .owner(&format!("{origin}/{media_id}"))
+            .expect("cluster has shards")
+    }
+
+    /// Every key on every shard, as (shard index, key).
+    pub async fn all_keys(&self) -> Vec<(usize, String)> {
+        let mut out = Vec::new();
+        for (i, shard) in self.shards.iter().enumerate() {
+            for k in shard.keys().await {
+                out.push((i, k));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Stops the service and waits for it to exit.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// Deterministic test bytes.
+pub fn body(len: usize, seed: u64) -> bytes::Bytes {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v);
+    v.into()
+}
