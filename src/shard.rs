@@ -222,59 +222,14 @@ impl Shard {
         self.finish(p).await
     }
 
-    /// Starts a temporary key with its first bytes and a TTL.
-    pub async fn create_temp(&self, key: &str, first: Bytes, ttl: Duration) -> Result<(), ShardError> {
-        self.check_up()?;
-        self.pool
-            .with_options(&self.options())
-            .set::<(), _, _>(
-                key,
-                first,
-                Some(Expiration::PX(ttl.as_millis() as i64)),
-                None,
-                false,
-            )
-            .await
-            .map_err(|e| self.fail(e))
-    }
-
-    /// Appends to a temporary key, refreshing its TTL when `ttl` is given.
-    pub async fn append_temp(
-        &self,
-        key: &str,
-        data: Bytes,
-        ttl: Option<Duration>,
-    ) -> Result<(), ShardError> {
-        self.check_up()?;
-        let pool = self.pool.with_options(&self.options());
-        pool.append::<(), _, _>(key, data).await.map_err(|e| self.fail(e))?;
-        if let Some(ttl) = ttl {
-            pool.pexpire::<(), _>(key, ttl.as_millis() as i64, None)
-                .await
-                .map_err(|e| self.fail(e))?;
-        }
-        Ok(())
-    }
-
-    /// Atomically writes `header` at the start of a complete temporary key and renames it to its
-    /// final name. False when the temporary key did not hold `expected_len` bytes (it expired or
-    /// was cut short); it is then deleted.
-    pub async fn publish_with_header(
-        &self,
-        temp: &str,
-        key: &str,
-        header: Bytes,
-        expected_len: u64,
-    ) -> Result<bool, ShardError> {
-        self.check_up()?;
-        let args: Vec<Value> = vec![Value::from(expected_len as i64), Value::from(header)];
-        let done: i64 = self
-            .pool
-            .with_options(&self.options())
-            .eval(PUBLISH_SCRIPT, vec![temp, key], args)
-            .await
-            .map_err(|e| self.fail(e))?;
-        Ok(done == 1)
+    /// Pins one connection for a write, so that its commands (and the clean-up of an abandoned
+    /// write) reach Redis in the order they were sent.
+    pub fn pin(self: &Arc<Self>) -> Result<Pinned, ShardError> {
+        let client = self.client()?.clone();
+        Ok(Pinned {
+            shard: self.clone(),
+            client,
+        })
     }
 
     /// Deletes keys; returns how many existed.
@@ -356,5 +311,66 @@ async fn health_loop(shard: std::sync::Weak<Shard>, interval: Duration) {
         let Some(shard) = shard.upgrade() else { return };
         let ok = shard.ping().await;
         shard.set_up(ok);
+    }
+}
+
+/// One connection of a shard, held for the length of a write.
+pub struct Pinned {
+    shard: Arc<Shard>,
+    client: Client,
+}
+
+impl Pinned {
+    pub fn shard(&self) -> &Arc<Shard> {
+        &self.shard
+    }
+
+    /// Starts a temporary key with its first bytes and a TTL.
+    pub async fn create_temp(&self, key: &str, first: Bytes, ttl: Duration) -> Result<(), ShardError> {
+        self.shard.check_up()?;
+        self.client
+            .with_options(&self.shard.options())
+            .set::<(), _, _>(key, first, Some(Expiration::PX(ttl.as_millis() as i64)), None, false)
+            .await
+            .map_err(|e| self.shard.fail(e))
+    }
+
+    /// Appends to a temporary key and renews its TTL in the same pipeline: should the key have
+    /// expired meanwhile, the APPEND recreates it, and it must not live on without a TTL.
+    pub async fn append_temp(&self, key: &str, data: Bytes, ttl: Duration) -> Result<(), ShardError> {
+        self.shard.check_up()?;
+        let p = self.client.pipeline();
+        let queued: Result<(), Error> = async {
+            p.append::<(), _, _>(key, data).await?;
+            p.pexpire::<(), _>(key, ttl.as_millis() as i64, None).await
+        }
+        .await;
+        queued.map_err(|e| self.shard.fail(e))?;
+        let _: Vec<Value> = self.shard.finish(p).await?;
+        Ok(())
+    }
+
+    /// Atomically writes `header` at the start of a complete temporary key and renames it to its
+    /// final name. False when the temporary key did not hold `expected_len` bytes (it expired or
+    /// was cut short); it is then deleted.
+    pub async fn publish(&self, temp: &str, key: &str, header: Bytes, expected_len: u64) -> Result<bool, ShardError> {
+        self.shard.check_up()?;
+        let args: Vec<Value> = vec![Value::from(expected_len as i64), Value::from(header)];
+        let done: i64 = self
+            .client
+            .with_options(&self.shard.options())
+            .eval(PUBLISH_SCRIPT, vec![temp, key], args)
+            .await
+            .map_err(|e| self.shard.fail(e))?;
+        Ok(done == 1)
+    }
+
+    /// Deletes a key on this connection, after every command sent before it.
+    pub async fn del(&self, key: &str) -> Result<(), ShardError> {
+        self.client
+            .with_options(&self.shard.options())
+            .del::<(), _>(key)
+            .await
+            .map_err(|e| self.shard.fail(e))
     }
 }

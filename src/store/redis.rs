@@ -2,7 +2,7 @@
 //! `GETRANGE` windows and written through a temporary key that is published atomically.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
@@ -15,7 +15,7 @@ use crate::key::{temp_key, Key};
 use crate::object::{self, Header, MAX_HEADER_LEN, PREFIX_LEN};
 use crate::proto::MediaInfo;
 use crate::ring::Ring;
-use crate::shard::Shard;
+use crate::shard::{Pinned, Shard};
 
 /// Windows fetched ahead of the one being sent, so the next `GETRANGE` overlaps the send.
 const READ_AHEAD: usize = 2;
@@ -158,16 +158,23 @@ impl RedisStore {
         }
         let header = object::encode_header(&draft, nonce)?;
         let temp = temp_key();
-        match shard.create_temp(&temp, header.clone(), self.temp_key_ttl).await {
-            Ok(()) => {}
+        let started = match shard.pin() {
+            Ok(conn) => conn
+                .create_temp(&temp, header.clone(), self.temp_key_ttl)
+                .await
+                .map(|()| conn),
+            Err(e) => Err(e),
+        };
+        let conn = match started {
+            Ok(conn) => conn,
             Err(e) => {
                 debug!(key = %key, error = %e, "put not started");
                 return Ok(None);
             }
-        }
+        };
         Ok(Some(RedisWriter {
             guard: TempGuard {
-                shard: Some(shard),
+                conn: Some(conn),
                 temp,
             },
             key: key.clone(),
@@ -177,7 +184,6 @@ impl RedisStore {
             chunk_bytes: self.chunk_bytes as usize,
             written: 0,
             ttl: self.temp_key_ttl,
-            last_refresh: Instant::now(),
         }))
     }
 
@@ -210,19 +216,20 @@ impl RedisStore {
 }
 
 /// Deletes a temporary key that was never published, also when the Put's future is dropped
-/// because the client went away.
+/// because the client went away. The delete goes over the write's own connection, so it lands
+/// after any APPEND still in flight.
 struct TempGuard {
-    shard: Option<Arc<Shard>>,
+    conn: Option<Pinned>,
     temp: String,
 }
 
 impl Drop for TempGuard {
     fn drop(&mut self) {
-        if let Some(shard) = self.shard.take() {
+        if let Some(conn) = self.conn.take() {
             let temp = std::mem::take(&mut self.temp);
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
-                    if let Err(e) = shard.del(vec![temp.clone()]).await {
+                    if let Err(e) = conn.del(&temp).await {
                         // The key's TTL removes it anyway.
                         debug!(temp = %temp, error = %e, "temporary key left to expire");
                     }
@@ -243,16 +250,15 @@ pub struct RedisWriter {
     chunk_bytes: usize,
     written: u64,
     ttl: Duration,
-    last_refresh: Instant,
 }
 
 impl RedisWriter {
     pub fn shard_name(&self) -> &str {
-        self.guard.shard.as_ref().map_or("", |s| s.name())
+        self.guard.conn.as_ref().map_or("", |c| c.shard().name())
     }
 
-    fn shard(&self) -> &Arc<Shard> {
-        self.guard.shard.as_ref().expect("writer has a shard until it is finished")
+    fn conn(&self) -> &Pinned {
+        self.guard.conn.as_ref().expect("writer has a connection until it is finished")
     }
 
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
@@ -268,17 +274,11 @@ impl RedisWriter {
     }
 
     async fn append(&mut self, data: Bytes) -> Result<(), StoreError> {
-        // Refresh the TTL well before it runs out, so only an abandoned write expires.
-        let refresh = (self.last_refresh.elapsed() > self.ttl / 3).then_some(self.ttl);
         let len = data.len() as u64;
-        let shard = self.shard().clone();
-        shard
-            .append_temp(&self.guard.temp, data, refresh)
+        self.conn()
+            .append_temp(&self.guard.temp, data, self.ttl)
             .await
             .map_err(StoreError::Shard)?;
-        if refresh.is_some() {
-            self.last_refresh = Instant::now();
-        }
         self.written += len;
         Ok(())
     }
@@ -294,9 +294,9 @@ impl RedisWriter {
         if header.len() as u64 != self.header_len {
             return Err(StoreError::Internal("header length changed between start and publish".into()));
         }
-        let shard = self.shard().clone();
-        let published = shard
-            .publish_with_header(
+        let published = self
+            .conn()
+            .publish(
                 &self.guard.temp,
                 &self.key.redis_key(),
                 header,
@@ -305,7 +305,7 @@ impl RedisWriter {
             .await
             .map_err(StoreError::Shard)?;
         // Published, or deleted by the script: nothing is left to clean up.
-        self.guard.shard = None;
+        self.guard.conn = None;
         Ok(published)
     }
 }
