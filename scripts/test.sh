@@ -13,4 +13,4 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
 fi
 
-cargo test --locked --all-targets "$@"
+cargo test --locked "$@"

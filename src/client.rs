@@ -77,7 +77,10 @@ impl Download {
     }
 
     /// Copies the rest of the body to `out`; returns the bytes written.
-    pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, out: &mut W) -> Result<u64, ClientError> {
+    pub async fn write_to<W: AsyncWrite + Unpin>(
+        &mut self,
+        out: &mut W,
+    ) -> Result<u64, ClientError> {
         let mut n = 0;
         while let Some(chunk) = self.next_chunk().await? {
             out.write_all(&chunk).await?;
@@ -111,7 +114,12 @@ impl Client {
     }
 
     /// Opens `[offset, offset+limit)` of an object (`limit` 0: to the end). `None` is a miss.
-    pub async fn get(&mut self, key: MediaKey, offset: u64, limit: u64) -> Result<Option<Download>, ClientError> {
+    pub async fn get(
+        &mut self,
+        key: MediaKey,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Option<Download>, ClientError> {
         let mut stream = self
             .cache
             .get(GetRequest {
@@ -130,7 +138,10 @@ impl Client {
     }
 
     /// A whole object in memory; `None` is a miss.
-    pub async fn get_bytes(&mut self, key: MediaKey) -> Result<Option<(MediaInfo, Bytes)>, ClientError> {
+    pub async fn get_bytes(
+        &mut self,
+        key: MediaKey,
+    ) -> Result<Option<(MediaInfo, Bytes)>, ClientError> {
         let Some(mut download) = self.get(key, 0, 0).await? else {
             return Ok(None);
         };
@@ -142,14 +153,21 @@ impl Client {
     }
 
     /// Puts a body held in memory; `info.size` is set from it.
-    pub async fn put_bytes(&mut self, key: MediaKey, mut info: MediaInfo, body: Bytes) -> Result<PutResponse, ClientError> {
+    pub async fn put_bytes(
+        &mut self,
+        key: MediaKey,
+        mut info: MediaInfo,
+        body: Bytes,
+    ) -> Result<PutResponse, ClientError> {
         info.size = body.len() as u64;
         let header = header_message(key, info);
-        let chunks = (0..body.len()).step_by(PUT_CHUNK_BYTES).map(move |s| PutRequest {
-            kind: Some(put_request::Kind::Chunk(
-                body.slice(s..(s + PUT_CHUNK_BYTES).min(body.len())),
-            )),
-        });
+        let chunks = (0..body.len())
+            .step_by(PUT_CHUNK_BYTES)
+            .map(move |s| PutRequest {
+                kind: Some(put_request::Kind::Chunk(
+                    body.slice(s..(s + PUT_CHUNK_BYTES).min(body.len())),
+                )),
+            });
         let messages = std::iter::once(header).chain(chunks);
         Ok(self
             .cache
@@ -160,7 +178,12 @@ impl Client {
 
     /// Streams `info.size` bytes from `reader`. A read error ends the Put (the server then
     /// stores nothing) and is returned.
-    pub async fn put_reader<R>(&mut self, key: MediaKey, info: MediaInfo, mut reader: R) -> Result<PutResponse, ClientError>
+    pub async fn put_reader<R>(
+        &mut self,
+        key: MediaKey,
+        info: MediaInfo,
+        mut reader: R,
+    ) -> Result<PutResponse, ClientError>
     where
         R: AsyncRead + Unpin + Send + 'static,
     {
@@ -202,7 +225,12 @@ impl Client {
             .into_inner())
     }
 
-    pub async fn purge(&mut self, key: MediaKey, all_variants: bool, quarantine: bool) -> Result<PurgeResponse, ClientError> {
+    pub async fn purge(
+        &mut self,
+        key: MediaKey,
+        all_variants: bool,
+        quarantine: bool,
+    ) -> Result<PurgeResponse, ClientError> {
         Ok(self
             .cache
             .purge(PurgeRequest {

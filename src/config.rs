@@ -246,7 +246,10 @@ impl Config {
         if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&self.chunk_bytes) {
             problem(
                 "chunk_bytes".into(),
-                format!("must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}, got {}", self.chunk_bytes),
+                format!(
+                    "must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}, got {}",
+                    self.chunk_bytes
+                ),
             );
         }
         if self.max_object_bytes == 0 {
@@ -262,10 +265,7 @@ impl Config {
             );
         }
         if self.metrics_listen.is_some() && self.metrics_listen == Some(self.listen) {
-            problem(
-                "metrics_listen".into(),
-                "must differ from listen".into(),
-            );
+            problem("metrics_listen".into(), "must differ from listen".into());
         }
 
         let mut names = HashSet::new();
@@ -289,7 +289,10 @@ impl Config {
             } else if !names.insert(shard.name.as_str()) {
                 problem(
                     format!("{at}.name"),
-                    format!("{:?} is used by an earlier shard; names must be unique", shard.name),
+                    format!(
+                        "{:?} is used by an earlier shard; names must be unique",
+                        shard.name
+                    ),
                 );
             }
             if let Err(e) = check_shard_url(&shard.url) {
@@ -311,7 +314,10 @@ impl Config {
         ];
         for (path, value) in timeouts {
             if value.is_zero() || value > Duration::from_secs(60) {
-                problem(path.into(), format!("must be between 1ms and 60s, got {value:?}"));
+                problem(
+                    path.into(),
+                    format!("must be between 1ms and 60s, got {value:?}"),
+                );
             }
         }
         if r.temp_key_ttl < Duration::from_secs(5) || r.temp_key_ttl > Duration::from_secs(3600) {
@@ -336,7 +342,8 @@ impl Config {
 }
 
 fn check_shard_url(raw: &str) -> Result<(), String> {
-    let url = url::Url::parse(raw).map_err(|e| format!("{:?} is not a URL: {e}", redact_url(raw)))?;
+    let url =
+        url::Url::parse(raw).map_err(|e| format!("{:?} is not a URL: {e}", redact_url(raw)))?;
     match url.scheme() {
         "redis" | "rediss" => {}
         other => {
@@ -435,7 +442,10 @@ shards:
 redis: { pool_size: 0 }
 "#;
         let problems = Config::from_yaml(text).unwrap_err().problems();
-        let paths: Vec<&str> = problems.iter().map(|p| p.split(':').next().unwrap()).collect();
+        let paths: Vec<&str> = problems
+            .iter()
+            .map(|p| p.split(':').next().unwrap())
+            .collect();
         assert_eq!(
             paths,
             [

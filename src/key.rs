@@ -40,7 +40,12 @@ impl FieldError {
     }
 }
 
-fn check(field: &str, value: &str, max: usize, allowed: impl Fn(u8) -> bool) -> Result<(), FieldError> {
+fn check(
+    field: &str,
+    value: &str,
+    max: usize,
+    allowed: impl Fn(u8) -> bool,
+) -> Result<(), FieldError> {
     if value.is_empty() {
         return Err(FieldError::new(field, "must not be empty"));
     }
@@ -177,7 +182,11 @@ pub fn check_info(info: &proto::MediaInfo) -> Result<(), FieldError> {
             format!("must be at most {MAX_CONTENT_TYPE} bytes"),
         ));
     }
-    if info.content_type.bytes().any(|b| !(0x20..0x7f).contains(&b)) {
+    if info
+        .content_type
+        .bytes()
+        .any(|b| !(0x20..0x7f).contains(&b))
+    {
         return Err(FieldError::new(
             "info.content_type",
             "must be printable ASCII",

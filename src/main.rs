@@ -13,7 +13,11 @@ use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "mediacache", version, about = "A shared gRPC cache tier for Matrix media repositories")]
+#[command(
+    name = "mediacache",
+    version,
+    about = "A shared gRPC cache tier for Matrix media repositories"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -81,7 +85,11 @@ enum Command {
 #[derive(Args)]
 struct Addr {
     /// Address of a mediacache server.
-    #[arg(long, env = "MEDIACACHE_ADDR", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "MEDIACACHE_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     addr: String,
 }
 
@@ -109,10 +117,15 @@ impl Target {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -288,7 +301,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 })
                 .collect();
             print_table(
-                ["NAME", "ADDRESS", "WEIGHT", "STATE", "USED_BYTES", "KEYS", "SHARE"],
+                [
+                    "NAME",
+                    "ADDRESS",
+                    "WEIGHT",
+                    "STATE",
+                    "USED_BYTES",
+                    "KEYS",
+                    "SHARE",
+                ],
                 &rows,
             );
             Ok(ExitCode::SUCCESS)

@@ -146,16 +146,26 @@ mod tests {
     fn foreign_truncated_and_corrupt_values_are_errors() {
         let h = encode_header(&info(), new_nonce()).unwrap();
         assert_eq!(decode_header(b""), Err(LayoutError::NotAnObject));
-        assert_eq!(decode_header(b"hello world, not ours"), Err(LayoutError::NotAnObject));
+        assert_eq!(
+            decode_header(b"hello world, not ours"),
+            Err(LayoutError::NotAnObject)
+        );
         for cut in 4..h.len() {
-            assert_eq!(decode_header(&h[..cut]), Err(LayoutError::Truncated), "cut {cut}");
+            assert_eq!(
+                decode_header(&h[..cut]),
+                Err(LayoutError::Truncated),
+                "cut {cut}"
+            );
         }
         let mut v = h.to_vec();
         v[4] = 9;
         assert_eq!(decode_header(&v), Err(LayoutError::UnknownLayout(9)));
         let mut v = h.to_vec();
         v[13] = 0xff;
-        assert!(matches!(decode_header(&v), Err(LayoutError::InfoTooLong(_))));
+        assert!(matches!(
+            decode_header(&v),
+            Err(LayoutError::InfoTooLong(_))
+        ));
         let mut v = h.to_vec();
         v[15] = 0xff; // a field tag with wire type 7 does not decode
         assert!(matches!(decode_header(&v), Err(LayoutError::BadInfo(_))));

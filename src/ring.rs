@@ -190,7 +190,8 @@ mod tests {
         assert_eq!(xxh3_64(b"shard-a"), 0x407b_dfb2_d8ee_1b1b);
         // Owners of 1000 keys, folded into one number.
         let fold = (0..1000).fold(0u64, |acc, i| {
-            acc.wrapping_mul(31).wrapping_add(p.owner(&key(i)).unwrap() as u64)
+            acc.wrapping_mul(31)
+                .wrapping_add(p.owner(&key(i)).unwrap() as u64)
         });
         assert_eq!(fold, 16_360_723_435_120_292_322);
     }

@@ -11,7 +11,9 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::config::{Config, Loaded};
-use crate::proto::{self, cache_admin_server::CacheAdminServer, media_cache_server::MediaCacheServer};
+use crate::proto::{
+    self, cache_admin_server::CacheAdminServer, media_cache_server::MediaCacheServer,
+};
 use crate::ring::Ring;
 use crate::service::{CacheAdminService, MediaCacheService};
 use crate::shard::Shard;

@@ -11,9 +11,9 @@ use tracing::{error, instrument};
 
 use crate::key::{check_info, FieldError, Key};
 use crate::proto::{
-    self, get_response, put_request, GetRequest, GetResponse, Miss, PurgeRequest,
-    PurgeResponse, PutOutcome, PutRequest, PutResponse, RingStatusRequest, RingStatusResponse,
-    ShardStatus, StatRequest, StatResponse,
+    self, get_response, put_request, GetRequest, GetResponse, Miss, PurgeRequest, PurgeResponse,
+    PutOutcome, PutRequest, PutResponse, RingStatusRequest, RingStatusResponse, ShardStatus,
+    StatRequest, StatResponse,
 };
 use crate::store::{now_unix_ms, Refusal, Store, StoreError};
 
@@ -117,12 +117,18 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
     }
 
     #[instrument(skip_all, fields(key, size, shard))]
-    async fn put(&self, req: Request<Streaming<PutRequest>>) -> Result<Response<PutResponse>, Status> {
+    async fn put(
+        &self,
+        req: Request<Streaming<PutRequest>>,
+    ) -> Result<Response<PutResponse>, Status> {
         let mut incoming = req.into_inner();
         let header = match incoming.message().await?.and_then(|m| m.kind) {
             Some(put_request::Kind::Header(h)) => h,
             Some(put_request::Kind::Chunk(_)) => {
-                return Err(field("header", "the first message must be a header, got a chunk"))
+                return Err(field(
+                    "header",
+                    "the first message must be a header, got a chunk",
+                ))
             }
             None => return Err(field("header", "the first message must be a header")),
         };
@@ -137,7 +143,12 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
         }
         info.stored_at_unix_ms = now_unix_ms();
 
-        let mut writer = match self.store.begin_put(&key, &info).await.map_err(ServiceError::from)? {
+        let mut writer = match self
+            .store
+            .begin_put(&key, &info)
+            .await
+            .map_err(ServiceError::from)?
+        {
             Ok(w) => w,
             Err(Refusal::TooLarge) => return Ok(put_answer(PutOutcome::TooLarge)),
             Err(Refusal::Unavailable) => return Ok(put_answer(PutOutcome::Unavailable)),
@@ -179,7 +190,10 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
         if !info.sha256.is_empty() && info.sha256[..] != digest[..] {
             return Err(field(
                 "info.sha256",
-                format!("does not match the body (body hashes to {})", hex::encode(digest)),
+                format!(
+                    "does not match the body (body hashes to {})",
+                    hex::encode(digest)
+                ),
             ));
         }
         info.sha256 = Bytes::copy_from_slice(&digest);
@@ -246,8 +260,8 @@ impl proto::cache_admin_server::CacheAdmin for CacheAdminService {
         _req: Request<RingStatusRequest>,
     ) -> Result<Response<RingStatusResponse>, Status> {
         let ring = self.store.redis().ring();
-        let shards = futures_util::future::join_all(ring.shards().iter().enumerate().map(
-            |(i, shard)| {
+        let shards =
+            futures_util::future::join_all(ring.shards().iter().enumerate().map(|(i, shard)| {
                 let ring = &ring;
                 async move {
                     let (used, keys) = shard.usage().await.unwrap_or((0, 0));
@@ -261,9 +275,8 @@ impl proto::cache_admin_server::CacheAdmin for CacheAdminService {
                         share: ring.share(i),
                     }
                 }
-            },
-        ))
-        .await;
+            }))
+            .await;
         Ok(Response::new(RingStatusResponse {
             generation: ring.generation,
             config_digest: ring.digest.clone(),

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::prelude::*;
 use fred::clients::Pipeline;
+use fred::prelude::*;
 use fred::types::config::Options;
 use fred::types::scan::Scanner;
 use futures_util::StreamExt;
@@ -214,7 +214,8 @@ impl Shard {
     ) -> Result<(Bytes, Bytes), ShardError> {
         let p = self.client()?.pipeline();
         let queued: Result<(), Error> = async {
-            p.getrange::<(), _>(key, start as usize, end as usize - 1).await?;
+            p.getrange::<(), _>(key, start as usize, end as usize - 1)
+                .await?;
             p.getrange::<(), _>(key, 0, prefix_len - 1).await
         }
         .await;
@@ -326,18 +327,34 @@ impl Pinned {
     }
 
     /// Starts a temporary key with its first bytes and a TTL.
-    pub async fn create_temp(&self, key: &str, first: Bytes, ttl: Duration) -> Result<(), ShardError> {
+    pub async fn create_temp(
+        &self,
+        key: &str,
+        first: Bytes,
+        ttl: Duration,
+    ) -> Result<(), ShardError> {
         self.shard.check_up()?;
         self.client
             .with_options(&self.shard.options())
-            .set::<(), _, _>(key, first, Some(Expiration::PX(ttl.as_millis() as i64)), None, false)
+            .set::<(), _, _>(
+                key,
+                first,
+                Some(Expiration::PX(ttl.as_millis() as i64)),
+                None,
+                false,
+            )
             .await
             .map_err(|e| self.shard.fail(e))
     }
 
     /// Appends to a temporary key and renews its TTL in the same pipeline: should the key have
     /// expired meanwhile, the APPEND recreates it, and it must not live on without a TTL.
-    pub async fn append_temp(&self, key: &str, data: Bytes, ttl: Duration) -> Result<(), ShardError> {
+    pub async fn append_temp(
+        &self,
+        key: &str,
+        data: Bytes,
+        ttl: Duration,
+    ) -> Result<(), ShardError> {
         self.shard.check_up()?;
         let p = self.client.pipeline();
         let queued: Result<(), Error> = async {
@@ -353,7 +370,13 @@ impl Pinned {
     /// Atomically writes `header` at the start of a complete temporary key and renames it to its
     /// final name. False when the temporary key did not hold `expected_len` bytes (it expired or
     /// was cut short); it is then deleted.
-    pub async fn publish(&self, temp: &str, key: &str, header: Bytes, expected_len: u64) -> Result<bool, ShardError> {
+    pub async fn publish(
+        &self,
+        temp: &str,
+        key: &str,
+        header: Bytes,
+        expected_len: u64,
+    ) -> Result<bool, ShardError> {
         self.shard.check_up()?;
         let args: Vec<Value> = vec![Value::from(expected_len as i64), Value::from(header)];
         let done: i64 = self

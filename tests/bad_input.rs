@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{body, eventually, TestCluster};
 use mediacache::client::media_key;
-use mediacache::proto::{put_request, GetRequest, MediaInfo, MediaKey, PutHeader, PutOutcome, PutRequest};
+use mediacache::proto::{
+    put_request, GetRequest, MediaInfo, MediaKey, PutHeader, PutOutcome, PutRequest,
+};
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
@@ -62,11 +64,23 @@ async fn bad_puts_are_errors_and_store_nothing() {
         ("no kind", vec![PutRequest { kind: None }], "header"),
         (
             "header twice",
-            vec![header(key(), sized(1000)), chunk(&data[..10]), header(key(), sized(1000))],
+            vec![
+                header(key(), sized(1000)),
+                chunk(&data[..10]),
+                header(key(), sized(1000)),
+            ],
             "header",
         ),
-        ("body longer", vec![header(key(), sized(999)), chunk(&data)], "info.size"),
-        ("body shorter", vec![header(key(), sized(1001)), chunk(&data)], "info.size"),
+        (
+            "body longer",
+            vec![header(key(), sized(999)), chunk(&data)],
+            "info.size",
+        ),
+        (
+            "body shorter",
+            vec![header(key(), sized(1001)), chunk(&data)],
+            "info.size",
+        ),
         (
             "sha256 mismatch",
             vec![
@@ -97,9 +111,27 @@ async fn bad_puts_are_errors_and_store_nothing() {
             ],
             "info.sha256",
         ),
-        ("bad origin", vec![header(media_key("bad origin", "m", ""), sized(1000)), chunk(&data)], "key.origin"),
-        ("bad media id", vec![header(media_key("o", "a|b", ""), sized(1000)), chunk(&data)], "key.media_id"),
-        ("bad variant", vec![header(media_key("o", "m", "../x//"), sized(1000)), chunk(&data)], "key.variant"),
+        (
+            "bad origin",
+            vec![
+                header(media_key("bad origin", "m", ""), sized(1000)),
+                chunk(&data),
+            ],
+            "key.origin",
+        ),
+        (
+            "bad media id",
+            vec![header(media_key("o", "a|b", ""), sized(1000)), chunk(&data)],
+            "key.media_id",
+        ),
+        (
+            "bad variant",
+            vec![
+                header(media_key("o", "m", "../x//"), sized(1000)),
+                chunk(&data),
+            ],
+            "key.variant",
+        ),
         (
             "no key",
             vec![
@@ -147,7 +179,10 @@ async fn bad_puts_are_errors_and_store_nothing() {
     for (name, messages, field) in cases {
         let (code, message) = put_err(&cluster, messages).await;
         assert_eq!(code, Code::InvalidArgument, "{name}: {message}");
-        assert!(message.starts_with(field), "{name}: message {message:?} should name {field}");
+        assert!(
+            message.starts_with(field),
+            "{name}: message {message:?} should name {field}"
+        );
         assert_nothing_stored(&cluster).await;
     }
 
@@ -159,7 +194,11 @@ async fn bad_puts_are_errors_and_store_nothing() {
         ..Default::default()
     };
     let r = raw
-        .put(tokio_stream::iter(vec![header(key(), good), chunk(&data[..400]), chunk(&data[400..])]))
+        .put(tokio_stream::iter(vec![
+            header(key(), good),
+            chunk(&data[..400]),
+            chunk(&data[400..]),
+        ]))
         .await
         .unwrap()
         .into_inner();
@@ -183,13 +222,24 @@ async fn bad_gets_are_errors() {
         .err()
         .unwrap();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().starts_with("key.media_id"), "{}", status.message());
+    assert!(
+        status.message().starts_with("key.media_id"),
+        "{}",
+        status.message()
+    );
     let mut client = cluster.client().await;
     for err in [
         client.stat(media_key("o", "m", "//")).await.err().unwrap(),
-        client.purge(media_key("", "m", ""), true, false).await.err().unwrap(),
+        client
+            .purge(media_key("", "m", ""), true, false)
+            .await
+            .err()
+            .unwrap(),
     ] {
-        assert!(matches!(err, mediacache::client::ClientError::Status(ref s) if s.code() == Code::InvalidArgument), "{err}");
+        assert!(
+            matches!(err, mediacache::client::ClientError::Status(ref s) if s.code() == Code::InvalidArgument),
+            "{err}"
+        );
     }
 }
 
@@ -203,7 +253,9 @@ async fn too_large_is_refused_without_reading_the_body() {
     let mut raw = cluster.raw().await;
     // Only the header is ever sent: the answer must come without waiting for a body.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(header(media_key("o", "huge", ""), sized(1024 * 1024 + 1))).await.unwrap();
+    tx.send(header(media_key("o", "huge", ""), sized(1024 * 1024 + 1)))
+        .await
+        .unwrap();
     let answer = tokio::time::timeout(
         Duration::from_secs(5),
         raw.put(tokio_stream::wrappers::ReceiverStream::new(rx)),
@@ -249,13 +301,19 @@ async fn cancelled_put_leaves_nothing() {
                     .await
                     .unwrap();
             let (tx, rx) = tokio::sync::mpsc::channel(4);
-            tx.send(header(media_key("example.org", "cancelled", ""), sized(10 * 1024 * 1024)))
-                .await
-                .unwrap();
+            tx.send(header(
+                media_key("example.org", "cancelled", ""),
+                sized(10 * 1024 * 1024),
+            ))
+            .await
+            .unwrap();
             for part in body(3 * 256 * 1024, 8).chunks(256 * 1024) {
                 tx.send(chunk(part)).await.unwrap();
             }
-            tokio::spawn(async move { raw.put(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+            tokio::spawn(async move {
+                raw.put(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+            });
             let _ = stop_rx.await;
             drop(tx);
         });
@@ -263,14 +321,18 @@ async fn cancelled_put_leaves_nothing() {
         drop(rt);
     });
     let owner = cluster.owner("example.org", "cancelled");
-    eventually("a temporary key with the first chunks", Duration::from_secs(5), || async {
-        cluster.shards[owner]
-            .keys()
-            .await
-            .iter()
-            .any(|k| k.starts_with("mc:1:tmp:"))
-            .then_some(())
-    })
+    eventually(
+        "a temporary key with the first chunks",
+        Duration::from_secs(5),
+        || async {
+            cluster.shards[owner]
+                .keys()
+                .await
+                .iter()
+                .any(|k| k.starts_with("mc:1:tmp:"))
+                .then_some(())
+        },
+    )
     .await;
     // Not the stream's end: the process stops before sending it.
     let _ = stop_tx.send(());

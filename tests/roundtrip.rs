@@ -24,7 +24,10 @@ async fn round_trips(cluster: &TestCluster, tier: &str) {
             file_name: format!("f{i}.bin"),
             ..Default::default()
         };
-        let put = client.put_bytes(key.clone(), info, data.clone()).await.unwrap();
+        let put = client
+            .put_bytes(key.clone(), info, data.clone())
+            .await
+            .unwrap();
         assert!(put.stored, "size {size}: {put:?}");
         assert_eq!(put.outcome, PutOutcome::Stored as i32);
 
@@ -33,7 +36,11 @@ async fn round_trips(cluster: &TestCluster, tier: &str) {
         assert!(got == data, "size {size}: bytes differ");
         assert_eq!(got_info.size, size as u64);
         assert_eq!(got_info.file_name, format!("f{i}.bin"));
-        assert_eq!(got_info.sha256[..], Sha256::digest(&data)[..], "digest is filled in");
+        assert_eq!(
+            got_info.sha256[..],
+            Sha256::digest(&data)[..],
+            "digest is filled in"
+        );
         assert!(got_info.stored_at_unix_ms > 1_600_000_000_000);
 
         let stat = client.stat(key).await.unwrap();
@@ -48,7 +55,13 @@ async fn ranges(cluster: &TestCluster) {
     let size = 2 * CHUNK + 100;
     let data = body(size, 99);
     let key = media_key("example.org", "ranged", "thumb/32x32/crop");
-    assert!(client.put_bytes(key.clone(), Default::default(), data.clone()).await.unwrap().stored);
+    assert!(
+        client
+            .put_bytes(key.clone(), Default::default(), data.clone())
+            .await
+            .unwrap()
+            .stored
+    );
     let cases: [(u64, u64); 9] = [
         (0, 0),
         (0, 1),
@@ -61,18 +74,37 @@ async fn ranges(cluster: &TestCluster) {
         (size as u64, 0),
     ];
     for (offset, limit) in cases {
-        let mut d = client.get(key.clone(), offset, limit).await.unwrap().expect("hit");
+        let mut d = client
+            .get(key.clone(), offset, limit)
+            .await
+            .unwrap()
+            .expect("hit");
         assert_eq!(d.info.size, size as u64, "info is the whole object's");
         let mut got = Vec::new();
         while let Some(c) = d.next_chunk().await.unwrap() {
             assert!(c.len() <= CHUNK);
             got.extend_from_slice(&c);
         }
-        let end = if limit == 0 { size } else { (offset + limit).min(size as u64) as usize };
-        assert_eq!(got, data[offset as usize..end], "offset {offset} limit {limit}");
+        let end = if limit == 0 {
+            size
+        } else {
+            (offset + limit).min(size as u64) as usize
+        };
+        assert_eq!(
+            got,
+            data[offset as usize..end],
+            "offset {offset} limit {limit}"
+        );
     }
-    let err = client.get(key, size as u64 + 1, 0).await.err().expect("past the end");
-    assert!(matches!(err, mediacache::client::ClientError::Status(ref s) if s.code() == Code::OutOfRange), "{err}");
+    let err = client
+        .get(key, size as u64 + 1, 0)
+        .await
+        .err()
+        .expect("past the end");
+    assert!(
+        matches!(err, mediacache::client::ClientError::Status(ref s) if s.code() == Code::OutOfRange),
+        "{err}"
+    );
 }
 
 async fn miss_then_purge(cluster: &TestCluster) {
@@ -80,19 +112,48 @@ async fn miss_then_purge(cluster: &TestCluster) {
     let missing = media_key("example.org", "never-stored", "");
     assert!(client.get(missing.clone(), 0, 0).await.unwrap().is_none());
     assert!(!client.stat(missing.clone()).await.unwrap().found);
-    assert_eq!(client.purge(missing, false, false).await.unwrap().removed, 0);
+    assert_eq!(
+        client.purge(missing, false, false).await.unwrap().removed,
+        0
+    );
 
     let original = media_key("example.org", "purged", "");
     let thumb = media_key("example.org", "purged", "thumb/1x1/crop");
     let other = media_key("example.org", "kept", "");
     for k in [&original, &thumb, &other] {
-        assert!(client.put_bytes(k.clone(), Default::default(), body(10, 1)).await.unwrap().stored);
+        assert!(
+            client
+                .put_bytes(k.clone(), Default::default(), body(10, 1))
+                .await
+                .unwrap()
+                .stored
+        );
     }
-    assert_eq!(client.purge(thumb.clone(), false, false).await.unwrap().removed, 1);
+    assert_eq!(
+        client
+            .purge(thumb.clone(), false, false)
+            .await
+            .unwrap()
+            .removed,
+        1
+    );
     assert!(client.get(thumb.clone(), 0, 0).await.unwrap().is_none());
     assert!(client.get(original.clone(), 0, 0).await.unwrap().is_some());
-    assert!(client.put_bytes(thumb.clone(), Default::default(), body(10, 1)).await.unwrap().stored);
-    assert_eq!(client.purge(original.clone(), true, false).await.unwrap().removed, 2);
+    assert!(
+        client
+            .put_bytes(thumb.clone(), Default::default(), body(10, 1))
+            .await
+            .unwrap()
+            .stored
+    );
+    assert_eq!(
+        client
+            .purge(original.clone(), true, false)
+            .await
+            .unwrap()
+            .removed,
+        2
+    );
     assert!(client.get(original, 0, 0).await.unwrap().is_none());
     assert!(client.get(thumb, 0, 0).await.unwrap().is_none());
     assert!(client.get(other, 0, 0).await.unwrap().is_some());
@@ -115,7 +176,11 @@ async fn memory_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_shards() {
-    let cluster = TestCluster::builder().shards(3).configure(chunked).start().await;
+    let cluster = TestCluster::builder()
+        .shards(3)
+        .configure(chunked)
+        .start()
+        .await;
     round_trips(&cluster, "redis").await;
     ranges(&cluster).await;
     miss_then_purge(&cluster).await;
@@ -123,7 +188,11 @@ async fn three_shards() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_redis_key_per_object_on_its_owner() {
-    let cluster = TestCluster::builder().shards(3).configure(chunked).start().await;
+    let cluster = TestCluster::builder()
+        .shards(3)
+        .configure(chunked)
+        .start()
+        .await;
     let mut client = cluster.client().await;
     let mut expected = Vec::new();
     for i in 0..30 {
@@ -131,16 +200,32 @@ async fn one_redis_key_per_object_on_its_owner() {
         let variant = if i % 3 == 0 { "thumb/64x64/scale" } else { "" };
         let key = media_key("example.org", &id, variant);
         let size = [0, 5, CHUNK + 3][i % 3];
-        assert!(client.put_bytes(key, Default::default(), body(size, i as u64)).await.unwrap().stored);
+        assert!(
+            client
+                .put_bytes(key, Default::default(), body(size, i as u64))
+                .await
+                .unwrap()
+                .stored
+        );
         let shard = cluster.owner("example.org", &id);
         expected.push((shard, format!("mc:1:o:example.org|{id}|{variant}")));
     }
     expected.sort();
-    assert_eq!(cluster.all_keys().await, expected, "exactly one key per object, on its owner, no temporary keys left");
+    assert_eq!(
+        cluster.all_keys().await,
+        expected,
+        "exactly one key per object, on its owner, no temporary keys left"
+    );
 
     // Stat names the owner shard, and variants share it.
-    let stat = client.stat(media_key("example.org", "m3", "thumb/64x64/scale")).await.unwrap();
-    assert_eq!(stat.shard, cluster.shards[cluster.owner("example.org", "m3")].name);
+    let stat = client
+        .stat(media_key("example.org", "m3", "thumb/64x64/scale"))
+        .await
+        .unwrap();
+    assert_eq!(
+        stat.shard,
+        cluster.shards[cluster.owner("example.org", "m3")].name
+    );
     let ring = client.ring_status().await.unwrap();
     assert_eq!(ring.shards.iter().map(|s| s.keys).sum::<u64>(), 30);
     assert!(ring.shards.iter().all(|s| s.up && s.used_memory_bytes > 0));
@@ -149,15 +234,34 @@ async fn one_redis_key_per_object_on_its_owner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_reaches_copies_on_every_shard() {
-    let cluster = TestCluster::builder().shards(3).configure(chunked).start().await;
+    let cluster = TestCluster::builder()
+        .shards(3)
+        .configure(chunked)
+        .start()
+        .await;
     let mut client = cluster.client().await;
     let key = media_key("example.org", "spread", "");
     let thumb = media_key("example.org", "spread", "thumb/8x8/crop");
-    assert!(client.put_bytes(key.clone(), Default::default(), body(100, 3)).await.unwrap().stored);
-    assert!(client.put_bytes(thumb.clone(), Default::default(), body(50, 4)).await.unwrap().stored);
+    assert!(
+        client
+            .put_bytes(key.clone(), Default::default(), body(100, 3))
+            .await
+            .unwrap()
+            .stored
+    );
+    assert!(
+        client
+            .put_bytes(thumb.clone(), Default::default(), body(50, 4))
+            .await
+            .unwrap()
+            .stored
+    );
     // Copies left on former owners by ring changes look exactly like this.
     let owner = cluster.owner("example.org", "spread");
-    for name in ["mc:1:o:example.org|spread|", "mc:1:o:example.org|spread|thumb/8x8/crop"] {
+    for name in [
+        "mc:1:o:example.org|spread|",
+        "mc:1:o:example.org|spread|thumb/8x8/crop",
+    ] {
         let value = cluster.shards[owner].raw_get(name).await.unwrap();
         for (i, shard) in cluster.shards.iter().enumerate() {
             if i != owner {
@@ -166,7 +270,14 @@ async fn purge_reaches_copies_on_every_shard() {
         }
     }
     assert_eq!(cluster.all_keys().await.len(), 6);
-    assert_eq!(client.purge(key.clone(), false, false).await.unwrap().removed, 3);
+    assert_eq!(
+        client
+            .purge(key.clone(), false, false)
+            .await
+            .unwrap()
+            .removed,
+        3
+    );
     assert_eq!(cluster.all_keys().await.len(), 3);
     assert_eq!(client.purge(key, true, false).await.unwrap().removed, 3);
     assert!(cluster.all_keys().await.is_empty());

@@ -206,7 +206,11 @@ impl Store {
 
     /// Starts a Put of an object whose info was validated; `Err(Refusal)` is a normal "not
     /// stored" answer.
-    pub async fn begin_put(&self, key: &Key, info: &MediaInfo) -> Result<Result<Writer, Refusal>, StoreError> {
+    pub async fn begin_put(
+        &self,
+        key: &Key,
+        info: &MediaInfo,
+    ) -> Result<Result<Writer, Refusal>, StoreError> {
         if self.redis.is_empty() {
             if info.size > self.memory.max_object_bytes() {
                 return Ok(Err(Refusal::TooLarge));
@@ -265,8 +269,14 @@ mod tests {
         assert_eq!(Range::new(3, 4, 10).unwrap(), Range { start: 3, end: 7 });
         assert_eq!(Range::new(3, 100, 10).unwrap(), Range { start: 3, end: 10 });
         assert_eq!(Range::new(10, 0, 10).unwrap(), Range { start: 10, end: 10 });
-        assert_eq!(Range::new(0, u64::MAX, 10).unwrap(), Range { start: 0, end: 10 });
-        assert!(matches!(Range::new(11, 0, 10), Err(StoreError::OutOfRange { .. })));
+        assert_eq!(
+            Range::new(0, u64::MAX, 10).unwrap(),
+            Range { start: 0, end: 10 }
+        );
+        assert!(matches!(
+            Range::new(11, 0, 10),
+            Err(StoreError::OutOfRange { .. })
+        ));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::key::{temp_key, Key};
 use crate::object::{self, Header, MAX_HEADER_LEN, PREFIX_LEN};
 use crate::proto::MediaInfo;
 use crate::ring::Ring;
-use crate::shard::{Pinned, Shard};
+use crate::shard::{Pinned, Shard, ShardError};
 
 /// Windows fetched ahead of the one being sent, so the next `GETRANGE` overlaps the send.
 const READ_AHEAD: usize = 2;
@@ -76,6 +76,11 @@ impl RedisStore {
         let first_len = MAX_HEADER_LEN + self.chunk_bytes as usize;
         let (first, total) = match shard.read_first(&redis_key, first_len).await {
             Ok(found) => found,
+            Err(e @ ShardError::Reply { .. }) => {
+                // WRONGTYPE and the like: something that is not a string sits under our name.
+                Self::discard(&shard, key, redis_key, &e).await;
+                return None;
+            }
             Err(e) => {
                 debug!(key = %key, error = %e, "read failed, answering a miss");
                 return None;
@@ -96,10 +101,7 @@ impl RedisStore {
         }) {
             Ok(h) => h,
             Err(e) => {
-                warn!(key = %key, shard = %shard.name(), error = %e, "deleting a value that is not a whole object");
-                if let Err(e) = shard.del(vec![redis_key]).await {
-                    warn!(key = %key, error = %e, "could not delete a bad value");
-                }
+                Self::discard(&shard, key, redis_key, &e).await;
                 return None;
             }
         };
@@ -108,6 +110,19 @@ impl RedisStore {
             header,
             first,
         })
+    }
+
+    /// Deletes a value under our key that is not a whole object of ours.
+    async fn discard(
+        shard: &Shard,
+        key: &Key,
+        redis_key: String,
+        why: &(dyn std::fmt::Display + Sync),
+    ) {
+        warn!(key = %key, shard = %shard.name(), error = %why, "deleting a value that is not a whole object");
+        if let Err(e) = shard.del(vec![redis_key]).await {
+            warn!(key = %key, error = %e, "could not delete a bad value");
+        }
     }
 
     /// Streams `range` of a located object: slices of the first window where it covers them,
@@ -144,7 +159,11 @@ impl RedisStore {
     }
 
     /// Starts a Put. `Ok(None)` when no shard can take it now.
-    pub async fn begin_put(&self, key: &Key, info: &MediaInfo) -> Result<Option<RedisWriter>, StoreError> {
+    pub async fn begin_put(
+        &self,
+        key: &Key,
+        info: &MediaInfo,
+    ) -> Result<Option<RedisWriter>, StoreError> {
         let ring = self.ring.load_full();
         let Some(shard) = self.pick(&ring, key) else {
             return Ok(None);
@@ -191,15 +210,16 @@ impl RedisStore {
     /// copies on former owners. Shards that could not be reached are returned by name.
     pub async fn purge(&self, key: &Key, all_variants: bool) -> (u64, Vec<String>) {
         let ring = self.ring.load_full();
-        let results = futures_util::future::join_all(ring.shards().iter().map(|shard| async move {
-            let r = if all_variants {
-                shard.delete_matching(&key.variants_pattern()).await
-            } else {
-                shard.del(vec![key.redis_key()]).await
-            };
-            (shard.name().to_owned(), r)
-        }))
-        .await;
+        let results =
+            futures_util::future::join_all(ring.shards().iter().map(|shard| async move {
+                let r = if all_variants {
+                    shard.delete_matching(&key.variants_pattern()).await
+                } else {
+                    shard.del(vec![key.redis_key()]).await
+                };
+                (shard.name().to_owned(), r)
+            }))
+            .await;
         let mut removed = 0;
         let mut failed = Vec::new();
         for (name, r) in results {
@@ -258,7 +278,10 @@ impl RedisWriter {
     }
 
     fn conn(&self) -> &Pinned {
-        self.guard.conn.as_ref().expect("writer has a connection until it is finished")
+        self.guard
+            .conn
+            .as_ref()
+            .expect("writer has a connection until it is finished")
     }
 
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
@@ -292,7 +315,9 @@ impl RedisWriter {
         }
         let header = object::encode_header(info, self.nonce)?;
         if header.len() as u64 != self.header_len {
-            return Err(StoreError::Internal("header length changed between start and publish".into()));
+            return Err(StoreError::Internal(
+                "header length changed between start and publish".into(),
+            ));
         }
         let published = self
             .conn()

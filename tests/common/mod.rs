@@ -5,8 +5,8 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
 use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -81,7 +84,11 @@ impl RedisShard {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.answers_ping() {
-            assert!(Instant::now() < deadline, "redis-server on {} did not start", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {} did not start",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -136,7 +143,10 @@ impl RedisShard {
     pub async fn keys(&self) -> Vec<String> {
         let c = self.client().await;
         let keys: Vec<String> = c
-            .custom(fred::types::CustomCommand::new_static("KEYS", None, false), vec!["*"])
+            .custom(
+                fred::types::CustomCommand::new_static("KEYS", None, false),
+                vec!["*"],
+            )
             .await
             .unwrap();
         let _ = c.quit().await;
@@ -152,7 +162,16 @@ impl RedisShard {
 
     pub async fn raw_set(&self, key: &str, value: Vec<u8>) {
         let c = self.client().await;
-        let _: () = c.set(key, Value::from(bytes::Bytes::from(value)), None, None, false).await.unwrap();
+        let _: () = c
+            .set(
+                key,
+                Value::from(bytes::Bytes::from(value)),
+                None,
+                None,
+                false,
+            )
+            .await
+            .unwrap();
         let _ = c.quit().await;
     }
 }
@@ -235,14 +254,18 @@ impl TestCluster {
         self.server = Some(server);
         let n = self.shards.len();
         let endpoint = self.endpoint();
-        eventually("service up with all shards up", Duration::from_secs(10), || {
-            let endpoint = endpoint.clone();
-            async move {
-                let mut c = Client::connect(endpoint).await.ok()?;
-                let ring = c.ring_status().await.ok()?;
-                (ring.shards.len() == n && ring.shards.iter().all(|s| s.up)).then_some(())
-            }
-        })
+        eventually(
+            "service up with all shards up",
+            Duration::from_secs(10),
+            || {
+                let endpoint = endpoint.clone();
+                async move {
+                    let mut c = Client::connect(endpoint).await.ok()?;
+                    let ring = c.ring_status().await.ok()?;
+                    (ring.shards.len() == n && ring.shards.iter().all(|s| s.up)).then_some(())
+                }
+            },
+        )
         .await;
     }
 
@@ -261,7 +284,12 @@ impl TestCluster {
 
     /// Index of the shard that owns `origin/media_id` in this cluster's ring.
     pub fn owner(&self, origin: &str, media_id: &str) -> usize {
-        let placement = Placement::new(self.config.shards.iter().map(|s| (s.name.as_str(), s.weight)));
+        let placement = Placement::new(
+            self.config
+                .shards
+                .iter()
+                .map(|s| (s.name.as_str(), s.weight)),
+        );
         placement
             .owner(&format!("{origin}/{media_id}"))
             .expect("cluster has shards")

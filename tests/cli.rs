@@ -1,0 +1,293 @@
+//! The `mediacache` binary: config checking, refusing to serve a bad config, the memory-only
+//! default, and the client subcommands against a served ring of real shards.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{body, eventually, free_port, RedisShard};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mediacache"))
+}
+
+fn write_config(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+#[test]
+fn check_config_reports_every_problem_with_its_path() {
+    let bad = write_config(
+        r#"
+chunk_bytes: 1
+shards:
+  - { name: a, url: "redis://127.0.0.1:1" }
+  - { name: a, url: "redis://127.0.0.1:2" }
+  - { name: b, url: "http://127.0.0.1:3" }
+"#,
+    );
+    let out = bin().arg("check-config").arg(bad.path()).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for path in ["chunk_bytes:", "shards[1].name:", "shards[2].url:"] {
+        assert!(err.contains(path), "missing {path} in {err}");
+    }
+
+    let unknown = write_config("shards: []\nshard: []\n");
+    let out = bin()
+        .arg("check-config")
+        .arg(unknown.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shard"));
+
+    let good =
+        write_config("shards:\n  - { name: a, url: \"redis://127.0.0.1:6379\", weight: 2 }\n");
+    let out = bin().arg("check-config").arg(good.path()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid (1 shards"));
+}
+
+#[test]
+fn serve_refuses_an_invalid_config_before_binding() {
+    let port = free_port();
+    let bad = write_config(&format!(
+        "listen: 127.0.0.1:{port}\nshards:\n  - {{ name: '', url: 'redis://x:1' }}\n"
+    ));
+    let out = bin()
+        .args(["serve", "--config"])
+        .arg(bad.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shards[0].name"));
+    // The port was never taken.
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("port still free");
+}
+
+/// Runs the served binary and kills it on drop.
+struct Served(std::process::Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(args: &[&str]) -> Served {
+    Served(
+        bin()
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn wait_serving(addr: &str) {
+    eventually("server answers", Duration::from_secs(10), || async {
+        mediacache::client::Client::connect(addr.to_owned())
+            .await
+            .ok()
+    })
+    .await;
+}
+
+fn run(args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+    let mut child = bin()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(data) = stdin {
+        input.write_all(data).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_subcommands_against_a_served_ring() {
+    let shards: Vec<RedisShard> = (0..3)
+        .map(|i| RedisShard::start(&format!("s{i}")))
+        .collect();
+    let port = free_port();
+    let mut config = format!("listen: 127.0.0.1:{port}\nshards:\n");
+    for s in &shards {
+        config.push_str(&format!(
+            "  - {{ name: {}, url: \"{}\" }}\n",
+            s.name,
+            s.url()
+        ));
+    }
+    let file = write_config(&config);
+    let _server = serve(&["--config", file.path().to_str().unwrap()]);
+    let addr = format!("http://127.0.0.1:{port}");
+    wait_serving(&addr).await;
+
+    let data = body(700_000, 11);
+    let input = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(input.path(), &data).unwrap();
+    let out = run(
+        &[
+            "put",
+            "--addr",
+            &addr,
+            "example.org",
+            "cli",
+            "-i",
+            input.path().to_str().unwrap(),
+            "--content-type",
+            "image/jpeg",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "stored");
+
+    let out = run(
+        &[
+            "put",
+            "--addr",
+            &addr,
+            "example.org",
+            "cli",
+            "--variant",
+            "thumb/8x8/crop",
+        ],
+        Some(b"tiny"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let output = tempfile::NamedTempFile::new().unwrap();
+    let out = run(
+        &[
+            "get",
+            "--addr",
+            &addr,
+            "example.org",
+            "cli",
+            "-o",
+            output.path().to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(output.path()).unwrap() == data[..]);
+
+    let out = run(
+        &[
+            "get",
+            "--addr",
+            &addr,
+            "example.org",
+            "cli",
+            "--variant",
+            "thumb/8x8/crop",
+        ],
+        None,
+    );
+    assert_eq!(out.stdout, b"tiny");
+    let out = run(
+        &[
+            "get",
+            "--addr",
+            &addr,
+            "example.org",
+            "cli",
+            "--offset",
+            "5",
+            "--limit",
+            "3",
+        ],
+        None,
+    );
+    assert_eq!(out.stdout, data[5..8]);
+
+    let out = run(&["stat", "--addr", &addr, "example.org", "cli"], None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("tier:         redis") && text.contains("size:         700000"),
+        "{text}"
+    );
+    assert!(text.contains("content_type: image/jpeg"), "{text}");
+
+    let out = run(&["ring", "--addr", &addr], None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("generation 1"), "{text}");
+    for s in &shards {
+        assert!(text.contains(&s.url()), "{text}");
+    }
+    assert_eq!(text.matches(" up ").count(), 3, "{text}");
+
+    let out = run(
+        &[
+            "purge",
+            "--addr",
+            &addr,
+            "example.org",
+            "cli",
+            "--all-variants",
+        ],
+        None,
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "removed 2");
+    let out = run(&["get", "--addr", &addr, "example.org", "cli"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("miss"));
+
+    let out = run(&["stat", "--addr", &addr, "bad origin", "cli"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key.origin"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_only_default_serves_without_a_config() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _server = serve(&["--listen", &listen]);
+    let addr = format!("http://{listen}");
+    wait_serving(&addr).await;
+    let out = run(
+        &["put", "--addr", &addr, "example.org", "mem"],
+        Some(b"hello"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["get", "--addr", &addr, "example.org", "mem"], None);
+    assert_eq!(out.stdout, b"hello");
+    let out = run(&["stat", "--addr", &addr, "example.org", "mem"], None);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tier:         memory"));
+    let out = run(&["ring", "--addr", &addr], None);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("memory tier only"));
+}

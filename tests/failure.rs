@@ -1,0 +1,370 @@
+//! Shards dying, coming back, hanging, and holding values that are not ours: always a miss or a
+//! clean answer, never an error for a read, never wrong bytes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{body, eventually, TestCluster};
+use fred::prelude::{ClientLike, KeysInterface};
+use fred::types::CustomCommand;
+use mediacache::client::media_key;
+use mediacache::proto::PutOutcome;
+
+/// Finds a media id owned by shard `index`.
+fn id_on(cluster: &TestCluster, index: usize, tag: &str) -> String {
+    (0..)
+        .map(|i| format!("{tag}{i}"))
+        .find(|id| cluster.owner("example.org", id) == index)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_shard_gives_fast_misses_and_comes_back() {
+    let mut cluster = TestCluster::builder().shards(3).start().await;
+    let mut client = cluster.client().await;
+    let dead = 1;
+    let on_dead = id_on(&cluster, dead, "d");
+    let on_live = id_on(&cluster, 0, "l");
+    for id in [&on_dead, &on_live] {
+        let r = client
+            .put_bytes(
+                media_key("example.org", id, ""),
+                Default::default(),
+                body(1000, 1),
+            )
+            .await
+            .unwrap();
+        assert!(r.stored);
+    }
+
+    cluster.shards[dead].kill();
+    // The first request after the crash may be the one that finds out; after that the shard is
+    // skipped without touching the network.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let got = client
+            .get(media_key("example.org", &on_dead, ""), 0, 0)
+            .await
+            .unwrap();
+        assert!(got.is_none(), "a dead shard is a miss");
+        slowest = slowest.max(started.elapsed());
+    }
+    // Far below the 10 s a client with default timeouts would wait; generous for a noisy machine.
+    assert!(
+        slowest < Duration::from_secs(2),
+        "slowest miss took {slowest:?}"
+    );
+
+    let r = client
+        .put_bytes(
+            media_key("example.org", &on_dead, "v2"),
+            Default::default(),
+            body(10, 2),
+        )
+        .await
+        .unwrap();
+    assert!(!r.stored);
+    assert_eq!(
+        r.outcome,
+        PutOutcome::Unavailable as i32,
+        "a Put to a dead shard is refused, not failed"
+    );
+    let stat = client
+        .stat(media_key("example.org", &on_dead, ""))
+        .await
+        .unwrap();
+    assert!(!stat.found);
+
+    // The other shards carry on.
+    assert!(client
+        .get(media_key("example.org", &on_live, ""), 0, 0)
+        .await
+        .unwrap()
+        .is_some());
+    let ring = client.ring_status().await.unwrap();
+    let state: Vec<bool> = ring.shards.iter().map(|s| s.up).collect();
+    assert_eq!(state, [true, false, true]);
+    // Purge cannot reach the dead shard: it says so instead of claiming success.
+    let err = client
+        .purge(media_key("example.org", &on_dead, ""), false, false)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("shard-1"), "{err}");
+
+    // Restarted (empty): used again once the health check sees it.
+    cluster.shards[dead].restart();
+    let key = media_key("example.org", &on_dead, "");
+    eventually(
+        "puts to the restarted shard",
+        Duration::from_secs(10),
+        || {
+            let mut client = client.clone();
+            let key = key.clone();
+            async move {
+                let r = client
+                    .put_bytes(key, Default::default(), body(500, 3))
+                    .await
+                    .ok()?;
+                r.stored.then_some(())
+            }
+        },
+    )
+    .await;
+    let (_, got) = client
+        .get_bytes(key)
+        .await
+        .unwrap()
+        .expect("hit after restart");
+    assert_eq!(got, body(500, 3));
+    assert_eq!(cluster.shards[dead].keys().await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_shard_costs_a_bounded_wait() {
+    let cluster = TestCluster::builder()
+        .shards(2)
+        .configure(|c| c.redis.command_timeout = Duration::from_millis(300))
+        .start()
+        .await;
+    let mut client = cluster.client().await;
+    let id = id_on(&cluster, 0, "h");
+    let key = media_key("example.org", &id, "");
+    assert!(
+        client
+            .put_bytes(key.clone(), Default::default(), body(100, 1))
+            .await
+            .unwrap()
+            .stored
+    );
+    cluster.shards[0].pause(true);
+    let started = Instant::now();
+    assert!(client.get(key.clone(), 0, 0).await.unwrap().is_none());
+    let first = started.elapsed();
+    let started = Instant::now();
+    assert!(client.get(key.clone(), 0, 0).await.unwrap().is_none());
+    let second = started.elapsed();
+    cluster.shards[0].pause(false);
+    assert!(
+        first < Duration::from_secs(3),
+        "first miss waited {first:?}"
+    );
+    assert!(
+        second < Duration::from_secs(1),
+        "second miss waited {second:?}"
+    );
+    // Resumed: the same object is served again, intact.
+    let got = eventually("hit after resume", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        let key = key.clone();
+        async move { client.get_bytes(key).await.ok().flatten() }
+    })
+    .await;
+    assert_eq!(got.1, body(100, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_that_are_not_whole_objects_are_misses_and_deleted() {
+    let cluster = TestCluster::builder().shards(2).start().await;
+    let mut client = cluster.client().await;
+    let good = body(5000, 4);
+    let id = "corrupt";
+    let owner = cluster.owner("example.org", id);
+    let shard = &cluster.shards[owner];
+    let name = format!("mc:1:o:example.org|{id}|");
+    assert!(
+        client
+            .put_bytes(
+                media_key("example.org", id, ""),
+                Default::default(),
+                good.clone()
+            )
+            .await
+            .unwrap()
+            .stored
+    );
+    let stored = shard.raw_get(&name).await.unwrap();
+
+    let mut truncated = stored.clone();
+    truncated.truncate(stored.len() - 1);
+    let mut longer = stored.clone();
+    longer.push(0);
+    let mut bad_magic = stored.clone();
+    bad_magic[0] ^= 0xff;
+    let mut bad_layout = stored.clone();
+    bad_layout[4] = 200;
+    let header_only = stored[..20].to_vec();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "foreign text",
+            b"hello, I belong to another program".to_vec(),
+        ),
+        ("truncated body", truncated),
+        ("longer than declared", longer),
+        ("bad magic", bad_magic),
+        ("unknown layout", bad_layout),
+        ("cut inside the header", header_only),
+        ("one byte", vec![b'm']),
+    ];
+    for (what, value) in cases {
+        shard.raw_set(&name, value).await;
+        assert!(
+            client
+                .get(media_key("example.org", id, ""), 0, 0)
+                .await
+                .unwrap()
+                .is_none(),
+            "{what}: must be a miss"
+        );
+        assert!(
+            shard.raw_get(&name).await.is_none(),
+            "{what}: must be deleted"
+        );
+    }
+
+    // A key of another type under our name.
+    let raw = shard.client().await;
+    let _: i64 = raw
+        .custom(
+            CustomCommand::new_static("HSET", None, false),
+            vec![name.as_str(), "field", "value"],
+        )
+        .await
+        .unwrap();
+    assert!(client
+        .get(media_key("example.org", id, ""), 0, 0)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(
+        !client
+            .stat(media_key("example.org", id, ""))
+            .await
+            .unwrap()
+            .found
+    );
+    let exists: u64 = raw.exists(&name).await.unwrap();
+    assert_eq!(exists, 0, "a foreign hash is deleted too");
+
+    // The shard is still healthy and the key can be stored again.
+    assert!(
+        client
+            .put_bytes(
+                media_key("example.org", id, ""),
+                Default::default(),
+                good.clone()
+            )
+            .await
+            .unwrap()
+            .stored
+    );
+    assert_eq!(
+        client
+            .get_bytes(media_key("example.org", id, ""))
+            .await
+            .unwrap()
+            .unwrap()
+            .1,
+        good
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_replaced_mid_read_is_a_clean_error_not_mixed_bytes() {
+    let cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| c.chunk_bytes = 64 * 1024)
+        .start()
+        .await;
+    let mut client = cluster.client().await;
+    let key = media_key("example.org", "replaced", "");
+    let a = body(8 * 1024 * 1024, 1);
+    let b = body(8 * 1024 * 1024, 2);
+    assert!(
+        client
+            .put_bytes(key.clone(), Default::default(), a.clone())
+            .await
+            .unwrap()
+            .stored
+    );
+    let mut download = client.get(key.clone(), 0, 0).await.unwrap().unwrap();
+    let mut got = Vec::new();
+    got.extend_from_slice(&download.next_chunk().await.unwrap().unwrap());
+    // Replaced by a new publish of different bytes while the reader is part-way through.
+    let mut writer = cluster.client().await;
+    assert!(
+        writer
+            .put_bytes(key.clone(), Default::default(), b.clone())
+            .await
+            .unwrap()
+            .stored
+    );
+    let outcome = loop {
+        match download.next_chunk().await {
+            Ok(Some(c)) => got.extend_from_slice(&c),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    match outcome {
+        // The few windows read ahead before the replace are from A; what was read after it
+        // must not be delivered.
+        Err(e) => {
+            assert!(e.to_string().contains("Aborted"), "{e}");
+            assert_eq!(
+                got[..],
+                a[..got.len()],
+                "every byte delivered is from the first object"
+            );
+        }
+        Ok(()) => panic!(
+            "a read spanning a replace must not complete ({} bytes)",
+            got.len()
+        ),
+    }
+    // A new read gets B whole.
+    assert_eq!(client.get_bytes(key).await.unwrap().unwrap().1, b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_next_writes_and_reads_the_next_live_shard() {
+    let mut cluster = TestCluster::builder()
+        .shards(3)
+        .configure(|c| c.failover = mediacache::config::Failover::Next)
+        .start()
+        .await;
+    let mut client = cluster.client().await;
+    let id = id_on(&cluster, 2, "f");
+    let key = media_key("example.org", &id, "");
+    let ranked = mediacache::ring::Placement::new(
+        cluster
+            .config
+            .shards
+            .iter()
+            .map(|s| (s.name.as_str(), s.weight)),
+    )
+    .ranked(&format!("example.org/{id}"));
+    assert_eq!(ranked[0], 2);
+    cluster.shards[2].kill();
+    // The first request may be the one that finds the owner dead.
+    eventually("a put that fails over", Duration::from_secs(5), || {
+        let mut client = client.clone();
+        let key = key.clone();
+        async move {
+            let r = client
+                .put_bytes(key, Default::default(), body(300, 9))
+                .await
+                .ok()?;
+            r.stored.then_some(())
+        }
+    })
+    .await;
+    let stat = client.stat(key.clone()).await.unwrap();
+    assert_eq!(stat.shard, cluster.shards[ranked[1]].name);
+    assert_eq!(
+        client.get_bytes(key).await.unwrap().unwrap().1,
+        body(300, 9)
+    );
+}
