@@ -291,3 +291,67 @@ async fn memory_only_default_serves_without_a_config() {
     let out = run(&["ring", "--addr", &addr], None);
     assert!(String::from_utf8_lossy(&out.stdout).contains("memory tier only"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reflection_and_clean_exit_on_sigterm() {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = serve(&["--listen", &listen]);
+    let addr = format!("http://{listen}");
+    wait_serving(&addr).await;
+
+    let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "mediacache.v1.MediaCache", "mediacache.v1.CacheAdmin"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "mediacache.v1.MediaCache",
+        "mediacache.v1.CacheAdmin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "{names:?}");
+    }
+
+    let pid = server.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+}

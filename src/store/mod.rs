@@ -173,7 +173,7 @@ impl Store {
                 body: memory_chunks(object, range, self.chunk_bytes),
             }));
         }
-        let Some(located) = self.redis.locate(key).await else {
+        let Some(located) = self.redis.locate(key, true).await else {
             return Ok(None);
         };
         let info = located.header.info.clone();
@@ -196,7 +196,7 @@ impl Store {
         if self.redis.is_empty() {
             return None;
         }
-        let located = self.redis.locate(key).await?;
+        let located = self.redis.locate(key, false).await?;
         Some(Found {
             info: located.header.info,
             tier: Tier::Redis,

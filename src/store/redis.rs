@@ -67,13 +67,19 @@ impl RedisStore {
         }
     }
 
-    /// Reads the header and first window of `key`. `None` is a miss: absent, shard down, or a
-    /// value that is not a whole object of ours (which is deleted).
-    pub async fn locate(&self, key: &Key) -> Option<Located> {
+    /// Reads the header of `key`, and with `with_body` the first body window too, in one round
+    /// trip. `None` is a miss: absent, shard down, or a value that is not a whole object of ours
+    /// (which is deleted).
+    pub async fn locate(&self, key: &Key, with_body: bool) -> Option<Located> {
         let ring = self.ring.load_full();
         let shard = self.pick(&ring, key)?;
         let redis_key = key.redis_key();
-        let first_len = MAX_HEADER_LEN + self.chunk_bytes as usize;
+        let first_len = MAX_HEADER_LEN
+            + if with_body {
+                self.chunk_bytes as usize
+            } else {
+                0
+            };
         let (first, total) = match shard.read_first(&redis_key, first_len).await {
             Ok(found) => found,
             Err(e @ ShardError::Reply { .. }) => {
