@@ -44,6 +44,23 @@ pub struct Config {
     pub failover: Failover,
     #[serde(default)]
     pub redis: RedisConfig,
+    #[serde(default)]
+    pub reload: ReloadConfig,
+}
+
+/// How `serve --config FILE` notices changes to FILE. Needs a restart to change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Watch the file's directory (a ConfigMap volume swaps a `..data` symlink there).
+    #[serde(default = "default_true")]
+    pub watch: bool,
+    /// Quiet time after a file event before re-reading; one update is a burst of events.
+    #[serde(default = "default_debounce", with = "humantime_serde")]
+    pub debounce: Duration,
+    /// Periodic re-read, a safety net for missed events; 0s disables it.
+    #[serde(default = "default_reread", with = "humantime_serde")]
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,6 +150,25 @@ fn default_health_interval() -> Duration {
 fn default_temp_key_ttl() -> Duration {
     Duration::from_secs(60)
 }
+fn default_true() -> bool {
+    true
+}
+fn default_debounce() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_reread() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self {
+            watch: true,
+            debounce: default_debounce(),
+            interval: default_reread(),
+        }
+    }
+}
 
 impl Default for Config {
     fn default() -> Self {
@@ -145,6 +181,7 @@ impl Default for Config {
             shards: Vec::new(),
             failover: Failover::default(),
             redis: RedisConfig::default(),
+            reload: ReloadConfig::default(),
         }
     }
 }
@@ -212,6 +249,13 @@ pub struct Loaded {
     pub config: Config,
     /// SHA-256 (hex) of the source text; identifies the config in RingStatus.
     pub digest: String,
+    /// The file it was read from, watched for changes; none for the built-in default.
+    pub path: Option<std::path::PathBuf>,
+}
+
+/// SHA-256 (hex) of a config text.
+pub fn digest(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 impl Config {
@@ -225,7 +269,8 @@ impl Config {
         config.validate().map_err(ConfigError::Invalid)?;
         Ok(Loaded {
             config,
-            digest: hex::encode(Sha256::digest(text.as_bytes())),
+            digest: digest(text),
+            path: None,
         })
     }
 
@@ -235,7 +280,33 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_yaml(&text)
+        let mut loaded = Self::from_yaml(&text)?;
+        loaded.path = Some(path.to_owned());
+        Ok(loaded)
+    }
+
+    /// Names of the settings that differ from `running` and only take effect after a restart.
+    pub fn needs_restart(&self, running: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.listen != running.listen {
+            changed.push("listen");
+        }
+        if self.metrics_listen != running.metrics_listen {
+            changed.push("metrics_listen");
+        }
+        if self.chunk_bytes != running.chunk_bytes {
+            changed.push("chunk_bytes");
+        }
+        if self.max_object_bytes != running.max_object_bytes {
+            changed.push("max_object_bytes");
+        }
+        if self.memory != running.memory {
+            changed.push("memory");
+        }
+        if self.reload != running.reload {
+            changed.push("reload");
+        }
+        changed
     }
 
     /// Checks every rule and returns all problems, not only the first.
@@ -304,6 +375,22 @@ impl Config {
                     format!("must be between 1 and 10000, got {}", shard.weight),
                 );
             }
+        }
+
+        if self.reload.debounce > Duration::from_secs(10) {
+            problem(
+                "reload.debounce".into(),
+                format!("must be at most 10s, got {:?}", self.reload.debounce),
+            );
+        }
+        if !self.reload.interval.is_zero() && self.reload.interval < Duration::from_secs(1) {
+            problem(
+                "reload.interval".into(),
+                format!(
+                    "must be 0s (off) or at least 1s, got {:?}",
+                    self.reload.interval
+                ),
+            );
         }
 
         let r = &self.redis;
@@ -464,10 +551,31 @@ redis: { pool_size: 0 }
     #[test]
     fn digest_follows_the_text() {
         let a = Config::from_yaml("shards: []").unwrap();
+        assert_eq!(a.digest, digest("shards: []"));
         let b = Config::from_yaml("shards: [] # comment").unwrap();
         assert_eq!(a.config, b.config);
         assert_ne!(a.digest, b.digest);
         assert_eq!(a.digest.len(), 64);
+    }
+
+    #[test]
+    fn restart_only_settings_are_named() {
+        let running = Config::default();
+        let mut next = running.clone();
+        next.shards.push(ShardConfig {
+            name: "a".into(),
+            url: "redis://h:1".into(),
+            weight: 1,
+        });
+        next.redis.pool_size = 9;
+        next.failover = Failover::Next;
+        assert!(
+            next.needs_restart(&running).is_empty(),
+            "shards, redis and failover are live"
+        );
+        next.listen = "127.0.0.1:1".parse().unwrap();
+        next.memory.max_bytes = 1;
+        assert_eq!(next.needs_restart(&running), ["listen", "memory"]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`config`]: the YAML model, defaults and the one validation step.
 //! - [`key`]: media key validation and the Redis key names derived from it.
 //! - [`object`]: the layout of one stored object (header + body) in a Redis string.
+//! - [`reload`]: watches the config, validates it, and swaps in the next ring.
 //! - [`ring`]: weighted rendezvous hashing over shard names; an immutable ring of shards.
 //! - [`shard`]: one Redis shard: a fred pool with timeouts and a health state.
 //! - [`store`]: the memory tier, the Redis tier, and the store that chooses between them.
@@ -18,6 +19,7 @@ pub mod client;
 pub mod config;
 pub mod key;
 pub mod object;
+pub mod reload;
 pub mod ring;
 pub mod server;
 pub mod service;

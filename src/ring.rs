@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+use crate::config::Failover;
 use crate::shard::Shard;
 
 /// The pure placement function over `(name, weight)` pairs, shared by the ring and its tests.
@@ -109,29 +110,52 @@ impl Placement {
     }
 }
 
-/// An immutable set of shards; a new ring is built and swapped in whole.
+/// An immutable set of shards with their weights; a new ring is built and swapped in whole.
 pub struct Ring {
     /// Increases by one with each published ring.
     pub generation: u64,
     /// Digest of the config text this ring was built from.
     pub digest: String,
+    /// What to do while a key's owner is down; part of the ring so a reload changes it too.
+    pub failover: Failover,
     placement: Placement,
     shards: Vec<Arc<Shard>>,
+    weights: Vec<u32>,
 }
 
 impl Ring {
-    pub fn new(generation: u64, digest: String, shards: Vec<Arc<Shard>>) -> Self {
-        let placement = Placement::new(shards.iter().map(|s| (s.name(), s.weight())));
+    /// `members` pairs each shard with its weight.
+    pub fn new(
+        generation: u64,
+        digest: String,
+        failover: Failover,
+        members: Vec<(Arc<Shard>, u32)>,
+    ) -> Self {
+        let placement = Placement::new(members.iter().map(|(s, w)| (s.name(), *w)));
+        let (shards, weights) = members.into_iter().unzip();
         Self {
             generation,
             digest,
+            failover,
             placement,
             shards,
+            weights,
         }
     }
 
     pub fn shards(&self) -> &[Arc<Shard>] {
         &self.shards
+    }
+
+    pub fn weight(&self, index: usize) -> u32 {
+        self.weights[index]
+    }
+
+    pub fn find(&self, name: &str) -> Option<(&Arc<Shard>, u32)> {
+        self.shards
+            .iter()
+            .position(|s| s.name() == name)
+            .map(|i| (&self.shards[i], self.weights[i]))
     }
 
     pub fn is_empty(&self) -> bool {

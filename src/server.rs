@@ -14,6 +14,7 @@ use crate::config::{Config, Loaded};
 use crate::proto::{
     self, cache_admin_server::CacheAdminServer, media_cache_server::MediaCacheServer,
 };
+use crate::reload::{ReloadStats, Reloader};
 use crate::ring::Ring;
 use crate::service::{CacheAdminService, MediaCacheService};
 use crate::shard::Shard;
@@ -29,7 +30,7 @@ pub async fn connect_shards(config: &Config) -> anyhow::Result<Vec<Arc<Shard>>> 
         config
             .shards
             .iter()
-            .map(|s| Shard::connect(s, &config.redis)),
+            .map(|s| Shard::connect(s, &config.redis, config.redis.connect_timeout)),
     )
     .await;
     shards
@@ -46,19 +47,40 @@ pub async fn run(
     loaded: Loaded,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let Loaded { config, digest } = loaded;
+    let Loaded {
+        config,
+        digest,
+        path,
+    } = loaded;
     let shards = connect_shards(&config).await?;
-    let ring = Arc::new(ArcSwap::from_pointee(Ring::new(1, digest, shards)));
+    let members = shards
+        .into_iter()
+        .zip(&config.shards)
+        .map(|(shard, cfg)| (shard, cfg.weight))
+        .collect();
+    let ring = Arc::new(ArcSwap::from_pointee(Ring::new(
+        1,
+        digest.clone(),
+        config.failover,
+        members,
+    )));
     let store = Arc::new(Store::new(
         MemoryStore::new(config.memory.max_bytes, config.memory.max_object_bytes),
-        RedisStore::new(
-            ring.clone(),
-            config.chunk_bytes,
-            config.failover,
-            config.redis.temp_key_ttl,
-        ),
+        RedisStore::new(ring.clone(), config.chunk_bytes, config.redis.temp_key_ttl),
         config.chunk_bytes,
     ));
+    let reloads = Arc::new(ReloadStats::default());
+    // Dropped (and so stopped) when `run` returns.
+    let _reloader = path.map(|path| {
+        let reloader = Arc::new(Reloader::new(
+            path,
+            ring.clone(),
+            config.clone(),
+            digest,
+            reloads.clone(),
+        ));
+        AbortOnDrop(tokio::spawn(reloader.run()))
+    });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -96,7 +118,10 @@ pub async fn run(
             store.clone(),
             config.max_object_bytes,
         )))
-        .add_service(CacheAdminServer::new(CacheAdminService::new(store.clone())))
+        .add_service(CacheAdminServer::new(CacheAdminService::new(
+            store.clone(),
+            reloads,
+        )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
 
     let mut stopped = stop_rx;
@@ -113,4 +138,13 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Aborts a background task when its owner goes away.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

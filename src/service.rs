@@ -1,6 +1,7 @@
 //! The gRPC services: `mediacache.v1.MediaCache` and `mediacache.v1.CacheAdmin`.
 
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use crate::proto::{
     PutOutcome, PutRequest, PutResponse, RingStatusRequest, RingStatusResponse, ShardStatus,
     StatRequest, StatResponse,
 };
+use crate::reload::ReloadStats;
 use crate::store::{now_unix_ms, Refusal, Store, StoreError};
 
 /// Everything a handler can fail with; [`to_status`] is the one place it becomes a `Status`.
@@ -245,11 +247,12 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
 
 pub struct CacheAdminService {
     store: Arc<Store>,
+    reloads: Arc<ReloadStats>,
 }
 
 impl CacheAdminService {
-    pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<Store>, reloads: Arc<ReloadStats>) -> Self {
+        Self { store, reloads }
     }
 }
 
@@ -268,7 +271,7 @@ impl proto::cache_admin_server::CacheAdmin for CacheAdminService {
                     ShardStatus {
                         name: shard.name().to_owned(),
                         address: crate::config::redact_url(shard.url()),
-                        weight: shard.weight(),
+                        weight: ring.weight(i),
                         up: shard.is_up(),
                         used_memory_bytes: used,
                         keys,
@@ -281,6 +284,9 @@ impl proto::cache_admin_server::CacheAdmin for CacheAdminService {
             generation: ring.generation,
             config_digest: ring.digest.clone(),
             shards,
+            reloads_failed: self.reloads.failed.load(Ordering::Relaxed),
+            last_reload_error: self.reloads.last_error(),
+            reloads_applied: self.reloads.applied.load(Ordering::Relaxed),
         }))
     }
 }

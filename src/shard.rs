@@ -14,7 +14,7 @@ use fred::types::config::Options;
 use fred::types::scan::Scanner;
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{redact_url, RedisConfig, ShardConfig};
 
@@ -50,7 +50,8 @@ pub struct Shard {
     name: String,
     /// The configured URL, kept to tell whether a reload changed the connection settings.
     url: String,
-    weight: u32,
+    /// Connection settings the pool was built with; a reload that changes them reconnects.
+    redis: RedisConfig,
     pool: Pool,
     up: AtomicBool,
     command_timeout: Duration,
@@ -62,16 +63,19 @@ impl std::fmt::Debug for Shard {
         f.debug_struct("Shard")
             .field("name", &self.name)
             .field("url", &redact_url(&self.url))
-            .field("weight", &self.weight)
             .field("up", &self.is_up())
             .finish()
     }
 }
 
 impl Shard {
-    /// Creates the pool and starts connecting. Waits at most `connect_timeout` for a first
-    /// connection; a shard that is down then starts as down and is retried in the background.
-    pub async fn connect(cfg: &ShardConfig, redis: &RedisConfig) -> Result<Arc<Shard>, Error> {
+    /// Creates the pool and starts connecting. Waits at most `wait` for a first connection; a
+    /// shard that is down then starts as down and is retried in the background.
+    pub async fn connect(
+        cfg: &ShardConfig,
+        redis: &RedisConfig,
+        wait: Duration,
+    ) -> Result<Arc<Shard>, Error> {
         let mut config = Config::from_url(&cfg.url)?;
         config.fail_fast = false;
         let pool = Builder::from_config(config)
@@ -84,10 +88,16 @@ impl Shard {
             .with_performance_config(|p| {
                 p.default_command_timeout = redis.command_timeout;
             })
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+            .set_policy(reconnect_policy())
             .build_pool(redis.pool_size)?;
         let _connections = pool.connect_pool();
-        let up = tokio::time::timeout(redis.connect_timeout, pool.wait_for_connect())
+        // Usable as soon as one connection is: requests pick connected clients of the pool.
+        let first = futures_util::future::select_ok(
+            pool.clients()
+                .iter()
+                .map(|c| Box::pin(c.wait_for_connect())),
+        );
+        let up = tokio::time::timeout(wait, first)
             .await
             .is_ok_and(|r| r.is_ok());
         if !up {
@@ -96,7 +106,7 @@ impl Shard {
         let shard = Arc::new(Shard {
             name: cfg.name.clone(),
             url: cfg.url.clone(),
-            weight: cfg.weight,
+            redis: redis.clone(),
             pool,
             up: AtomicBool::new(up),
             command_timeout: redis.command_timeout,
@@ -113,8 +123,9 @@ impl Shard {
     pub fn url(&self) -> &str {
         &self.url
     }
-    pub fn weight(&self) -> u32 {
-        self.weight
+    /// Whether this shard's client can serve `cfg` as it is: same name, URL and settings.
+    pub fn serves(&self, cfg: &ShardConfig, redis: &RedisConfig) -> bool {
+        self.name == cfg.name && self.url == cfg.url && &self.redis == redis
     }
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
@@ -296,12 +307,31 @@ impl Shard {
     }
 }
 
+/// The last holder of a shard is gone: either a ring that no longer lists it, or the last request
+/// that loaded such a ring. Only now are its connections closed.
 impl Drop for Shard {
     fn drop(&mut self) {
         if let Some(task) = self.health.get_mut().ok().and_then(Option::take) {
             task.abort();
         }
+        let pool = self.pool.clone();
+        let name = std::mem::take(&mut self.name);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = pool.quit().await;
+                debug!(shard = %name, "shard connections closed");
+            });
+        }
     }
+}
+
+/// Retries forever, from 5 ms up to 2 s apart, with a little jitter so replicas do not reconnect
+/// in lockstep. With `fail_fast` off the first connection also goes through this policy, so its
+/// first delay is what a new shard waits before its first attempt: kept small.
+fn reconnect_policy() -> ReconnectPolicy {
+    let mut policy = ReconnectPolicy::new_exponential(0, 5, 2_000, 2);
+    policy.set_jitter(20);
+    policy
 }
 
 async fn health_loop(shard: std::sync::Weak<Shard>, interval: Duration) {

@@ -23,7 +23,6 @@ const READ_AHEAD: usize = 2;
 pub struct RedisStore {
     ring: Arc<ArcSwap<Ring>>,
     chunk_bytes: u64,
-    failover: Failover,
     temp_key_ttl: Duration,
 }
 
@@ -35,16 +34,10 @@ pub struct Located {
 }
 
 impl RedisStore {
-    pub fn new(
-        ring: Arc<ArcSwap<Ring>>,
-        chunk_bytes: u64,
-        failover: Failover,
-        temp_key_ttl: Duration,
-    ) -> Self {
+    pub fn new(ring: Arc<ArcSwap<Ring>>, chunk_bytes: u64, temp_key_ttl: Duration) -> Self {
         Self {
             ring,
             chunk_bytes,
-            failover,
             temp_key_ttl,
         }
     }
@@ -59,9 +52,9 @@ impl RedisStore {
 
     /// The shard a key is read from and written to now: its owner, or with `failover: next`
     /// the first live shard in its rendezvous order.
-    fn pick(&self, ring: &Ring, key: &Key) -> Option<Arc<Shard>> {
+    fn pick(ring: &Ring, key: &Key) -> Option<Arc<Shard>> {
         let route = key.route_key();
-        match self.failover {
+        match ring.failover {
             Failover::None => ring.owner(&route).filter(|s| s.is_up()).cloned(),
             Failover::Next => ring.ranked(&route).find(|s| s.is_up()).cloned(),
         }
@@ -72,7 +65,7 @@ impl RedisStore {
     /// (which is deleted).
     pub async fn locate(&self, key: &Key, with_body: bool) -> Option<Located> {
         let ring = self.ring.load_full();
-        let shard = self.pick(&ring, key)?;
+        let shard = Self::pick(&ring, key)?;
         let redis_key = key.redis_key();
         let first_len = MAX_HEADER_LEN
             + if with_body {
@@ -171,7 +164,7 @@ impl RedisStore {
         info: &MediaInfo,
     ) -> Result<Option<RedisWriter>, StoreError> {
         let ring = self.ring.load_full();
-        let Some(shard) = self.pick(&ring, key) else {
+        let Some(shard) = Self::pick(&ring, key) else {
             return Ok(None);
         };
         let nonce = object::new_nonce();

@@ -185,6 +185,7 @@ impl Drop for RedisShard {
 pub struct TestClusterBuilder {
     shards: usize,
     config: Config,
+    config_file: bool,
 }
 
 impl TestClusterBuilder {
@@ -195,6 +196,12 @@ impl TestClusterBuilder {
 
     pub fn configure(mut self, f: impl FnOnce(&mut Config)) -> Self {
         f(&mut self.config);
+        self
+    }
+
+    /// Serve from a config file (watched for changes) instead of an in-memory config.
+    pub fn config_file(mut self) -> Self {
+        self.config_file = true;
         self
     }
 
@@ -211,9 +218,11 @@ impl TestClusterBuilder {
                 weight: 1,
             })
             .collect();
+        let config_dir = self.config_file.then(|| tempfile::tempdir().unwrap());
         let mut cluster = TestCluster {
             shards,
             config,
+            config_dir,
             addr: None,
             shutdown: None,
             server: None,
@@ -226,6 +235,7 @@ impl TestClusterBuilder {
 pub struct TestCluster {
     pub shards: Vec<RedisShard>,
     pub config: Config,
+    config_dir: Option<tempfile::TempDir>,
     addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
@@ -236,13 +246,28 @@ impl TestCluster {
         TestClusterBuilder {
             shards: 0,
             config: Config::default(),
+            config_file: false,
         }
     }
 
     async fn start_service(&mut self) {
+        // Logs of the service under test, shown for failing tests; RUST_LOG sets the level.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
         // Through YAML, so the test config passes the same validation as a real one.
         let yaml = yaml_serde::to_string(&self.config).unwrap();
-        let loaded = Config::from_yaml(&yaml).expect("test config is valid");
+        let loaded = match self.config_path() {
+            Some(path) => {
+                std::fs::write(&path, &yaml).unwrap();
+                Config::load(&path).expect("test config is valid")
+            }
+            None => Config::from_yaml(&yaml).expect("test config is valid"),
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
@@ -267,6 +292,50 @@ impl TestCluster {
             },
         )
         .await;
+    }
+
+    /// The watched config file, when the cluster was built with `config_file()`.
+    pub fn config_path(&self) -> Option<std::path::PathBuf> {
+        self.config_dir
+            .as_ref()
+            .map(|d| d.path().join("config.yaml"))
+    }
+
+    /// Writes `config` over the config file the way most tools do (a new file renamed over the
+    /// old one), waits until the service runs a ring built from it, and returns its generation.
+    pub async fn apply(&mut self, config: Config) -> u64 {
+        let text = yaml_serde::to_string(&config).unwrap();
+        let path = self
+            .config_path()
+            .expect("cluster serves from a config file");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        self.config = config;
+        self.wait_for_digest(&mediacache::config::digest(&text))
+            .await
+    }
+
+    /// Waits until the running ring was built from the config text with this digest.
+    pub async fn wait_for_digest(&self, digest: &str) -> u64 {
+        let endpoint = self.endpoint();
+        eventually("ring from the new config", Duration::from_secs(10), || {
+            let endpoint = endpoint.clone();
+            async move {
+                let ring = Client::connect(endpoint)
+                    .await
+                    .ok()?
+                    .ring_status()
+                    .await
+                    .ok()?;
+                (ring.config_digest == digest).then_some(ring.generation)
+            }
+        })
+        .await
+    }
+
+    pub async fn ring_status(&self) -> mediacache::proto::RingStatusResponse {
+        self.client().await.ring_status().await.unwrap()
     }
 
     pub fn endpoint(&self) -> String {
