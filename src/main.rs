@@ -281,6 +281,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 ring.generation,
                 ring.config_digest.get(..12).unwrap_or(&ring.config_digest)
             );
+            println!(
+                "reloads applied {}  rejected {}",
+                ring.reloads_applied, ring.reloads_failed
+            );
+            if !ring.last_reload_error.is_empty() {
+                println!("last rejected reload: {}", ring.last_reload_error);
+            }
             if ring.shards.is_empty() {
                 println!("no shards: memory tier only");
                 return Ok(ExitCode::SUCCESS);
