@@ -72,6 +72,18 @@ pub struct MemoryConfig {
     /// Largest object the memory tier holds.
     #[serde(default = "default_max_object_bytes")]
     pub max_object_bytes: u64,
+    /// Span over which downloads per key are counted.
+    #[serde(default = "default_tracked_window", with = "humantime_serde")]
+    pub tracked_window: Duration,
+    /// Downloads in the window before a key is admitted (when shards are configured).
+    #[serde(default = "default_min_downloads")]
+    pub min_downloads: u32,
+    /// A newly cached entry cannot be evicted for this long.
+    #[serde(default = "default_min_cache_time", with = "humantime_serde")]
+    pub min_cache_time: Duration,
+    /// An evicted key is not admitted again for this long.
+    #[serde(default = "default_min_evicted_time", with = "humantime_serde")]
+    pub min_evicted_time: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +144,18 @@ fn default_max_object_bytes() -> u64 {
 fn default_memory_max_bytes() -> u64 {
     1000 * MIB
 }
+fn default_tracked_window() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_min_downloads() -> u32 {
+    5
+}
+fn default_min_cache_time() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_min_evicted_time() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_weight() -> u32 {
     1
 }
@@ -191,6 +215,10 @@ impl Default for MemoryConfig {
         Self {
             max_bytes: default_memory_max_bytes(),
             max_object_bytes: default_max_object_bytes(),
+            tracked_window: default_tracked_window(),
+            min_downloads: default_min_downloads(),
+            min_cache_time: default_min_cache_time(),
+            min_evicted_time: default_min_evicted_time(),
         }
     }
 }
@@ -334,6 +362,18 @@ impl Config {
                     self.memory.max_bytes, self.memory.max_object_bytes
                 ),
             );
+        }
+        let m = &self.memory;
+        if m.tracked_window < Duration::from_secs(1)
+            || m.tracked_window > Duration::from_secs(7 * 24 * 3600)
+        {
+            problem(
+                "memory.tracked_window".into(),
+                format!("must be between 1s and 7d, got {:?}", m.tracked_window),
+            );
+        }
+        if m.min_downloads == 0 {
+            problem("memory.min_downloads".into(), "must be at least 1".into());
         }
         if self.metrics_listen.is_some() && self.metrics_listen == Some(self.listen) {
             problem("metrics_listen".into(), "must differ from listen".into());

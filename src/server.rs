@@ -65,7 +65,7 @@ pub async fn run(
         members,
     )));
     let store = Arc::new(Store::new(
-        MemoryStore::new(config.memory.max_bytes, config.memory.max_object_bytes),
+        MemoryStore::new(&config.memory),
         RedisStore::new(ring.clone(), config.chunk_bytes, config.redis.temp_key_ttl),
         config.chunk_bytes,
     ));

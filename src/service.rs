@@ -17,7 +17,7 @@ use crate::proto::{
     StatRequest, StatResponse,
 };
 use crate::reload::ReloadStats;
-use crate::store::{now_unix_ms, Refusal, Store, StoreError};
+use crate::store::{now_unix_ms, Committed, Refusal, Store, StoreError};
 
 /// Everything a handler can fail with; [`to_status`] is the one place it becomes a `Status`.
 #[derive(Debug, thiserror::Error)]
@@ -200,8 +200,12 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
         }
         info.sha256 = Bytes::copy_from_slice(&digest);
         match self.store.commit(writer, info).await {
-            Ok(true) => Ok(put_answer(PutOutcome::Stored)),
-            Ok(false) | Err(StoreError::Shard(_)) => Ok(put_answer(PutOutcome::Unavailable)),
+            Ok(Committed::Stored) => Ok(put_answer(PutOutcome::Stored)),
+            Ok(Committed::NotAdmitted) => Ok(put_answer(PutOutcome::NotAdmitted)),
+            Ok(Committed::TooLarge) => Ok(put_answer(PutOutcome::TooLarge)),
+            Ok(Committed::Lost) | Err(StoreError::Shard(_)) => {
+                Ok(put_answer(PutOutcome::Unavailable))
+            }
             Err(e) => Err(ServiceError::from(e).into()),
         }
     }

@@ -1,13 +1,77 @@
-//! The per-replica memory tier: whole objects held as shared `Bytes`, bounded by a byte budget,
-//! least recently used evicted first. Accounting of bytes and entries is exact.
+//! The per-replica memory tier, with the cache strategy of seed 001:
+//!
+//! - Downloads per key are counted over a sliding window (`tracked_window`) kept as buckets, not
+//!   one timestamp per download; the tracker holds at most `MAX_TRACKED_KEYS` keys.
+//! - A key is admitted once it reached `min_downloads` in the window, fits `max_object_bytes`,
+//!   and is not inside the `min_evicted_time` exclusion that follows its eviction.
+//! - When full, victims are taken in ascending order of popularity, then size, skipping entries
+//!   cached less than `min_cache_time` ago and entries at least as popular as the newcomer. They
+//!   are evicted only if together they free enough room; otherwise nothing is evicted and the
+//!   newcomer is not cached.
+//!
+//! Entries younger than `min_cache_time` wait in a queue and join the eviction index when they
+//! mature, and a Fenwick tree over popularity holds the bytes of mature entries, so whether room
+//! can be made is answered in O(log n) before any victim is touched, and every victim visited is
+//! evicted: admission costs O(log n) amortised, never a scan. Bytes and entries held are exact.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use xxhash_rust::xxh3::xxh3_64;
 
+use crate::config::MemoryConfig;
 use crate::key::Key;
 use crate::proto::MediaInfo;
+
+/// Popularity counts above this are treated as equal (the Fenwick tree's size).
+const MAX_POPULARITY: u32 = (1 << 16) - 1;
+/// Buckets the tracked window is divided into.
+const BUCKETS: u64 = 30;
+/// Keys the download tracker holds at most; under a flood of unique keys the oldest buckets are
+/// dropped early, so the window shrinks instead of memory growing.
+pub const MAX_TRACKED_KEYS: usize = 1_000_000;
+
+/// Milliseconds on a monotonic clock; tests and the simulator drive their own.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> u64;
+}
+
+/// The process's monotonic clock.
+pub struct SystemClock(Instant);
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self(Instant::now())
+    }
+}
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        self.0.elapsed().as_millis() as u64
+    }
+}
+
+/// A clock that moves only when told to.
+#[derive(Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    pub fn set_ms(&self, ms: u64) {
+        self.0.store(ms, Ordering::Relaxed);
+    }
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// One cached object; readers clone the `Arc` and stream slices of `body` without copying.
 #[derive(Debug)]
@@ -16,135 +80,492 @@ pub struct Object {
     pub body: Bytes,
 }
 
-#[derive(Debug)]
-pub struct MemoryStore {
+/// The answer to an offer of an object to the tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Stored,
+    TooLarge,
+    /// Fewer than `min_downloads` downloads in the window.
+    NotPopular,
+    /// Evicted less than `min_evicted_time` ago.
+    Excluded,
+    /// Full, and the evictable entries would not free enough room.
+    NoRoom,
+}
+
+/// Counters since start, for metrics and the simulator.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub bytes: u64,
+    pub entries: u64,
+    pub tracked_keys: u64,
+    pub admissions: u64,
+    pub evicted_for_room: u64,
+    pub refused_not_popular: u64,
+    pub refused_excluded: u64,
+    pub refused_no_room: u64,
+    pub refused_too_large: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Policy {
     max_bytes: u64,
     max_object_bytes: u64,
+    bucket_ms: u64,
+    min_downloads: u32,
+    min_cache_ms: u64,
+    min_evicted_ms: u64,
+}
+
+pub struct MemoryStore {
+    policy: Policy,
+    clock: Arc<dyn Clock>,
     inner: Mutex<Inner>,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    entries: HashMap<Key, Entry>,
-    /// Last-use tick → key, oldest first.
-    order: BTreeMap<u64, Key>,
-    tick: u64,
-    bytes: u64,
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("policy", &self.policy)
+            .finish()
+    }
 }
 
-#[derive(Debug)]
+/// Downloads per key over a window of `BUCKETS` buckets.
+#[derive(Default)]
+struct Tracker {
+    /// Oldest first; each holds the downloads per key hash in its time span.
+    buckets: VecDeque<(u64, HashMap<u64, u32>)>,
+    totals: HashMap<u64, u32>,
+}
+
+impl Tracker {
+    fn popularity(&self, h: u64) -> u32 {
+        self.totals.get(&h).copied().unwrap_or(0)
+    }
+
+    /// Drops the oldest bucket; returns the keys whose totals fell, with their new totals.
+    fn drop_oldest(&mut self, changed: &mut Vec<(u64, u32)>) {
+        if let Some((_, counts)) = self.buckets.pop_front() {
+            for (h, n) in counts {
+                if let Some(total) = self.totals.get_mut(&h) {
+                    *total -= n;
+                    changed.push((h, *total));
+                    if *total == 0 {
+                        self.totals.remove(&h);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves the window to `bucket` (an index of time), expiring buckets that fell out of it.
+    fn advance(&mut self, bucket: u64, changed: &mut Vec<(u64, u32)>) {
+        while self
+            .buckets
+            .front()
+            .is_some_and(|(start, _)| *start + BUCKETS <= bucket)
+        {
+            self.drop_oldest(changed);
+        }
+        if self.buckets.back().is_none_or(|(start, _)| *start < bucket) {
+            self.buckets.push_back((bucket, HashMap::new()));
+        }
+    }
+
+    /// Counts one download in the current bucket; returns the key's new total, or `None` when
+    /// the tracker is full even after shrinking the window to the current bucket.
+    fn record(&mut self, h: u64, changed: &mut Vec<(u64, u32)>) -> Option<u32> {
+        while !self.totals.contains_key(&h)
+            && self.totals.len() >= MAX_TRACKED_KEYS
+            && self.buckets.len() > 1
+        {
+            self.drop_oldest(changed);
+        }
+        if !self.totals.contains_key(&h) && self.totals.len() >= MAX_TRACKED_KEYS {
+            return None;
+        }
+        let (_, current) = self.buckets.back_mut().expect("advance made a bucket");
+        *current.entry(h).or_default() += 1;
+        let total = self.totals.entry(h).or_default();
+        *total += 1;
+        Some(*total)
+    }
+}
+
+/// Bytes of mature entries per popularity value, with prefix sums in O(log n).
+struct Fenwick(Vec<u64>);
+
+impl Fenwick {
+    fn new() -> Self {
+        Self(vec![0; MAX_POPULARITY as usize + 2])
+    }
+    fn add(&mut self, pop: u32, delta: i64) {
+        let mut i = pop.min(MAX_POPULARITY) as usize + 1;
+        while i < self.0.len() {
+            self.0[i] = self.0[i].wrapping_add_signed(delta);
+            i += i & i.wrapping_neg();
+        }
+    }
+    /// Sum over popularity values below `pop`.
+    fn below(&self, pop: u32) -> u64 {
+        let mut i = pop.min(MAX_POPULARITY + 1) as usize;
+        let mut sum = 0u64;
+        while i > 0 {
+            sum = sum.wrapping_add(self.0[i]);
+            i -= i & i.wrapping_neg();
+        }
+        sum
+    }
+}
+
 struct Entry {
+    key: Key,
     object: Arc<Object>,
-    tick: u64,
+    cached_at: u64,
+    /// Popularity under which the entry sits in the eviction index; `None` while young.
+    indexed: Option<u32>,
+}
+
+impl Entry {
+    fn size(&self) -> u64 {
+        self.object.body.len() as u64
+    }
+}
+
+struct Inner {
+    tracker: Tracker,
+    entries: HashMap<u64, Entry>,
+    /// Mature entries by (popularity, size, key hash): the eviction order.
+    index: BTreeSet<(u32, u64, u64)>,
+    mature_bytes: Fenwick,
+    /// Entries not yet past `min_cache_time`, oldest first.
+    young: VecDeque<(u64, u64)>,
+    /// Recently evicted keys and when their exclusion ends, with the same in time order.
+    excluded: HashMap<u64, u64>,
+    excluded_order: VecDeque<(u64, u64)>,
+    bytes: u64,
+    stats: MemoryStats,
 }
 
 impl Inner {
-    fn touch(&mut self, key: &Key) -> Option<Arc<Object>> {
-        self.tick += 1;
-        let tick = self.tick;
-        let entry = self.entries.get_mut(key)?;
-        self.order.remove(&entry.tick);
-        entry.tick = tick;
-        self.order.insert(tick, key.clone());
-        Some(entry.object.clone())
+    fn unindex(&mut self, h: u64) {
+        if let Some(entry) = self.entries.get_mut(&h) {
+            if let Some(pop) = entry.indexed.take() {
+                let size = entry.object.body.len() as u64;
+                self.index.remove(&(pop, size, h));
+                self.mature_bytes.add(pop, -(size as i64));
+            }
+        }
     }
 
-    fn remove(&mut self, key: &Key) -> bool {
-        match self.entries.remove(key) {
-            Some(entry) => {
-                self.order.remove(&entry.tick);
-                self.bytes -= entry.object.body.len() as u64;
-                true
+    fn index_at(&mut self, h: u64, pop: u32) {
+        if let Some(entry) = self.entries.get_mut(&h) {
+            let size = entry.object.body.len() as u64;
+            entry.indexed = Some(pop);
+            self.index.insert((pop, size, h));
+            self.mature_bytes.add(pop, size as i64);
+        }
+    }
+
+    /// A tracked total changed: move the entry in the eviction order if it is mature.
+    fn repopularize(&mut self, h: u64, pop: u32) {
+        if self.entries.get(&h).is_some_and(|e| e.indexed.is_some()) {
+            self.unindex(h);
+            self.index_at(h, pop);
+        }
+    }
+
+    fn remove(&mut self, h: u64) -> Option<Entry> {
+        self.unindex(h);
+        let entry = self.entries.remove(&h)?;
+        self.bytes -= entry.size();
+        Some(entry)
+    }
+
+    /// Brings time forward: expire tracker buckets, mature young entries, end exclusions.
+    fn tick(&mut self, now: u64, policy: &Policy) {
+        let mut changed = Vec::new();
+        self.tracker.advance(now / policy.bucket_ms, &mut changed);
+        for (h, pop) in changed {
+            self.repopularize(h, pop);
+        }
+        while let Some(&(cached_at, h)) = self.young.front() {
+            if cached_at + policy.min_cache_ms > now {
+                break;
             }
-            None => false,
+            self.young.pop_front();
+            let current = self
+                .entries
+                .get(&h)
+                .is_some_and(|e| e.cached_at == cached_at && e.indexed.is_none());
+            if current {
+                let pop = self.tracker.popularity(h);
+                self.index_at(h, pop);
+            }
+        }
+        while let Some(&(until, h)) = self.excluded_order.front() {
+            if until > now {
+                break;
+            }
+            self.excluded_order.pop_front();
+            if self.excluded.get(&h) == Some(&until) {
+                self.excluded.remove(&h);
+            }
+        }
+    }
+
+    fn check(
+        &mut self,
+        h: u64,
+        size: u64,
+        pop: u32,
+        now: u64,
+        policy: &Policy,
+    ) -> Result<(), Admission> {
+        if size > policy.max_object_bytes {
+            return Err(Admission::TooLarge);
+        }
+        if self.excluded.get(&h).is_some_and(|until| *until > now) {
+            return Err(Admission::Excluded);
+        }
+        // A replacement frees its old bytes first; they are not also counted as a victim's.
+        let (old, old_victim) = self.entries.get(&h).map_or((0, 0), |e| {
+            let as_victim = e.indexed.filter(|p| *p < pop).map_or(0, |_| e.size());
+            (e.size(), as_victim)
+        });
+        let need = (self.bytes - old + size).saturating_sub(policy.max_bytes);
+        if need > 0 && self.mature_bytes.below(pop) - old_victim < need {
+            return Err(Admission::NoRoom);
+        }
+        Ok(())
+    }
+
+    /// Evicts the least popular, then smallest, mature entries below `pop` until `size` fits.
+    /// Only called after [`Inner::check`] proved that these victims make enough room.
+    fn make_room(&mut self, size: u64, pop: u32, now: u64, policy: &Policy) {
+        while self.bytes + size > policy.max_bytes {
+            let Some(&(victim_pop, _, h)) = self.index.first() else {
+                break;
+            };
+            if victim_pop >= pop {
+                break;
+            }
+            self.remove(h);
+            let until = now + policy.min_evicted_ms;
+            self.excluded.insert(h, until);
+            self.excluded_order.push_back((until, h));
+            self.stats.evicted_for_room += 1;
+        }
+    }
+
+    fn insert(&mut self, h: u64, key: Key, object: Object, now: u64) {
+        self.remove(h);
+        self.bytes += object.body.len() as u64;
+        self.entries.insert(
+            h,
+            Entry {
+                key,
+                object: Arc::new(object),
+                cached_at: now,
+                indexed: None,
+            },
+        );
+        self.young.push_back((now, h));
+        self.stats.admissions += 1;
+    }
+
+    fn count_refusal(&mut self, why: Admission) {
+        match why {
+            Admission::TooLarge => self.stats.refused_too_large += 1,
+            Admission::NotPopular => self.stats.refused_not_popular += 1,
+            Admission::Excluded => self.stats.refused_excluded += 1,
+            Admission::NoRoom => self.stats.refused_no_room += 1,
+            Admission::Stored => {}
         }
     }
 }
 
+fn hash(key: &Key) -> u64 {
+    xxh3_64(key.redis_key().as_bytes())
+}
+
 impl MemoryStore {
-    pub fn new(max_bytes: u64, max_object_bytes: u64) -> Self {
+    pub fn new(config: &MemoryConfig) -> Self {
+        Self::with_clock(config, Arc::new(SystemClock::default()))
+    }
+
+    pub fn with_clock(config: &MemoryConfig, clock: Arc<dyn Clock>) -> Self {
+        let window_ms = config.tracked_window.as_millis() as u64;
         Self {
-            max_bytes,
-            max_object_bytes: max_object_bytes.min(max_bytes),
-            inner: Mutex::new(Inner::default()),
+            policy: Policy {
+                max_bytes: config.max_bytes,
+                max_object_bytes: config.max_object_bytes.min(config.max_bytes),
+                bucket_ms: (window_ms / BUCKETS).max(1),
+                min_downloads: config.min_downloads,
+                min_cache_ms: config.min_cache_time.as_millis() as u64,
+                min_evicted_ms: config.min_evicted_time.as_millis() as u64,
+            },
+            clock,
+            inner: Mutex::new(Inner {
+                tracker: Tracker::default(),
+                entries: HashMap::new(),
+                index: BTreeSet::new(),
+                mature_bytes: Fenwick::new(),
+                young: VecDeque::new(),
+                excluded: HashMap::new(),
+                excluded_order: VecDeque::new(),
+                bytes: 0,
+                stats: MemoryStats::default(),
+            }),
         }
     }
 
     pub fn max_object_bytes(&self) -> u64 {
-        self.max_object_bytes
+        self.policy.max_object_bytes
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock leaves the maps consistent (every mutation is complete
-        // before the next can panic), so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    /// Locks and brings the tier to the current time.
+    fn lock(&self) -> (std::sync::MutexGuard<'_, Inner>, u64) {
+        // Every mutation completes before anything that could panic, so a poisoned lock still
+        // guards consistent state.
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.clock.now_ms();
+        inner.tick(now, &self.policy);
+        (inner, now)
+    }
+
+    /// Counts one download of `key`; returns its downloads in the window.
+    pub fn record_download(&self, key: &Key) -> u32 {
+        let h = hash(key);
+        let (mut inner, _) = self.lock();
+        let mut changed = Vec::new();
+        let total = inner.tracker.record(h, &mut changed);
+        for (k, pop) in changed {
+            inner.repopularize(k, pop);
+        }
+        match total {
+            Some(pop) => {
+                inner.repopularize(h, pop);
+                pop
+            }
+            None => 0,
+        }
+    }
+
+    /// Downloads of `key` in the window.
+    pub fn popularity(&self, key: &Key) -> u32 {
+        self.lock().0.tracker.popularity(hash(key))
     }
 
     pub fn get(&self, key: &Key) -> Option<Arc<Object>> {
-        self.lock().touch(key)
+        let h = hash(key);
+        let (inner, _) = self.lock();
+        inner.entries.get(&h).map(|e| e.object.clone())
     }
 
-    /// Looks without counting as a use.
-    pub fn peek(&self, key: &Key) -> Option<Arc<Object>> {
-        self.lock().entries.get(key).map(|e| e.object.clone())
+    /// Whether an object of `size` would be admitted now by popularity: checked before a fill
+    /// starts, so that no bytes are gathered for nothing.
+    pub fn would_admit(&self, key: &Key, size: u64) -> bool {
+        let h = hash(key);
+        let (mut inner, now) = self.lock();
+        let pop = inner.tracker.popularity(h);
+        pop >= self.policy.min_downloads && inner.check(h, size, pop, now, &self.policy).is_ok()
     }
 
-    /// Stores an object, evicting the least recently used ones to make room. False when it is
-    /// larger than the tier allows.
-    pub fn insert(&self, key: Key, object: Object) -> bool {
+    /// Offers an object the way the tiered store does: admitted only by popularity.
+    pub fn admit(&self, key: Key, object: Object) -> Admission {
+        self.offer(key, object, false)
+    }
+
+    /// Stores a Put when the memory tier is the only store: no download count is needed, and the
+    /// newcomer counts as popular enough to replace entries nobody downloaded in the window.
+    pub fn put(&self, key: Key, object: Object) -> Admission {
+        self.offer(key, object, true)
+    }
+
+    fn offer(&self, key: Key, object: Object, is_put: bool) -> Admission {
+        let h = hash(&key);
         let size = object.body.len() as u64;
-        if size > self.max_object_bytes {
-            return false;
+        let (mut inner, now) = self.lock();
+        let tracked = inner.tracker.popularity(h);
+        if !is_put && tracked < self.policy.min_downloads {
+            inner.count_refusal(Admission::NotPopular);
+            return Admission::NotPopular;
         }
-        let mut inner = self.lock();
-        inner.remove(&key);
-        while inner.bytes + size > self.max_bytes {
-            let Some((_, oldest)) = inner.order.pop_first() else {
-                break;
-            };
-            if let Some(entry) = inner.entries.remove(&oldest) {
-                inner.bytes -= entry.object.body.len() as u64;
-            }
+        let pop = if is_put { tracked.max(1) } else { tracked };
+        if let Err(why) = inner.check(h, size, pop, now, &self.policy) {
+            inner.count_refusal(why);
+            return why;
         }
-        inner.tick += 1;
-        let tick = inner.tick;
-        inner.order.insert(tick, key.clone());
-        inner.bytes += size;
-        inner.entries.insert(
-            key,
-            Entry {
-                object: Arc::new(object),
-                tick,
-            },
+        inner.remove(h);
+        inner.make_room(size, pop, now, &self.policy);
+        debug_assert!(
+            inner.bytes + size <= self.policy.max_bytes,
+            "check proved the room"
         );
-        true
+        inner.insert(h, key, object, now);
+        Admission::Stored
     }
 
     pub fn remove(&self, key: &Key) -> bool {
-        self.lock().remove(key)
+        self.lock().0.remove(hash(key)).is_some()
     }
 
     /// Removes every variant of `key`'s media; returns how many.
     pub fn remove_variants(&self, key: &Key) -> u64 {
-        let mut inner = self.lock();
-        let doomed: Vec<Key> = inner
+        let (mut inner, _) = self.lock();
+        let doomed: Vec<u64> = inner
             .entries
-            .keys()
-            .filter(|k| k.origin() == key.origin() && k.media_id() == key.media_id())
-            .cloned()
+            .iter()
+            .filter(|(_, e)| e.key.origin() == key.origin() && e.key.media_id() == key.media_id())
+            .map(|(h, _)| *h)
             .collect();
-        doomed.iter().filter(|k| inner.remove(k)).count() as u64
+        doomed
+            .into_iter()
+            .filter(|h| inner.remove(*h).is_some())
+            .count() as u64
     }
 
     /// Bytes of bodies held and number of entries.
     pub fn usage(&self) -> (u64, u64) {
-        let inner = self.lock();
+        let (inner, _) = self.lock();
         (inner.bytes, inner.entries.len() as u64)
+    }
+
+    pub fn stats(&self) -> MemoryStats {
+        let (inner, _) = self.lock();
+        MemoryStats {
+            bytes: inner.bytes,
+            entries: inner.entries.len() as u64,
+            tracked_keys: inner.tracker.totals.len() as u64,
+            ..inner.stats.clone()
+        }
+    }
+
+    /// Recomputes what the counters claim from the entries themselves (tests).
+    #[cfg(test)]
+    fn check_invariants(&self) {
+        let (inner, _) = self.lock();
+        let sum: u64 = inner.entries.values().map(Entry::size).sum();
+        assert_eq!(inner.bytes, sum, "bytes");
+        let indexed: Vec<_> = inner
+            .entries
+            .iter()
+            .filter(|(_, e)| e.indexed.is_some())
+            .collect();
+        assert_eq!(indexed.len(), inner.index.len(), "index entries");
+        let mature: u64 = indexed.iter().map(|(_, e)| e.size()).sum();
+        assert_eq!(
+            inner.mature_bytes.below(MAX_POPULARITY + 1),
+            mature,
+            "mature bytes"
+        );
+        assert!(inner.bytes <= self.policy.max_bytes, "over budget");
     }
 }
 
-/// Collects a Put's body for the memory tier; nothing is visible until [`MemoryWriter::body`]
-/// is taken and inserted.
+/// Collects a Put's body for the memory tier; nothing is visible until it is offered.
 #[derive(Debug)]
 pub struct MemoryWriter {
     buf: BytesMut,
@@ -170,6 +591,28 @@ impl MemoryWriter {
 mod tests {
     use super::*;
 
+    const MIN: Duration = Duration::from_secs(60);
+
+    fn config(max_bytes: u64) -> MemoryConfig {
+        MemoryConfig {
+            max_bytes,
+            max_object_bytes: max_bytes,
+            tracked_window: 30 * MIN,
+            min_downloads: 3,
+            min_cache_time: 5 * MIN,
+            min_evicted_time: MIN,
+        }
+    }
+
+    fn store(max_bytes: u64) -> (MemoryStore, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::default());
+        clock.set_ms(1_000_000);
+        (
+            MemoryStore::with_clock(&config(max_bytes), clock.clone()),
+            clock,
+        )
+    }
+
     fn obj(n: usize) -> Object {
         Object {
             info: MediaInfo {
@@ -184,31 +627,232 @@ mod tests {
         Key::new("o", &format!("m{i}"), "").unwrap()
     }
 
+    fn download(m: &MemoryStore, k: &Key, times: u32) -> u32 {
+        (0..times).map(|_| m.record_download(k)).last().unwrap_or(0)
+    }
+
     #[test]
-    fn evicts_least_recently_used_and_accounts_exactly() {
-        let m = MemoryStore::new(100, 60);
-        assert!(m.insert(key(1), obj(40)));
-        assert!(m.insert(key(2), obj(40)));
-        assert!(m.get(&key(1)).is_some()); // 2 is now the oldest
-        assert!(m.insert(key(3), obj(40)));
-        assert!(m.get(&key(2)).is_none());
-        assert!(m.get(&key(1)).is_some());
-        assert_eq!(m.usage(), (80, 2));
-        assert!(!m.insert(key(4), obj(61)), "over max_object_bytes");
-        assert!(m.insert(key(1), obj(10)), "replace");
-        assert_eq!(m.usage(), (50, 2));
-        assert!(m.remove(&key(1)));
-        assert!(!m.remove(&key(1)));
-        assert_eq!(m.usage(), (40, 1));
+    fn window_counts_and_forgets() {
+        let (m, clock) = store(1000);
+        assert_eq!(download(&m, &key(1), 4), 4);
+        clock.advance(20 * MIN);
+        assert_eq!(download(&m, &key(1), 1), 5);
+        // 31 minutes after the first four, only the later one is in the window.
+        clock.advance(11 * MIN);
+        assert_eq!(m.popularity(&key(1)), 1);
+        clock.advance(30 * MIN);
+        assert_eq!(m.popularity(&key(1)), 0);
+        assert_eq!(m.stats().tracked_keys, 0, "forgotten keys take no memory");
+    }
+
+    #[test]
+    fn tracker_is_bounded_under_unique_keys() {
+        let mut t = Tracker::default();
+        let mut changed = Vec::new();
+        for bucket in 0..3u64 {
+            t.advance(bucket, &mut changed);
+            for i in 0..(MAX_TRACKED_KEYS as u64 / 2 + 10) {
+                t.record(bucket << 40 | i, &mut changed);
+            }
+            assert!(t.totals.len() <= MAX_TRACKED_KEYS);
+        }
+        let counted: usize = t.buckets.iter().map(|(_, c)| c.len()).sum();
+        assert_eq!(counted, t.totals.len(), "totals agree with the buckets");
+    }
+
+    #[test]
+    fn admission_needs_downloads_and_size() {
+        let (m, _) = store(1000);
+        assert_eq!(m.admit(key(1), obj(10)), Admission::NotPopular);
+        download(&m, &key(1), 2);
+        assert!(!m.would_admit(&key(1), 10));
+        assert_eq!(m.admit(key(1), obj(10)), Admission::NotPopular);
+        download(&m, &key(1), 1);
+        assert!(m.would_admit(&key(1), 10));
+        assert_eq!(m.admit(key(1), obj(10)), Admission::Stored);
+        download(&m, &key(2), 5);
+        assert_eq!(m.admit(key(2), obj(1001)), Admission::TooLarge);
+        assert_eq!(m.usage(), (10, 1));
+    }
+
+    #[test]
+    fn evicts_least_popular_then_smallest_only_when_that_makes_room() {
+        let (m, clock) = store(100);
+        for (i, (downloads, size)) in [(3, 30), (4, 20), (3, 10), (6, 40)].into_iter().enumerate() {
+            download(&m, &key(i as u32), downloads);
+            assert_eq!(m.admit(key(i as u32), obj(size)), Admission::Stored);
+        }
+        assert_eq!(m.usage(), (100, 4));
+        clock.advance(6 * MIN); // all past min_cache_time
+                                // Newcomer with 5 downloads and 35 bytes: candidates below 5 are (3,10), (3,30), (4,20).
+        download(&m, &key(9), 5);
+        assert_eq!(m.admit(key(9), obj(35)), Admission::Stored);
+        // (3,10) then (3,30) freed 40 >= 35; (4,20) stays.
+        assert!(m.get(&key(2)).is_none() && m.get(&key(0)).is_none());
+        assert!(m.get(&key(1)).is_some() && m.get(&key(3)).is_some());
+        assert_eq!(m.usage(), (95, 3));
+        assert_eq!(m.stats().evicted_for_room, 2);
+        m.check_invariants();
+
+        // A newcomer that even all less popular entries cannot make room for evicts nothing.
+        download(&m, &key(10), 5);
+        assert_eq!(m.admit(key(10), obj(60)), Admission::NoRoom);
+        assert_eq!(m.usage(), (95, 3));
+        // Equally popular entries are not victims.
+        download(&m, &key(11), 4);
+        assert_eq!(m.admit(key(11), obj(30)), Admission::NoRoom);
+        m.check_invariants();
+    }
+
+    #[test]
+    fn min_cache_time_protects_new_entries() {
+        let (m, clock) = store(100);
+        download(&m, &key(1), 3);
+        assert_eq!(m.admit(key(1), obj(80)), Admission::Stored);
+        download(&m, &key(2), 10);
+        assert_eq!(
+            m.admit(key(2), obj(50)),
+            Admission::NoRoom,
+            "key 1 is too young to evict"
+        );
+        clock.advance(5 * MIN - Duration::from_millis(1));
+        assert_eq!(m.admit(key(2), obj(50)), Admission::NoRoom);
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(m.admit(key(2), obj(50)), Admission::Stored);
+        assert!(m.get(&key(1)).is_none());
+    }
+
+    #[test]
+    fn min_evicted_time_keeps_evicted_keys_out() {
+        let (m, clock) = store(100);
+        download(&m, &key(1), 3);
+        m.admit(key(1), obj(80));
+        clock.advance(5 * MIN);
+        download(&m, &key(2), 10);
+        assert_eq!(m.admit(key(2), obj(50)), Admission::Stored);
+        // key 1 is excluded for a minute even though it is popular now.
+        download(&m, &key(1), 20);
+        clock.advance(MIN - Duration::from_millis(1));
+        assert!(!m.would_admit(&key(1), 40));
+        assert_eq!(m.admit(key(1), obj(40)), Admission::Excluded);
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(m.admit(key(1), obj(40)), Admission::Stored);
+        assert_eq!(m.stats().refused_excluded, 1);
+    }
+
+    #[test]
+    fn popularity_changes_reorder_the_victims() {
+        let (m, clock) = store(100);
+        download(&m, &key(1), 3);
+        m.admit(key(1), obj(50));
+        download(&m, &key(2), 3);
+        m.admit(key(2), obj(50));
+        clock.advance(6 * MIN);
+        // key 1 becomes popular after it was indexed; key 2 is now the only victim below 8.
+        download(&m, &key(1), 10);
+        download(&m, &key(3), 8);
+        assert_eq!(m.admit(key(3), obj(50)), Admission::Stored);
+        assert!(m.get(&key(1)).is_some() && m.get(&key(2)).is_none());
+        // As the window slides, key 1's downloads expire and it becomes evictable again.
+        clock.advance(31 * MIN);
+        download(&m, &key(4), 3);
+        assert_eq!(m.admit(key(4), obj(50)), Admission::Stored);
+        m.check_invariants();
+    }
+
+    #[test]
+    fn memory_only_puts_replace_entries_nobody_downloads() {
+        let (m, clock) = store(100);
+        assert_eq!(m.put(key(1), obj(60)), Admission::Stored);
+        assert_eq!(m.put(key(2), obj(60)), Admission::NoRoom, "key 1 is young");
+        clock.advance(6 * MIN);
+        assert_eq!(
+            m.put(key(2), obj(60)),
+            Admission::Stored,
+            "key 1 had no downloads"
+        );
+        clock.advance(6 * MIN);
+        download(&m, &key(2), 2);
+        assert_eq!(
+            m.put(key(3), obj(60)),
+            Admission::NoRoom,
+            "key 2 is downloaded"
+        );
+        // Replacing a key with a new body is not an eviction.
+        assert_eq!(m.put(key(2), obj(70)), Admission::Stored);
+        assert_eq!(m.usage(), (70, 1));
+        m.check_invariants();
+    }
+
+    #[test]
+    fn accounting_is_exact_under_concurrency() {
+        let clock = Arc::new(ManualClock::default());
+        let m = Arc::new(MemoryStore::with_clock(&config(50_000), clock.clone()));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let m = m.clone();
+                let clock = clock.clone();
+                std::thread::spawn(move || {
+                    let mut rng = fastrand::Rng::with_seed(t);
+                    for i in 0..20_000u32 {
+                        // Skewed popularity, so that newcomers outrank some entries.
+                        let k = key((rng.f64().powi(3) * 300.0) as u32);
+                        match rng.u8(..10) {
+                            0..=4 => {
+                                m.record_download(&k);
+                            }
+                            5..=6 => {
+                                m.admit(k, obj(rng.usize(1..2000)));
+                            }
+                            7 => {
+                                m.put(k, obj(rng.usize(1..2000)));
+                            }
+                            8 => {
+                                m.remove(&k);
+                            }
+                            _ => {
+                                m.get(&k);
+                            }
+                        }
+                        if i % 500 == 0 {
+                            clock.advance(Duration::from_secs(30));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        m.check_invariants();
+        let stats = m.stats();
+        assert!(
+            stats.admissions > 100 && stats.evicted_for_room > 0,
+            "{stats:?}"
+        );
     }
 
     #[test]
     fn removes_all_variants_of_one_media() {
-        let m = MemoryStore::new(1000, 100);
-        m.insert(Key::new("o", "m", "").unwrap(), obj(1));
-        m.insert(Key::new("o", "m", "thumb/1x1/crop").unwrap(), obj(1));
-        m.insert(Key::new("o", "n", "").unwrap(), obj(1));
+        let (m, _) = store(1000);
+        m.put(Key::new("o", "m", "").unwrap(), obj(1));
+        m.put(Key::new("o", "m", "thumb/1x1/crop").unwrap(), obj(1));
+        m.put(Key::new("o", "n", "").unwrap(), obj(1));
         assert_eq!(m.remove_variants(&Key::new("o", "m", "x").unwrap()), 2);
         assert_eq!(m.usage(), (1, 1));
+    }
+
+    #[test]
+    fn fenwick_prefix_sums() {
+        let mut f = Fenwick::new();
+        f.add(0, 5);
+        f.add(3, 7);
+        f.add(MAX_POPULARITY + 10, 11);
+        assert_eq!(f.below(0), 0);
+        assert_eq!(f.below(1), 5);
+        assert_eq!(f.below(4), 12);
+        assert_eq!(f.below(MAX_POPULARITY + 1), 23);
+        f.add(3, -7);
+        assert_eq!(f.below(4), 5);
     }
 }

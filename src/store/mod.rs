@@ -1,23 +1,27 @@
 //! Where objects live: the memory tier of this replica and the Redis tier over the ring.
 //!
-//! With an empty ring the memory tier is the store and admits every object that fits; with
-//! shards the Redis tier is the store.
+//! Reads look in memory first, then in the ring; every read counts a download, and a whole-object
+//! read from Redis of a key the memory policy admits fills the memory tier as it streams. Writes
+//! go to the ring, and to memory only for keys already popular enough. With an empty ring the
+//! memory tier is the store and takes every Put its policy can make room for.
 
 pub mod memory;
 pub mod redis;
 
+use std::collections::HashSet;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{stream, Stream, StreamExt};
+use sha2::{Digest, Sha256};
 
 use crate::key::Key;
 use crate::object::LayoutError;
 use crate::proto::MediaInfo;
 use crate::shard::ShardError;
-use memory::{MemoryStore, MemoryWriter, Object};
+use memory::{Admission, MemoryStore, MemoryWriter, Object};
 use redis::{RedisStore, RedisWriter};
 
 /// Body chunks of a read, in order.
@@ -99,15 +103,23 @@ pub struct Found {
 }
 
 pub struct Store {
-    memory: MemoryStore,
+    memory: Arc<MemoryStore>,
     redis: RedisStore,
     chunk_bytes: u64,
+    /// Keys whose memory fill (a tee of a Redis read) is under way: one at a time per key.
+    filling: Arc<Mutex<HashSet<Key>>>,
 }
 
 /// Where a Put's bytes go until it is committed.
 pub enum Writer {
+    /// Memory-only mode: the memory tier is the store.
     Memory { key: Key, buf: MemoryWriter },
-    Redis(RedisWriter),
+    /// To the ring, and to memory as well when the key is already popular enough.
+    Redis {
+        key: Key,
+        redis: RedisWriter,
+        memory: Option<MemoryWriter>,
+    },
 }
 
 impl Writer {
@@ -117,7 +129,12 @@ impl Writer {
                 buf.write(&chunk);
                 Ok(())
             }
-            Writer::Redis(w) => w.write(chunk).await,
+            Writer::Redis { redis, memory, .. } => {
+                if let Some(buf) = memory {
+                    buf.write(&chunk);
+                }
+                redis.write(chunk).await
+            }
         }
     }
 
@@ -125,7 +142,7 @@ impl Writer {
     pub fn target(&self) -> (Tier, &str) {
         match self {
             Writer::Memory { .. } => (Tier::Memory, ""),
-            Writer::Redis(w) => (Tier::Redis, w.shard_name()),
+            Writer::Redis { redis, .. } => (Tier::Redis, redis.shard_name()),
         }
     }
 }
@@ -137,6 +154,17 @@ pub enum Refusal {
     Unavailable,
 }
 
+/// How a complete Put ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    Stored,
+    /// Memory-only mode: the policy found no room (or the key was evicted moments ago).
+    NotAdmitted,
+    TooLarge,
+    /// The write was lost on the way (its temporary key expired, its shard restarted).
+    Lost,
+}
+
 pub fn now_unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -146,9 +174,10 @@ pub fn now_unix_ms() -> i64 {
 impl Store {
     pub fn new(memory: MemoryStore, redis: RedisStore, chunk_bytes: u64) -> Self {
         Self {
-            memory,
+            memory: Arc::new(memory),
             redis,
             chunk_bytes,
+            filling: Arc::default(),
         }
     }
 
@@ -160,12 +189,11 @@ impl Store {
         &self.redis
     }
 
-    /// Opens `[offset, offset+limit)` of an object. `Ok(None)` is a miss.
+    /// Opens `[offset, offset+limit)` of an object: memory first, then the ring. Every Get
+    /// counts as a download of the key. `Ok(None)` is a miss.
     pub async fn get(&self, key: &Key, offset: u64, limit: u64) -> Result<Option<Hit>, StoreError> {
-        if self.redis.is_empty() {
-            let Some(object) = self.memory.get(key) else {
-                return Ok(None);
-            };
+        self.memory.record_download(key);
+        if let Some(object) = self.memory.get(key) {
             let range = Range::new(offset, limit, object.info.size)?;
             return Ok(Some(Hit {
                 info: object.info.clone(),
@@ -173,20 +201,30 @@ impl Store {
                 body: memory_chunks(object, range, self.chunk_bytes),
             }));
         }
+        if self.redis.is_empty() {
+            return Ok(None);
+        }
         let Some(located) = self.redis.locate(key, true).await else {
             return Ok(None);
         };
         let info = located.header.info.clone();
         let range = Range::new(offset, limit, info.size)?;
+        let mut body = self.redis.stream(key, located, range);
+        let whole = range.start == 0 && range.end == info.size;
+        if whole && self.memory.would_admit(key, info.size) {
+            if let Some(fill) = FillGuard::start(&self.filling, key) {
+                body = tee(body, fill, info.clone(), self.memory.clone());
+            }
+        }
         Ok(Some(Hit {
             info,
             tier: Tier::Redis,
-            body: self.redis.stream(key, located, range),
+            body,
         }))
     }
 
     pub async fn stat(&self, key: &Key) -> Option<Found> {
-        if let Some(object) = self.memory.peek(key) {
+        if let Some(object) = self.memory.get(key) {
             return Some(Found {
                 info: object.info.clone(),
                 tier: Tier::Memory,
@@ -220,23 +258,47 @@ impl Store {
                 buf: MemoryWriter::new(info.size),
             }));
         }
-        Ok(match self.redis.begin_put(key, info).await? {
-            Some(w) => Ok(Writer::Redis(w)),
-            None => Err(Refusal::Unavailable),
-        })
+        let Some(redis) = self.redis.begin_put(key, info).await? else {
+            return Ok(Err(Refusal::Unavailable));
+        };
+        let memory = self
+            .memory
+            .would_admit(key, info.size)
+            .then(|| MemoryWriter::new(info.size));
+        Ok(Ok(Writer::Redis {
+            key: key.clone(),
+            redis,
+            memory,
+        }))
     }
 
-    /// Publishes a complete, verified body. False when the write was lost on the way.
-    pub async fn commit(&self, writer: Writer, info: MediaInfo) -> Result<bool, StoreError> {
+    /// Publishes a complete, verified body.
+    pub async fn commit(&self, writer: Writer, info: MediaInfo) -> Result<Committed, StoreError> {
         match writer {
-            Writer::Memory { key, buf } => Ok(self.memory.insert(
-                key,
-                Object {
+            Writer::Memory { key, buf } => {
+                let object = Object {
                     info,
                     body: buf.body(),
-                },
-            )),
-            Writer::Redis(w) => w.commit(&info).await,
+                };
+                Ok(match self.memory.put(key, object) {
+                    Admission::Stored => Committed::Stored,
+                    Admission::TooLarge => Committed::TooLarge,
+                    _ => Committed::NotAdmitted,
+                })
+            }
+            Writer::Redis { key, redis, memory } => {
+                if !redis.commit(&info).await? {
+                    return Ok(Committed::Lost);
+                }
+                if let Some(buf) = memory {
+                    let object = Object {
+                        info,
+                        body: buf.body(),
+                    };
+                    self.memory.admit(key, object);
+                }
+                Ok(Committed::Stored)
+            }
         }
     }
 
@@ -250,6 +312,72 @@ impl Store {
         let (from_redis, failed) = self.redis.purge(key, all_variants).await;
         (from_memory + from_redis, failed)
     }
+}
+
+/// Marks a key as being filled into memory; unmarks it when dropped.
+struct FillGuard {
+    filling: Arc<Mutex<HashSet<Key>>>,
+    key: Key,
+}
+
+impl FillGuard {
+    fn start(filling: &Arc<Mutex<HashSet<Key>>>, key: &Key) -> Option<Self> {
+        let mut set = filling.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(key.clone()).then(|| FillGuard {
+            filling: filling.clone(),
+            key: key.clone(),
+        })
+    }
+}
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        let mut set = self.filling.lock().unwrap_or_else(|p| p.into_inner());
+        set.remove(&self.key);
+    }
+}
+
+/// Passes a whole-object read through to the client while gathering a copy (bounded by the
+/// memory tier's object size limit, checked before the tee starts); once the read completes and
+/// the digest matches, the copy is offered to the memory tier. A read that fails or is dropped
+/// fills nothing.
+fn tee(
+    body: ChunkStream,
+    fill: FillGuard,
+    info: MediaInfo,
+    memory: Arc<MemoryStore>,
+) -> ChunkStream {
+    let buf = BytesMut::with_capacity(info.size as usize);
+    let state = (body, Some((fill, buf, info, memory)));
+    stream::unfold(state, |(mut body, mut pending)| async move {
+        match body.next().await {
+            Some(Ok(chunk)) => {
+                if let Some((_, buf, _, _)) = pending.as_mut() {
+                    buf.extend_from_slice(&chunk);
+                }
+                Some((Ok(chunk), (body, pending)))
+            }
+            Some(Err(e)) => Some((Err(e), (body, None))),
+            None => {
+                if let Some((fill, buf, info, memory)) = pending.take() {
+                    let whole = buf.len() as u64 == info.size
+                        && (info.sha256.is_empty() || Sha256::digest(&buf)[..] == info.sha256[..]);
+                    if whole {
+                        let key = fill.key.clone();
+                        memory.admit(
+                            key,
+                            Object {
+                                info,
+                                body: buf.freeze(),
+                            },
+                        );
+                    }
+                }
+                None
+            }
+        }
+    })
+    .boxed()
 }
 
 fn memory_chunks(object: Arc<Object>, range: Range, chunk: u64) -> ChunkStream {
