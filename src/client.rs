@@ -100,6 +100,10 @@ impl Client {
                 source,
             })?
             .tcp_nodelay(true)
+            // Dropping a download part-way (a media repo's user went away) resets its stream,
+            // and frames already in flight for it then count as errors; h2's default of 1024 per
+            // connection would end a long-lived connection to this trusted server.
+            .http2_max_local_error_reset_streams(None)
             .connect()
             .await
             .map_err(|source| ClientError::Connect { addr, source })?;
@@ -132,7 +136,11 @@ impl Client {
             .into_inner();
         match stream.message().await?.and_then(|m| m.kind) {
             Some(get_response::Kind::Info(info)) => Ok(Some(Download { info, stream })),
-            Some(get_response::Kind::Miss(_)) => Ok(None),
+            Some(get_response::Kind::Miss(_)) => {
+                // Read the stream's end too, so it closes cleanly instead of being reset.
+                while stream.message().await?.is_some() {}
+                Ok(None)
+            }
             _ => Err(ClientError::Protocol("first message must be info or miss")),
         }
     }

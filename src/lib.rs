@@ -8,6 +8,7 @@
 //! - [`reload`]: watches the config, validates it, and swaps in the next ring.
 //! - [`ring`]: weighted rendezvous hashing over shard names; an immutable ring of shards.
 //! - [`shard`]: one Redis shard: a fred pool with timeouts and a health state.
+//! - [`sim`]: the cache policy simulator behind `mediacache simulate`.
 //! - [`store`]: the memory tier, the Redis tier, and the store that chooses between them.
 //! - [`service`]: the tonic services `MediaCache` and `CacheAdmin`.
 //! - [`server`]: wires config, ring, store and services together and serves until shutdown.
@@ -24,6 +25,7 @@ pub mod ring;
 pub mod server;
 pub mod service;
 pub mod shard;
+pub mod sim;
 pub mod store;
 
 /// Code generated from `proto/mediacache/v1/mediacache.proto`.

@@ -80,6 +80,39 @@ enum Command {
         #[command(flatten)]
         addr: Addr,
     },
+    /// Replay an access trace through cache policies with one byte budget and compare hit ratios.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    /// CSV trace (`timestamp_ms,key,size`); without it a trace of seed 001's room compositions
+    /// is generated.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Seed of the generated trace.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Hours of generated traffic.
+    #[arg(long, default_value_t = 6.0)]
+    hours: f64,
+    /// Write the generated trace here as CSV.
+    #[arg(long)]
+    write_trace: Option<PathBuf>,
+    /// Byte budgets to compare, in MiB.
+    #[arg(long, value_delimiter = ',', default_values_t = [256, 1000])]
+    budget_mib: Vec<u64>,
+    /// Memory tier settings (default: the config defaults).
+    #[arg(long)]
+    min_downloads: Option<u32>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    tracked_window: Option<std::time::Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    min_cache_time: Option<std::time::Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    min_evicted_time: Option<std::time::Duration>,
+    #[arg(long)]
+    max_object_mib: Option<u64>,
 }
 
 #[derive(Args)]
@@ -273,6 +306,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("removed {}", answer.removed);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Simulate(args) => simulate(args),
         Command::Ring { addr } => {
             let mut client = Client::connect(addr.addr).await?;
             let ring = client.ring_status().await?;
@@ -322,6 +356,60 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn simulate(args: SimulateArgs) -> anyhow::Result<ExitCode> {
+    use mediacache::sim;
+    let trace = match &args.trace {
+        Some(path) => {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            sim::read_csv(std::io::BufReader::new(file))
+                .with_context(|| format!("{}", path.display()))?
+        }
+        None => sim::generate(args.seed, args.hours),
+    };
+    if let Some(path) = &args.write_trace {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        trace.write_csv(&mut out)?;
+    }
+    let bytes: u64 = trace.accesses.iter().map(|a| a.size).sum();
+    println!(
+        "trace: {} requests, {} objects, {:.1} GiB requested",
+        trace.accesses.len(),
+        trace.keys.len(),
+        bytes as f64 / (1u64 << 30) as f64
+    );
+    let defaults = mediacache::config::MemoryConfig::default();
+    for budget in &args.budget_mib {
+        let memory = mediacache::config::MemoryConfig {
+            max_bytes: budget << 20,
+            max_object_bytes: args
+                .max_object_mib
+                .map_or(defaults.max_object_bytes, |m| m << 20)
+                .min(budget << 20),
+            tracked_window: args.tracked_window.unwrap_or(defaults.tracked_window),
+            min_downloads: args.min_downloads.unwrap_or(defaults.min_downloads),
+            min_cache_time: args.min_cache_time.unwrap_or(defaults.min_cache_time),
+            min_evicted_time: args.min_evicted_time.unwrap_or(defaults.min_evicted_time),
+        };
+        println!(
+            "\nbudget {budget} MiB (min_downloads {}, tracked_window {:?}, min_cache_time {:?}, min_evicted_time {:?})",
+            memory.min_downloads, memory.tracked_window, memory.min_cache_time, memory.min_evicted_time
+        );
+        let rows: Vec<[String; 3]> = sim::run(&trace, &memory)
+            .iter()
+            .map(|o| {
+                [
+                    o.policy.clone(),
+                    format!("{:.3}", o.object_hit_ratio()),
+                    format!("{:.3}", o.byte_hit_ratio()),
+                ]
+            })
+            .collect();
+        print_table(["POLICY", "OBJECT_HIT_RATIO", "BYTE_HIT_RATIO"], &rows);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_table<const N: usize>(head: [&str; N], rows: &[[String; N]]) {

@@ -20,6 +20,9 @@ use crate::service::{CacheAdminService, MediaCacheService};
 use crate::shard::Shard;
 use crate::store::{memory::MemoryStore, redis::RedisStore, Store};
 
+/// Per connection; high enough for busy media repos, still a bound against a hostile peer.
+const MAX_LOCAL_ERROR_RESETS: usize = 1 << 16;
+
 /// How long in-flight streams may run after shutdown was asked for.
 const DRAIN_GRACE: Duration = Duration::from_secs(20);
 
@@ -112,6 +115,10 @@ pub async fn run(
     info!(%addr, shards = shard_count, "serving");
     let serve = Server::builder()
         .tcp_nodelay(true)
+        // A Put refused before its body was read (TOO_LARGE, UNAVAILABLE) resets the stream
+        // while the client is still sending; h2 counts the frames that follow as errors and by
+        // default ends the connection, with every other request on it, after 1024.
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(MediaCacheServer::new(MediaCacheService::new(
