@@ -58,6 +58,15 @@ pub struct Client {
     admin: CacheAdminClient<Channel>,
 }
 
+/// What [`Client::get_or_lease`] found.
+pub enum Fetched {
+    Hit(Box<Download>),
+    /// A miss; with a non-empty token this caller holds the fill lease.
+    Miss {
+        lease_token: String,
+    },
+}
+
 /// An open hit: the object's info, then the body chunks of the requested range.
 pub struct Download {
     pub info: MediaInfo,
@@ -145,6 +154,39 @@ impl Client {
         }
     }
 
+    /// A Get for a media repo about to fetch from the origin on a miss: with `want_lease`, a
+    /// miss may carry the fill lease (this caller should fetch and Put with the token); with
+    /// `wait_ms`, the server waits that long for another caller's fill before answering.
+    pub async fn get_or_lease(
+        &mut self,
+        key: MediaKey,
+        want_lease: bool,
+        wait_ms: u32,
+    ) -> Result<Fetched, ClientError> {
+        let mut stream = self
+            .cache
+            .get(GetRequest {
+                key: Some(key),
+                want_lease,
+                wait_ms,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        match stream.message().await?.and_then(|m| m.kind) {
+            Some(get_response::Kind::Info(info)) => {
+                Ok(Fetched::Hit(Box::new(Download { info, stream })))
+            }
+            Some(get_response::Kind::Miss(miss)) => {
+                while stream.message().await?.is_some() {}
+                Ok(Fetched::Miss {
+                    lease_token: miss.lease_token,
+                })
+            }
+            _ => Err(ClientError::Protocol("first message must be info or miss")),
+        }
+    }
+
     /// A whole object in memory; `None` is a miss.
     pub async fn get_bytes(
         &mut self,
@@ -164,11 +206,26 @@ impl Client {
     pub async fn put_bytes(
         &mut self,
         key: MediaKey,
-        mut info: MediaInfo,
+        info: MediaInfo,
         body: Bytes,
     ) -> Result<PutResponse, ClientError> {
+        self.put_with_lease(key, info, body, "").await
+    }
+
+    /// Puts a body held in memory under a fill lease (an empty token is no lease);
+    /// `info.size` is set from the body.
+    pub async fn put_with_lease(
+        &mut self,
+        key: MediaKey,
+        mut info: MediaInfo,
+        body: Bytes,
+        lease_token: &str,
+    ) -> Result<PutResponse, ClientError> {
         info.size = body.len() as u64;
-        let header = header_message(key, info);
+        let mut header = header_message(key, info);
+        if let Some(put_request::Kind::Header(h)) = header.kind.as_mut() {
+            h.lease_token = lease_token.to_owned();
+        }
         let chunks = (0..body.len())
             .step_by(PUT_CHUNK_BYTES)
             .map(move |s| PutRequest {

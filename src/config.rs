@@ -46,6 +46,12 @@ pub struct Config {
     pub redis: RedisConfig,
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// How long a fill lease lasts if its holder never Puts.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How long a quarantined media's Puts are refused.
+    #[serde(default = "default_quarantine_ttl", with = "humantime_serde")]
+    pub quarantine_ttl: Duration,
 }
 
 /// How `serve --config FILE` notices changes to FILE. Needs a restart to change.
@@ -176,6 +182,12 @@ fn default_health_interval() -> Duration {
 fn default_temp_key_ttl() -> Duration {
     Duration::from_secs(60)
 }
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_quarantine_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
 fn default_true() -> bool {
     true
 }
@@ -208,6 +220,8 @@ impl Default for Config {
             failover: Failover::default(),
             redis: RedisConfig::default(),
             reload: ReloadConfig::default(),
+            lease_ttl: default_lease_ttl(),
+            quarantine_ttl: default_quarantine_ttl(),
         }
     }
 }
@@ -336,6 +350,12 @@ impl Config {
         if self.reload != running.reload {
             changed.push("reload");
         }
+        if self.lease_ttl != running.lease_ttl {
+            changed.push("lease_ttl");
+        }
+        if self.quarantine_ttl != running.quarantine_ttl {
+            changed.push("quarantine_ttl");
+        }
         changed
     }
 
@@ -432,6 +452,20 @@ impl Config {
                     "must be 0s (off) or at least 1s, got {:?}",
                     self.reload.interval
                 ),
+            );
+        }
+
+        if self.lease_ttl < Duration::from_millis(100) || self.lease_ttl > Duration::from_secs(600)
+        {
+            problem(
+                "lease_ttl".into(),
+                format!("must be between 100ms and 10m, got {:?}", self.lease_ttl),
+            );
+        }
+        if self.quarantine_ttl < Duration::from_secs(1) {
+            problem(
+                "quarantine_ttl".into(),
+                format!("must be at least 1s, got {:?}", self.quarantine_ttl),
             );
         }
 

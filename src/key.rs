@@ -127,6 +127,19 @@ impl Key {
         )
     }
 
+    /// The Redis key of this object's fill lease (on the same shard as the object).
+    pub fn lease_key(&self) -> String {
+        format!(
+            "mc:{SCHEMA_MAJOR}:lease:{}|{}|{}",
+            self.origin, self.media_id, self.variant
+        )
+    }
+
+    /// The Redis key of the quarantine tombstone of this key's media (every variant).
+    pub fn tombstone_key(&self) -> String {
+        format!("mc:{SCHEMA_MAJOR}:q:{}|{}", self.origin, self.media_id)
+    }
+
     /// A `SCAN MATCH` pattern for every variant of this key's media.
     pub fn variants_pattern(&self) -> String {
         format!(

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: the YAML model, defaults and the one validation step.
+//! - [`events`]: cluster events over Redis pub/sub (fills, lease releases, purges).
 //! - [`key`]: media key validation and the Redis key names derived from it.
 //! - [`object`]: the layout of one stored object (header + body) in a Redis string.
 //! - [`reload`]: watches the config, validates it, and swaps in the next ring.
@@ -18,6 +19,7 @@
 
 pub mod client;
 pub mod config;
+pub mod events;
 pub mod key;
 pub mod object;
 pub mod reload;

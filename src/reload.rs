@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, ConfigError};
+use crate::events::Events;
 use crate::ring::Ring;
 use crate::shard::Shard;
 
@@ -62,6 +63,8 @@ pub struct Reloader {
     /// The config the process started with, for settings that need a restart.
     running: Config,
     stats: Arc<ReloadStats>,
+    /// Handed to new shards, whose subscriptions deliver cluster events.
+    events: Arc<Events>,
     /// Serializes reloads and remembers what was last applied and last rejected.
     state: tokio::sync::Mutex<State>,
 }
@@ -117,11 +120,13 @@ impl Reloader {
         running: Config,
         digest: String,
         stats: Arc<ReloadStats>,
+        events: Arc<Events>,
     ) -> Self {
         Self {
             path,
             ring,
             stats,
+            events,
             state: tokio::sync::Mutex::new(State {
                 applied: running.clone(),
                 applied_digest: digest,
@@ -181,13 +186,19 @@ impl Reloader {
                 .filter(|(shard, _)| shard.serves(cfg, &next.redis))
                 .map(|(shard, _)| shard.clone());
             let redis = next.redis.clone();
+            let events = &self.events;
             async move {
                 match reuse {
                     Some(shard) => Ok((shard, cfg.weight)),
-                    None => Shard::connect(cfg, &redis, NEW_SHARD_WAIT.max(redis.connect_timeout))
-                        .await
-                        .map(|s| (s, cfg.weight))
-                        .map_err(|e| format!("shards: {}: {e}", cfg.name)),
+                    None => Shard::connect(
+                        cfg,
+                        &redis,
+                        NEW_SHARD_WAIT.max(redis.connect_timeout),
+                        events,
+                    )
+                    .await
+                    .map(|s| (s, cfg.weight))
+                    .map_err(|e| format!("shards: {}: {e}", cfg.name)),
                 }
             }
         }))

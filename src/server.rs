@@ -11,6 +11,7 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::config::{Config, Loaded};
+use crate::events::Events;
 use crate::proto::{
     self, cache_admin_server::CacheAdminServer, media_cache_server::MediaCacheServer,
 };
@@ -18,7 +19,7 @@ use crate::reload::{ReloadStats, Reloader};
 use crate::ring::Ring;
 use crate::service::{CacheAdminService, MediaCacheService};
 use crate::shard::Shard;
-use crate::store::{memory::MemoryStore, redis::RedisStore, Store};
+use crate::store::{memory::MemoryStore, redis::RedisStore, Settings, Store};
 
 /// Per connection; high enough for busy media repos, still a bound against a hostile peer.
 const MAX_LOCAL_ERROR_RESETS: usize = 1 << 16;
@@ -28,12 +29,15 @@ const DRAIN_GRACE: Duration = Duration::from_secs(20);
 
 /// Connects every shard of `config` concurrently. A shard that is down still gets a client,
 /// which keeps reconnecting in the background.
-pub async fn connect_shards(config: &Config) -> anyhow::Result<Vec<Arc<Shard>>> {
+pub async fn connect_shards(
+    config: &Config,
+    events: &Arc<Events>,
+) -> anyhow::Result<Vec<Arc<Shard>>> {
     let shards = futures_util::future::join_all(
         config
             .shards
             .iter()
-            .map(|s| Shard::connect(s, &config.redis, config.redis.connect_timeout)),
+            .map(|s| Shard::connect(s, &config.redis, config.redis.connect_timeout, events)),
     )
     .await;
     shards
@@ -55,7 +59,9 @@ pub async fn run(
         digest,
         path,
     } = loaded;
-    let shards = connect_shards(&config).await?;
+    let memory = Arc::new(MemoryStore::new(&config.memory));
+    let events = Events::new(memory.clone());
+    let shards = connect_shards(&config, &events).await?;
     let members = shards
         .into_iter()
         .zip(&config.shards)
@@ -68,9 +74,14 @@ pub async fn run(
         members,
     )));
     let store = Arc::new(Store::new(
-        MemoryStore::new(&config.memory),
+        memory,
         RedisStore::new(ring.clone(), config.chunk_bytes, config.redis.temp_key_ttl),
-        config.chunk_bytes,
+        events.clone(),
+        Settings {
+            chunk_bytes: config.chunk_bytes,
+            lease_ttl: config.lease_ttl,
+            quarantine_ttl: config.quarantine_ttl,
+        },
     ));
     let reloads = Arc::new(ReloadStats::default());
     // Dropped (and so stopped) when `run` returns.
@@ -81,6 +92,7 @@ pub async fn run(
             config.clone(),
             digest,
             reloads.clone(),
+            events,
         ));
         AbortOnDrop(tokio::spawn(reloader.run()))
     });

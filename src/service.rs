@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{stream, Stream, StreamExt};
@@ -17,7 +18,7 @@ use crate::proto::{
     StatRequest, StatResponse,
 };
 use crate::reload::ReloadStats;
-use crate::store::{now_unix_ms, Committed, Refusal, Store, StoreError};
+use crate::store::{now_unix_ms, Committed, Lookup, Refusal, Store, StoreError};
 
 /// Everything a handler can fail with; [`to_status`] is the one place it becomes a `Status`.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,27 @@ fn field(name: &str, message: impl Into<String>) -> Status {
     to_status(FieldError::new(name, message).into())
 }
 
+/// The longest a Get waits for another caller's fill, whatever `wait_ms` asks.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Releases a fill lease when dropped.
+struct LeaseRelease {
+    store: Arc<Store>,
+    key: Key,
+    token: String,
+}
+
+impl Drop for LeaseRelease {
+    fn drop(&mut self) {
+        let store = self.store.clone();
+        let key = self.key.clone();
+        let token = std::mem::take(&mut self.token);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { store.release_lease(&key, &token).await });
+        }
+    }
+}
+
 pub struct MediaCacheService {
     store: Arc<Store>,
     /// Largest object accepted at all.
@@ -93,16 +115,20 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
         let req = req.into_inner();
         let key = Key::from_proto(req.key.as_ref()).map_err(ServiceError::from)?;
         tracing::Span::current().record("key", tracing::field::display(&key));
-        let hit = self
+        let wait = Duration::from_millis(u64::from(req.wait_ms)).min(MAX_WAIT);
+        let found = self
             .store
-            .get(&key, req.offset, req.limit)
+            .lookup(&key, req.offset, req.limit, req.want_lease, wait)
             .await
             .map_err(ServiceError::from)?;
-        let Some(hit) = hit else {
-            let miss = GetResponse {
-                kind: Some(get_response::Kind::Miss(Miss::default())),
-            };
-            return Ok(Response::new(stream::once(async { Ok(miss) }).boxed()));
+        let hit = match found {
+            Lookup::Hit(hit) => hit,
+            Lookup::Miss { lease_token } => {
+                let miss = GetResponse {
+                    kind: Some(get_response::Kind::Miss(Miss { lease_token })),
+                };
+                return Ok(Response::new(stream::once(async { Ok(miss) }).boxed()));
+            }
         };
         let info = GetResponse {
             kind: Some(get_response::Kind::Info(hit.info)),
@@ -145,6 +171,13 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
         }
         info.stored_at_unix_ms = now_unix_ms();
 
+        // Whatever way this Put ends (stored, refused, failed, or the client gone), the lease it
+        // names is given up at once, so waiters need not sit out its TTL.
+        let _lease = (!header.lease_token.is_empty()).then(|| LeaseRelease {
+            store: self.store.clone(),
+            key: key.clone(),
+            token: header.lease_token.clone(),
+        });
         let mut writer = match self
             .store
             .begin_put(&key, &info)
@@ -154,6 +187,7 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
             Ok(w) => w,
             Err(Refusal::TooLarge) => return Ok(put_answer(PutOutcome::TooLarge)),
             Err(Refusal::Unavailable) => return Ok(put_answer(PutOutcome::Unavailable)),
+            Err(Refusal::Quarantined) => return Ok(put_answer(PutOutcome::Quarantined)),
         };
         span.record("shard", writer.target().1);
 
@@ -203,6 +237,7 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
             Ok(Committed::Stored) => Ok(put_answer(PutOutcome::Stored)),
             Ok(Committed::NotAdmitted) => Ok(put_answer(PutOutcome::NotAdmitted)),
             Ok(Committed::TooLarge) => Ok(put_answer(PutOutcome::TooLarge)),
+            Ok(Committed::Quarantined) => Ok(put_answer(PutOutcome::Quarantined)),
             Ok(Committed::Lost) | Err(StoreError::Shard(_)) => {
                 Ok(put_answer(PutOutcome::Unavailable))
             }
@@ -231,13 +266,10 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
         let req = req.into_inner();
         let key = Key::from_proto(req.key.as_ref()).map_err(ServiceError::from)?;
         tracing::Span::current().record("key", tracing::field::display(&key));
-        if req.quarantine {
-            return Err(ServiceError::Unimplemented(
-                "quarantine: not supported by this release; purge without it",
-            )
-            .into());
-        }
-        let (removed, failed) = self.store.purge(&key, req.all_variants).await;
+        let (removed, failed) = self
+            .store
+            .purge(&key, req.all_variants, req.quarantine)
+            .await;
         if !failed.is_empty() {
             return Err(ServiceError::PurgeIncomplete {
                 shards: failed,

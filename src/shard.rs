@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::clients::Pipeline;
+use fred::clients::{Pipeline, SubscriberClient};
 use fred::prelude::*;
 use fred::types::config::Options;
 use fred::types::scan::Scanner;
@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::{redact_url, RedisConfig, ShardConfig};
+use crate::events::{channel, Event, Events};
 
 /// Why a shard operation did not return a value.
 #[derive(Debug, thiserror::Error)]
@@ -33,9 +34,15 @@ pub enum ShardError {
 }
 
 /// Publishes a temporary key under its final name, only when it holds exactly the expected
-/// number of bytes: writes the final header over the draft one, renames, and clears the TTL,
-/// all in one atomic step.
+/// number of bytes and the media is not quarantined: writes the final header over the draft one,
+/// renames, clears the TTL and announces the fill, all in one atomic step.
+/// KEYS: temporary, final, tombstone. ARGV: expected length, header, channel, event.
+/// Returns 1 published, 0 lost (temporary key missing or short), 2 quarantined.
 const PUBLISH_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('DEL', KEYS[1])
+  return 2
+end
 if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[1]) then
   redis.call('DEL', KEYS[1])
   return 0
@@ -43,8 +50,30 @@ end
 redis.call('SETRANGE', KEYS[1], 0, ARGV[2])
 redis.call('RENAME', KEYS[1], KEYS[2])
 redis.call('PERSIST', KEYS[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 "#;
+
+/// Deletes a lease only if it is still the caller's, and announces that it is free.
+/// KEYS: lease. ARGV: token, channel, event.
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"#;
+
+/// How a publish ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    Stored,
+    /// The temporary key was gone or short (expired, or the shard restarted).
+    Lost,
+    /// A tombstone for the media was found at publish time.
+    Quarantined,
+}
 
 pub struct Shard {
     name: String,
@@ -56,6 +85,8 @@ pub struct Shard {
     up: AtomicBool,
     command_timeout: Duration,
     health: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Receives cluster events published on this shard.
+    subscriber: SubscriberClient,
 }
 
 impl std::fmt::Debug for Shard {
@@ -75,9 +106,36 @@ impl Shard {
         cfg: &ShardConfig,
         redis: &RedisConfig,
         wait: Duration,
+        events: &Arc<Events>,
     ) -> Result<Arc<Shard>, Error> {
         let mut config = Config::from_url(&cfg.url)?;
         config.fail_fast = false;
+        let subscriber = Builder::from_config(config.clone())
+            .with_connection_config(|c| {
+                c.connection_timeout = redis.connect_timeout;
+                c.internal_command_timeout = redis.command_timeout;
+            })
+            .set_policy(reconnect_policy())
+            .build_subscriber_client()?;
+        let _connection = subscriber.connect();
+        let _resubscriber = subscriber.manage_subscriptions();
+        {
+            let subscriber = subscriber.clone();
+            let events = Arc::downgrade(events);
+            let mut messages = subscriber.message_rx();
+            tokio::spawn(async move {
+                // Recorded even while the shard is down, and sent again on every reconnect.
+                let _ = subscriber.subscribe(channel()).await;
+                while let Ok(message) = messages.recv().await {
+                    let Some(events) = events.upgrade() else {
+                        return;
+                    };
+                    if let Some(text) = message.value.as_str() {
+                        events.handle_message(&text);
+                    }
+                }
+            });
+        }
         let pool = Builder::from_config(config)
             .with_connection_config(|c| {
                 c.connection_timeout = redis.connect_timeout;
@@ -111,6 +169,7 @@ impl Shard {
             up: AtomicBool::new(up),
             command_timeout: redis.command_timeout,
             health: std::sync::Mutex::new(None),
+            subscriber,
         });
         let task = tokio::spawn(health_loop(Arc::downgrade(&shard), redis.health_interval));
         *shard.health.lock().expect("health lock") = Some(task);
@@ -234,6 +293,98 @@ impl Shard {
         self.finish(p).await
     }
 
+    /// Takes a fill lease: `SET lease token NX PX ttl`. False when someone else holds it.
+    pub async fn acquire_lease(
+        &self,
+        lease: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, ShardError> {
+        self.check_up()?;
+        let set: Option<String> = self
+            .pool
+            .with_options(&self.options())
+            .set(
+                lease,
+                token,
+                Some(Expiration::PX(ttl.as_millis() as i64)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(set.is_some())
+    }
+
+    /// Milliseconds left on a lease; `None` when there is none.
+    pub async fn lease_left(&self, lease: &str) -> Result<Option<u64>, ShardError> {
+        self.check_up()?;
+        let ms: i64 = self
+            .pool
+            .with_options(&self.options())
+            .pttl(lease)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(u64::try_from(ms).ok())
+    }
+
+    /// Releases a lease if `token` still holds it, and announces `event`.
+    pub async fn release_lease(
+        &self,
+        lease: &str,
+        token: &str,
+        event: String,
+    ) -> Result<bool, ShardError> {
+        self.check_up()?;
+        let done: i64 = self
+            .pool
+            .with_options(&self.options())
+            .eval(
+                RELEASE_SCRIPT,
+                vec![lease],
+                vec![token.to_owned(), channel(), event],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(done == 1)
+    }
+
+    /// Writes a tombstone with a TTL.
+    pub async fn set_tombstone(&self, tombstone: &str, ttl: Duration) -> Result<(), ShardError> {
+        self.check_up()?;
+        self.pool
+            .with_options(&self.options())
+            .set::<(), _, _>(
+                tombstone,
+                1,
+                Some(Expiration::PX(ttl.as_millis() as i64)),
+                None,
+                false,
+            )
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    pub async fn exists(&self, key: &str) -> Result<bool, ShardError> {
+        self.check_up()?;
+        let n: u64 = self
+            .pool
+            .with_options(&self.options())
+            .exists(key)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(n > 0)
+    }
+
+    /// Publishes an event on this shard's channel.
+    pub async fn announce(&self, event: String) -> Result<(), ShardError> {
+        self.client()?
+            .with_options(&self.options())
+            .publish::<(), _, _>(channel(), event)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
     /// Pins one connection for a write, so that its commands (and the clean-up of an abandoned
     /// write) reach Redis in the order they were sent.
     pub fn pin(self: &Arc<Self>) -> Result<Pinned, ShardError> {
@@ -304,6 +455,7 @@ impl Shard {
             task.abort();
         }
         let _ = self.pool.quit().await;
+        let _ = self.subscriber.quit().await;
     }
 }
 
@@ -315,10 +467,12 @@ impl Drop for Shard {
             task.abort();
         }
         let pool = self.pool.clone();
+        let subscriber = self.subscriber.clone();
         let name = std::mem::take(&mut self.name);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = pool.quit().await;
+                let _ = subscriber.quit().await;
                 debug!(shard = %name, "shard connections closed");
             });
         }
@@ -404,18 +558,28 @@ impl Pinned {
         &self,
         temp: &str,
         key: &str,
+        tombstone: &str,
         header: Bytes,
         expected_len: u64,
-    ) -> Result<bool, ShardError> {
+    ) -> Result<Published, ShardError> {
         self.shard.check_up()?;
-        let args: Vec<Value> = vec![Value::from(expected_len as i64), Value::from(header)];
+        let args: Vec<Value> = vec![
+            Value::from(expected_len as i64),
+            Value::from(header),
+            Value::from(channel()),
+            Value::from(Event::Filled(key.to_owned()).encode()),
+        ];
         let done: i64 = self
             .client
             .with_options(&self.shard.options())
-            .eval(PUBLISH_SCRIPT, vec![temp, key], args)
+            .eval(PUBLISH_SCRIPT, vec![temp, key, tombstone], args)
             .await
             .map_err(|e| self.shard.fail(e))?;
-        Ok(done == 1)
+        Ok(match done {
+            1 => Published::Stored,
+            2 => Published::Quarantined,
+            _ => Published::Lost,
+        })
     }
 
     /// Deletes a key on this connection, after every command sent before it.

@@ -441,12 +441,12 @@ async fn connection_ids(shard: &RedisShard) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_shards_keep_their_connections_and_unchanged_content_does_nothing() {
     let mut cluster = TestCluster::builder().shards(2).config_file().start().await;
-    // Every connection of each pool (pool_size 4) is open.
+    // Every connection of each pool (pool_size 4) and the event subscriber (1) is open.
     let before: Vec<Vec<u64>> =
         eventually("all pools connected", Duration::from_secs(5), || async {
             let ids =
                 futures_util::future::join_all(cluster.shards.iter().map(connection_ids)).await;
-            ids.iter().all(|ids| ids.len() == 4).then_some(ids)
+            ids.iter().all(|ids| ids.len() == 5).then_some(ids)
         })
         .await;
     let start = generation(&cluster).await;
@@ -482,7 +482,7 @@ async fn unchanged_shards_keep_their_connections_and_unchanged_content_does_noth
         Duration::from_secs(5),
         || async {
             let ids = connection_ids(&cluster.shards[0]).await;
-            (ids.len() == 4).then_some(ids)
+            (ids.len() == 5).then_some(ids)
         },
     )
     .await;

@@ -8,19 +8,21 @@
 pub mod memory;
 pub mod redis;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{stream, Stream, StreamExt};
 use sha2::{Digest, Sha256};
 
+use crate::events::{Event, Events};
 use crate::key::Key;
 use crate::object::LayoutError;
 use crate::proto::MediaInfo;
-use crate::shard::ShardError;
+use crate::shard::{Published, ShardError};
 use memory::{Admission, MemoryStore, MemoryWriter, Object};
 use redis::{RedisStore, RedisWriter};
 
@@ -108,6 +110,28 @@ pub struct Store {
     chunk_bytes: u64,
     /// Keys whose memory fill (a tee of a Redis read) is under way: one at a time per key.
     filling: Arc<Mutex<HashSet<Key>>>,
+    events: Arc<Events>,
+    lease_ttl: Duration,
+    quarantine_ttl: Duration,
+    /// Memory-only mode: fill leases (Redis key → token and expiry) and quarantined media.
+    local_leases: Mutex<HashMap<String, (String, Instant)>>,
+    local_quarantine: Mutex<HashMap<(String, String), Instant>>,
+}
+
+/// What a Get found, after waiting for a fill if it was asked to.
+pub enum Lookup {
+    Hit(Hit),
+    /// A miss; `lease_token` is non-empty when this caller holds the fill lease.
+    Miss {
+        lease_token: String,
+    },
+}
+
+/// How often a waiter looks again even without an event, in case one was missed.
+const RECHECK: Duration = Duration::from_millis(250);
+
+fn new_token() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
 
 /// Where a Put's bytes go until it is committed.
@@ -152,6 +176,7 @@ impl Writer {
 pub enum Refusal {
     TooLarge,
     Unavailable,
+    Quarantined,
 }
 
 /// How a complete Put ended.
@@ -163,6 +188,8 @@ pub enum Committed {
     TooLarge,
     /// The write was lost on the way (its temporary key expired, its shard restarted).
     Lost,
+    /// The media was quarantined while the Put was streaming.
+    Quarantined,
 }
 
 pub fn now_unix_ms() -> i64 {
@@ -171,14 +198,135 @@ pub fn now_unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Store settings that are not the tiers themselves.
+pub struct Settings {
+    pub chunk_bytes: u64,
+    pub lease_ttl: Duration,
+    pub quarantine_ttl: Duration,
+}
+
 impl Store {
-    pub fn new(memory: MemoryStore, redis: RedisStore, chunk_bytes: u64) -> Self {
+    pub fn new(
+        memory: Arc<MemoryStore>,
+        redis: RedisStore,
+        events: Arc<Events>,
+        settings: Settings,
+    ) -> Self {
         Self {
-            memory: Arc::new(memory),
+            memory,
             redis,
-            chunk_bytes,
+            chunk_bytes: settings.chunk_bytes,
             filling: Arc::default(),
+            events,
+            lease_ttl: settings.lease_ttl,
+            quarantine_ttl: settings.quarantine_ttl,
+            local_leases: Mutex::default(),
+            local_quarantine: Mutex::default(),
         }
+    }
+
+    /// A Get that, on a miss, may take the fill lease (`want_lease`) and may wait up to `wait`
+    /// for another caller's fill, woken by fill and release events from any replica rather than
+    /// by polling Redis.
+    pub async fn lookup(
+        &self,
+        key: &Key,
+        offset: u64,
+        limit: u64,
+        want_lease: bool,
+        wait: Duration,
+    ) -> Result<Lookup, StoreError> {
+        if let Some(hit) = self.get(key, offset, limit).await? {
+            return Ok(Lookup::Hit(hit));
+        }
+        let deadline = Instant::now() + wait;
+        let redis_key = key.redis_key();
+        loop {
+            // Registered before looking, so a fill between the look and the wait is not missed.
+            let notify = self.events.watch(&redis_key);
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(hit) = self.find(key, offset, limit).await? {
+                return Ok(Lookup::Hit(hit));
+            }
+            if want_lease {
+                let token = new_token();
+                if self.acquire_lease(key, &token).await {
+                    return Ok(Lookup::Miss { lease_token: token });
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Lookup::Miss {
+                    lease_token: String::new(),
+                });
+            }
+            // Look again when the holder's lease runs out, if nobody filled the key by then.
+            let mut nap = (deadline - now).min(RECHECK);
+            if let Some(left) = self.lease_left(key).await {
+                nap = nap.min(left + Duration::from_millis(5));
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
+    async fn acquire_lease(&self, key: &Key, token: &str) -> bool {
+        if !self.redis.is_empty() {
+            return self.redis.acquire_lease(key, token, self.lease_ttl).await;
+        }
+        let mut leases = self.local_leases.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        leases.retain(|_, (_, until)| *until > now);
+        match leases.entry(key.redis_key()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((token.to_owned(), now + self.lease_ttl));
+                true
+            }
+        }
+    }
+
+    async fn lease_left(&self, key: &Key) -> Option<Duration> {
+        if !self.redis.is_empty() {
+            return self.redis.lease_left(key).await;
+        }
+        let leases = self.local_leases.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, until) = leases.get(&key.redis_key())?;
+        Some(until.saturating_duration_since(Instant::now()))
+    }
+
+    /// Gives up a lease if `token` still holds it (a foreign or expired token changes nothing),
+    /// and wakes the waiters.
+    pub async fn release_lease(&self, key: &Key, token: &str) {
+        if !self.redis.is_empty() {
+            return self.redis.release_lease(key, token).await;
+        }
+        let released = {
+            let mut leases = self.local_leases.lock().unwrap_or_else(|p| p.into_inner());
+            let redis_key = key.redis_key();
+            let mine = leases.get(&redis_key).is_some_and(|(t, _)| t == token);
+            if mine {
+                leases.remove(&redis_key);
+            }
+            mine
+        };
+        if released {
+            self.events.handle(Event::Released(key.redis_key()));
+        }
+    }
+
+    fn locally_quarantined(&self, key: &Key) -> bool {
+        let mut q = self
+            .local_quarantine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        q.retain(|_, until| *until > now);
+        q.contains_key(&(key.origin().to_owned(), key.media_id().to_owned()))
     }
 
     pub fn memory(&self) -> &MemoryStore {
@@ -193,6 +341,11 @@ impl Store {
     /// counts as a download of the key. `Ok(None)` is a miss.
     pub async fn get(&self, key: &Key, offset: u64, limit: u64) -> Result<Option<Hit>, StoreError> {
         self.memory.record_download(key);
+        self.find(key, offset, limit).await
+    }
+
+    /// A Get that does not count a download (a waiter looking again).
+    async fn find(&self, key: &Key, offset: u64, limit: u64) -> Result<Option<Hit>, StoreError> {
         if let Some(object) = self.memory.get(key) {
             let range = Range::new(offset, limit, object.info.size)?;
             return Ok(Some(Hit {
@@ -250,6 +403,9 @@ impl Store {
         info: &MediaInfo,
     ) -> Result<Result<Writer, Refusal>, StoreError> {
         if self.redis.is_empty() {
+            if self.locally_quarantined(key) {
+                return Ok(Err(Refusal::Quarantined));
+            }
             if info.size > self.memory.max_object_bytes() {
                 return Ok(Err(Refusal::TooLarge));
             }
@@ -258,8 +414,9 @@ impl Store {
                 buf: MemoryWriter::new(info.size),
             }));
         }
-        let Some(redis) = self.redis.begin_put(key, info).await? else {
-            return Ok(Err(Refusal::Unavailable));
+        let redis = match self.redis.begin_put(key, info).await? {
+            Ok(w) => w,
+            Err(refusal) => return Ok(Err(refusal)),
         };
         let memory = self
             .memory
@@ -276,19 +433,28 @@ impl Store {
     pub async fn commit(&self, writer: Writer, info: MediaInfo) -> Result<Committed, StoreError> {
         match writer {
             Writer::Memory { key, buf } => {
+                if self.locally_quarantined(&key) {
+                    return Ok(Committed::Quarantined);
+                }
                 let object = Object {
                     info,
                     body: buf.body(),
                 };
+                let redis_key = key.redis_key();
                 Ok(match self.memory.put(key, object) {
-                    Admission::Stored => Committed::Stored,
+                    Admission::Stored => {
+                        self.events.handle(Event::Filled(redis_key));
+                        Committed::Stored
+                    }
                     Admission::TooLarge => Committed::TooLarge,
                     _ => Committed::NotAdmitted,
                 })
             }
             Writer::Redis { key, redis, memory } => {
-                if !redis.commit(&info).await? {
-                    return Ok(Committed::Lost);
+                match redis.commit(&info).await? {
+                    Published::Stored => {}
+                    Published::Lost => return Ok(Committed::Lost),
+                    Published::Quarantined => return Ok(Committed::Quarantined),
                 }
                 if let Some(buf) = memory {
                     let object = Object {
@@ -302,14 +468,34 @@ impl Store {
         }
     }
 
-    /// Removes from both tiers; returns the count removed and the shards that were unreachable.
-    pub async fn purge(&self, key: &Key, all_variants: bool) -> (u64, Vec<String>) {
+    /// Removes from both tiers, here and (through the shards) on every replica; with
+    /// `quarantine`, later Puts of the media are refused for `quarantine_ttl`. Returns the count
+    /// removed and the shards that were unreachable.
+    pub async fn purge(
+        &self,
+        key: &Key,
+        all_variants: bool,
+        quarantine: bool,
+    ) -> (u64, Vec<String>) {
+        if quarantine {
+            let mut q = self
+                .local_quarantine
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            q.insert(
+                (key.origin().to_owned(), key.media_id().to_owned()),
+                Instant::now() + self.quarantine_ttl,
+            );
+        }
         let from_memory = if all_variants {
             self.memory.remove_variants(key)
         } else {
             u64::from(self.memory.remove(key))
         };
-        let (from_redis, failed) = self.redis.purge(key, all_variants).await;
+        let (from_redis, failed) = self
+            .redis
+            .purge(key, all_variants, quarantine.then_some(self.quarantine_ttl))
+            .await;
         (from_memory + from_redis, failed)
     }
 }

@@ -9,13 +9,14 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{stream, StreamExt};
 use tracing::{debug, warn};
 
-use super::{body_ranges, ChunkStream, Range, StoreError};
+use super::{body_ranges, ChunkStream, Range, Refusal, StoreError};
 use crate::config::Failover;
+use crate::events::Event;
 use crate::key::{temp_key, Key};
 use crate::object::{self, Header, MAX_HEADER_LEN, PREFIX_LEN};
 use crate::proto::MediaInfo;
 use crate::ring::Ring;
-use crate::shard::{Pinned, Shard, ShardError};
+use crate::shard::{Pinned, Published, Shard, ShardError};
 
 /// Windows fetched ahead of the one being sent, so the next `GETRANGE` overlaps the send.
 const READ_AHEAD: usize = 2;
@@ -157,16 +158,22 @@ impl RedisStore {
         stream::iter(windows).buffered(READ_AHEAD).boxed()
     }
 
-    /// Starts a Put. `Ok(None)` when no shard can take it now.
+    /// Starts a Put. `Err(Refusal)` when no shard can take it now, or the media is quarantined.
     pub async fn begin_put(
         &self,
         key: &Key,
         info: &MediaInfo,
-    ) -> Result<Option<RedisWriter>, StoreError> {
+    ) -> Result<Result<RedisWriter, Refusal>, StoreError> {
         let ring = self.ring.load_full();
         let Some(shard) = Self::pick(&ring, key) else {
-            return Ok(None);
+            return Ok(Err(Refusal::Unavailable));
         };
+        // Checked again, atomically, at publish time; this only saves streaming for nothing.
+        match shard.exists(&key.tombstone_key()).await {
+            Ok(true) => return Ok(Err(Refusal::Quarantined)),
+            Ok(false) => {}
+            Err(_) => return Ok(Err(Refusal::Unavailable)),
+        }
         let nonce = object::new_nonce();
         // The digest is patched in at publish time when the client did not send one, so the
         // header has its final length from the start.
@@ -187,10 +194,10 @@ impl RedisStore {
             Ok(conn) => conn,
             Err(e) => {
                 debug!(key = %key, error = %e, "put not started");
-                return Ok(None);
+                return Ok(Err(Refusal::Unavailable));
             }
         };
-        Ok(Some(RedisWriter {
+        Ok(Ok(RedisWriter {
             guard: TempGuard {
                 conn: Some(conn),
                 temp,
@@ -205,20 +212,73 @@ impl RedisStore {
         }))
     }
 
-    /// Deletes the key (or every variant) on every shard of the ring, since a ring change leaves
-    /// copies on former owners. Shards that could not be reached are returned by name.
-    pub async fn purge(&self, key: &Key, all_variants: bool) -> (u64, Vec<String>) {
+    /// Takes the fill lease of `key` on the shard it would be written to.
+    pub async fn acquire_lease(&self, key: &Key, token: &str, ttl: Duration) -> bool {
         let ring = self.ring.load_full();
-        let results =
-            futures_util::future::join_all(ring.shards().iter().map(|shard| async move {
-                let r = if all_variants {
-                    shard.delete_matching(&key.variants_pattern()).await
-                } else {
-                    shard.del(vec![key.redis_key()]).await
-                };
+        match Self::pick(&ring, key) {
+            Some(shard) => shard
+                .acquire_lease(&key.lease_key(), token, ttl)
+                .await
+                .unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// Time left on the key's lease, if any.
+    pub async fn lease_left(&self, key: &Key) -> Option<Duration> {
+        let ring = self.ring.load_full();
+        let shard = Self::pick(&ring, key)?;
+        let ms = shard.lease_left(&key.lease_key()).await.ok()??;
+        Some(Duration::from_millis(ms))
+    }
+
+    /// Gives a lease up if `token` still holds it, waking waiters on every replica.
+    pub async fn release_lease(&self, key: &Key, token: &str) {
+        let ring = self.ring.load_full();
+        if let Some(shard) = Self::pick(&ring, key) {
+            let event = Event::Released(key.redis_key()).encode();
+            if let Err(e) = shard.release_lease(&key.lease_key(), token, event).await {
+                debug!(key = %key, error = %e, "lease left to expire");
+            }
+        }
+    }
+
+    /// Deletes the key (or every variant) on every shard of the ring, since a ring change leaves
+    /// copies on former owners, and tells every replica to drop it from memory. With
+    /// `quarantine`, a tombstone is written on every shard first, so a Put publishing meanwhile
+    /// is refused. Shards that could not be reached are returned by name.
+    pub async fn purge(
+        &self,
+        key: &Key,
+        all_variants: bool,
+        quarantine: Option<Duration>,
+    ) -> (u64, Vec<String>) {
+        let ring = self.ring.load_full();
+        let event = Event::Purge {
+            key: key.clone(),
+            all_variants,
+        }
+        .encode();
+        let results = futures_util::future::join_all(ring.shards().iter().map(|shard| {
+            let event = event.clone();
+            async move {
+                let r = async {
+                    if let Some(ttl) = quarantine {
+                        shard.set_tombstone(&key.tombstone_key(), ttl).await?;
+                    }
+                    let n = if all_variants {
+                        shard.delete_matching(&key.variants_pattern()).await?
+                    } else {
+                        shard.del(vec![key.redis_key()]).await?
+                    };
+                    shard.announce(event).await?;
+                    Ok::<u64, ShardError>(n)
+                }
+                .await;
                 (shard.name().to_owned(), r)
-            }))
-            .await;
+            }
+        }))
+        .await;
         let mut removed = 0;
         let mut failed = Vec::new();
         for (name, r) in results {
@@ -305,9 +365,9 @@ impl RedisWriter {
         Ok(())
     }
 
-    /// Publishes under the final key with `info` (which now carries the digest). False when the
-    /// temporary key was lost (expired or its shard restarted).
-    pub async fn commit(mut self, info: &MediaInfo) -> Result<bool, StoreError> {
+    /// Publishes under the final key with `info` (which now carries the digest), unless the
+    /// media was quarantined meanwhile or the temporary key was lost.
+    pub async fn commit(mut self, info: &MediaInfo) -> Result<Published, StoreError> {
         if !self.pending.is_empty() {
             let data = self.pending.split().freeze();
             self.append(data).await?;
@@ -323,6 +383,7 @@ impl RedisWriter {
             .publish(
                 &self.guard.temp,
                 &self.key.redis_key(),
+                &self.key.tombstone_key(),
                 header,
                 self.header_len + self.written,
             )

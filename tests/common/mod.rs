@@ -226,6 +226,7 @@ impl TestClusterBuilder {
             addr: None,
             shutdown: None,
             server: None,
+            replicas: Vec::new(),
         };
         cluster.start_service().await;
         cluster
@@ -239,9 +240,40 @@ pub struct TestCluster {
     addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
+    /// More service replicas on the same shards (stopped on drop).
+    replicas: Vec<(oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>)>,
 }
 
 impl TestCluster {
+    /// Starts one more service replica on the same shards and config; returns its endpoint.
+    pub async fn add_replica(&mut self) -> String {
+        let yaml = yaml_serde::to_string(&self.config).unwrap();
+        let loaded = Config::from_yaml(&yaml).expect("test config is valid");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(mediacache::server::run(listener, loaded, async {
+            let _ = rx.await;
+        }));
+        self.replicas.push((tx, server));
+        let n = self.shards.len();
+        let probe = endpoint.clone();
+        eventually("replica up", Duration::from_secs(10), || {
+            let probe = probe.clone();
+            async move {
+                let ring = Client::connect(probe)
+                    .await
+                    .ok()?
+                    .ring_status()
+                    .await
+                    .ok()?;
+                (ring.shards.iter().filter(|s| s.up).count() == n).then_some(())
+            }
+        })
+        .await;
+        endpoint
+    }
+
     pub fn builder() -> TestClusterBuilder {
         TestClusterBuilder {
             shards: 0,
@@ -393,6 +425,9 @@ impl Drop for TestCluster {
             let _ = tx.send(());
         }
         if let Some(server) = self.server.take() {
+            server.abort();
+        }
+        for (_, server) in self.replicas.drain(..) {
             server.abort();
         }
     }

@@ -1,0 +1,344 @@
+//! Fill leases across replicas (one origin fetch for N simultaneous misses), and purges and
+//! quarantines that reach every copy. Real Redis, two service replicas on the same 3 shards.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{body, eventually, TestCluster};
+use mediacache::client::{media_key, Client, Fetched};
+use mediacache::proto::{put_request, MediaInfo, MediaKey, PutHeader, PutOutcome, PutRequest};
+
+/// What one media repo does on a user's request: ask the cache, and on a miss that carries the
+/// lease fetch from the origin and Put; returns the bytes it serves.
+async fn serve_media(
+    endpoint: String,
+    key: MediaKey,
+    want_lease: bool,
+    wait_ms: u32,
+    origin_fetches: Arc<AtomicU64>,
+    content: Bytes,
+) -> Bytes {
+    let mut client = Client::connect(endpoint).await.unwrap();
+    match client
+        .get_or_lease(key.clone(), want_lease, wait_ms)
+        .await
+        .unwrap()
+    {
+        Fetched::Hit(mut d) => {
+            let mut got = Vec::new();
+            while let Some(c) = d.next_chunk().await.unwrap() {
+                got.extend_from_slice(&c);
+            }
+            got.into()
+        }
+        Fetched::Miss { lease_token } => {
+            // The origin is slow: the other callers are all waiting meanwhile.
+            origin_fetches.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let r = client
+                .put_with_lease(key, MediaInfo::default(), content.clone(), &lease_token)
+                .await
+                .unwrap();
+            assert!(r.stored, "{r:?}");
+            content
+        }
+    }
+}
+
+/// N callers miss the same key at once, spread over the endpoints; returns origin fetches.
+async fn simultaneous_misses(endpoints: &[String], id: &str, n: usize, leases: bool) -> u64 {
+    let key = media_key("remote.example", id, "");
+    let content = body(300_000, 42);
+    let fetches = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (wait, lease) = if leases { (10_000, true) } else { (0, false) };
+            tokio::spawn(serve_media(
+                endpoints[i % endpoints.len()].clone(),
+                key.clone(),
+                lease,
+                wait,
+                fetches.clone(),
+                content.clone(),
+            ))
+        })
+        .collect();
+    for t in tasks {
+        assert!(
+            t.await.unwrap() == content,
+            "every caller serves the right bytes"
+        );
+    }
+    fetches.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_simultaneous_misses_over_two_replicas_fetch_the_origin_once() {
+    let mut cluster = TestCluster::builder().shards(3).start().await;
+    let second = cluster.add_replica().await;
+    let endpoints = [cluster.endpoint(), second];
+    assert_eq!(simultaneous_misses(&endpoints, "twenty", 20, true).await, 1);
+
+    let mut figures = Vec::new();
+    for n in [2, 10, 50] {
+        let with = simultaneous_misses(&endpoints, &format!("with{n}"), n, true).await;
+        let without = simultaneous_misses(&endpoints, &format!("without{n}"), n, false).await;
+        assert_eq!(with, 1, "N={n}");
+        assert_eq!(
+            without, n as u64,
+            "N={n}: without leases every caller fetches"
+        );
+        figures.push(format!("N={n}: {with} with leases, {without} without"));
+    }
+    eprintln!(
+        "origin fetches for N simultaneous misses: {}",
+        figures.join("; ")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_only_leases_coalesce_too() {
+    let cluster = TestCluster::builder().start().await;
+    assert_eq!(
+        simultaneous_misses(&[cluster.endpoint()], "mem", 10, true).await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_lease_passes_to_a_waiter_after_its_ttl() {
+    let mut cluster = TestCluster::builder()
+        .shards(3)
+        .configure(|c| c.lease_ttl = Duration::from_secs(1))
+        .start()
+        .await;
+    let second = cluster.add_replica().await;
+    let key = media_key("remote.example", "abandoned", "");
+    let mut a = cluster.client().await;
+    let Fetched::Miss { lease_token } = a.get_or_lease(key.clone(), true, 0).await.unwrap() else {
+        panic!("expected a miss");
+    };
+    assert!(!lease_token.is_empty());
+    // Its holder never comes back; a waiter on the other replica inherits the lease.
+    let mut b = Client::connect(second).await.unwrap();
+    let started = Instant::now();
+    let Fetched::Miss { lease_token: next } =
+        b.get_or_lease(key.clone(), true, 5_000).await.unwrap()
+    else {
+        panic!("expected a miss");
+    };
+    let waited = started.elapsed();
+    assert!(!next.is_empty() && next != lease_token);
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+    // A caller that does not want a lease and does not wait gets a plain miss.
+    let Fetched::Miss { lease_token: none } = a.get_or_lease(key.clone(), false, 0).await.unwrap()
+    else {
+        panic!("expected a miss");
+    };
+    assert!(none.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_put_releases_its_lease_at_once_and_a_foreign_token_breaks_nothing() {
+    let cluster = TestCluster::builder()
+        .shards(3)
+        .configure(|c| c.lease_ttl = Duration::from_secs(60))
+        .start()
+        .await;
+    let key = media_key("remote.example", "failing", "");
+    let mut a = cluster.client().await;
+    let Fetched::Miss { lease_token } = a.get_or_lease(key.clone(), true, 0).await.unwrap() else {
+        panic!("expected a miss");
+    };
+    let waiter = {
+        let mut b = cluster.client().await;
+        let key = key.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let got = b.get_or_lease(key, true, 30_000).await.unwrap();
+            (got, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The holder's Put fails (its body does not match the declared digest).
+    let mut raw = cluster.raw().await;
+    let header = PutRequest {
+        kind: Some(put_request::Kind::Header(PutHeader {
+            key: Some(key.clone()),
+            info: Some(MediaInfo {
+                size: 3,
+                sha256: vec![0; 32].into(),
+                ..Default::default()
+            }),
+            lease_token: lease_token.clone(),
+        })),
+    };
+    let chunk = PutRequest {
+        kind: Some(put_request::Kind::Chunk(Bytes::from_static(b"abc"))),
+    };
+    assert!(raw
+        .put(tokio_stream::iter(vec![header, chunk]))
+        .await
+        .is_err());
+    let (got, waited) = waiter.await.unwrap();
+    let Fetched::Miss { lease_token: next } = got else {
+        panic!("expected the lease");
+    };
+    assert!(!next.is_empty());
+    assert!(
+        waited < Duration::from_secs(10),
+        "released at once, not after the 60 s TTL: {waited:?}"
+    );
+
+    // A Put with a foreign token stores (the bytes are fine) and leaves the holder's lease alone.
+    let r = a
+        .put_with_lease(
+            key.clone(),
+            MediaInfo::default(),
+            body(10, 1),
+            "not-the-token",
+        )
+        .await
+        .unwrap();
+    assert!(r.stored);
+    let owner = cluster.owner("remote.example", "failing");
+    let lease = cluster.shards[owner]
+        .raw_get("mc:1:lease:remote.example|failing|")
+        .await
+        .expect("the holder's lease is still there");
+    assert_eq!(lease, next.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_and_quarantine_reach_every_copy() {
+    let mut cluster = TestCluster::builder()
+        .shards(3)
+        .configure(|c| c.memory.min_downloads = 1)
+        .start()
+        .await;
+    let second = cluster.add_replica().await;
+    let mut r0 = cluster.client().await;
+    let mut r1 = Client::connect(second).await.unwrap();
+    let key = media_key("bad.example", "abuse", "");
+    let thumb = media_key("bad.example", "abuse", "thumb/32x32/crop");
+    let data = body(100_000, 5);
+    for k in [&key, &thumb] {
+        assert!(
+            r0.put_bytes(k.clone(), Default::default(), data.clone())
+                .await
+                .unwrap()
+                .stored
+        );
+        // A whole read through each replica fills its memory tier.
+        for r in [&mut r0, &mut r1] {
+            assert!(r.get_bytes(k.clone()).await.unwrap().is_some());
+            assert_eq!(r.stat(k.clone()).await.unwrap().tier, "memory");
+        }
+    }
+    // A stale copy on a former owner, as a ring change leaves behind.
+    let owner = cluster.owner("bad.example", "abuse");
+    let name = "mc:1:o:bad.example|abuse|";
+    let value = cluster.shards[owner].raw_get(name).await.unwrap();
+    cluster.shards[(owner + 1) % 3].raw_set(name, value).await;
+
+    let started = Instant::now();
+    let removed = r0.purge(key.clone(), true, true).await.unwrap().removed;
+    assert!(
+        removed >= 3,
+        "two variants on the owner, one stale copy: {removed}"
+    );
+    let reached = eventually(
+        "the other replica's memory tier dropped both",
+        Duration::from_secs(1),
+        || async {
+            let mut r1 = r1.clone();
+            let a = r1.stat(key.clone()).await.ok()?.found;
+            let b = r1.stat(thumb.clone()).await.ok()?.found;
+            (!a && !b).then(|| started.elapsed())
+        },
+    )
+    .await;
+    eprintln!("purge reached the other replica's memory tier in {reached:?}");
+    assert!(!r0.stat(key.clone()).await.unwrap().found);
+    let objects: Vec<_> = cluster
+        .all_keys()
+        .await
+        .into_iter()
+        .filter(|(_, k)| !k.starts_with("mc:1:q:"))
+        .collect();
+    assert!(objects.is_empty(), "{objects:?}");
+
+    // Quarantined: Puts of any variant are refused, through either replica.
+    for (r, k) in [(&mut r0, &key), (&mut r1, &thumb)] {
+        let answer = r
+            .put_bytes(k.clone(), Default::default(), data.clone())
+            .await
+            .unwrap();
+        assert!(!answer.stored);
+        assert_eq!(answer.outcome, PutOutcome::Quarantined as i32);
+    }
+
+    // A Put already streaming when the quarantine arrives is not published.
+    let late = media_key("bad.example", "late", "");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(PutRequest {
+        kind: Some(put_request::Kind::Header(PutHeader {
+            key: Some(late.clone()),
+            info: Some(MediaInfo {
+                size: 600_000,
+                ..Default::default()
+            }),
+            lease_token: String::new(),
+        })),
+    })
+    .await
+    .unwrap();
+    let first = body(600_000, 6);
+    tx.send(PutRequest {
+        kind: Some(put_request::Kind::Chunk(first.slice(..300_000))),
+    })
+    .await
+    .unwrap();
+    let mut raw = cluster.raw().await;
+    let put = tokio::spawn(async move {
+        raw.put(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let late_owner = cluster.owner("bad.example", "late");
+    eventually(
+        "the late Put is streaming",
+        Duration::from_secs(5),
+        || async {
+            cluster.shards[late_owner]
+                .keys()
+                .await
+                .iter()
+                .any(|k| k.starts_with("mc:1:tmp:"))
+                .then_some(())
+        },
+    )
+    .await;
+    r1.purge(late.clone(), false, true).await.unwrap();
+    tx.send(PutRequest {
+        kind: Some(put_request::Kind::Chunk(first.slice(300_000..))),
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let answer = put.await.unwrap().unwrap().into_inner();
+    assert_eq!(answer.outcome, PutOutcome::Quarantined as i32);
+    let leftovers: Vec<_> = cluster
+        .all_keys()
+        .await
+        .into_iter()
+        .filter(|(_, k)| !k.starts_with("mc:1:q:"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
