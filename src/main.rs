@@ -74,6 +74,9 @@ enum Command {
         /// Remove every variant of ORIGIN/MEDIA_ID.
         #[arg(long)]
         all_variants: bool,
+        /// Also refuse Puts of this media (any variant) for `quarantine_ttl`.
+        #[arg(long)]
+        quarantine: bool,
     },
     /// Print the ring: generation, config digest and each shard.
     Ring {
@@ -300,9 +303,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Purge {
             target,
             all_variants,
+            quarantine,
         } => {
             let mut client = target.client().await?;
-            let answer = client.purge(target.key(), all_variants, false).await?;
+            let answer = client.purge(target.key(), all_variants, quarantine).await?;
             println!("removed {}", answer.removed);
             Ok(ExitCode::SUCCESS)
         }
