@@ -133,25 +133,16 @@ impl Client {
         offset: u64,
         limit: u64,
     ) -> Result<Option<Download>, ClientError> {
-        let mut stream = self
-            .cache
-            .get(GetRequest {
-                key: Some(key),
-                offset,
-                limit,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        match stream.message().await?.and_then(|m| m.kind) {
-            Some(get_response::Kind::Info(info)) => Ok(Some(Download { info, stream })),
-            Some(get_response::Kind::Miss(_)) => {
-                // Read the stream's end too, so it closes cleanly instead of being reset.
-                while stream.message().await?.is_some() {}
-                Ok(None)
-            }
-            _ => Err(ClientError::Protocol("first message must be info or miss")),
-        }
+        let request = GetRequest {
+            key: Some(key),
+            offset,
+            limit,
+            ..Default::default()
+        };
+        Ok(match self.open(request).await? {
+            Fetched::Hit(download) => Some(*download),
+            Fetched::Miss { .. } => None,
+        })
     }
 
     /// A Get for a media repo about to fetch from the origin on a miss: with `want_lease`, a
@@ -163,21 +154,23 @@ impl Client {
         want_lease: bool,
         wait_ms: u32,
     ) -> Result<Fetched, ClientError> {
-        let mut stream = self
-            .cache
-            .get(GetRequest {
-                key: Some(key),
-                want_lease,
-                wait_ms,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        self.open(GetRequest {
+            key: Some(key),
+            want_lease,
+            wait_ms,
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn open(&mut self, request: GetRequest) -> Result<Fetched, ClientError> {
+        let mut stream = self.cache.get(request).await?.into_inner();
         match stream.message().await?.and_then(|m| m.kind) {
             Some(get_response::Kind::Info(info)) => {
                 Ok(Fetched::Hit(Box::new(Download { info, stream })))
             }
             Some(get_response::Kind::Miss(miss)) => {
+                // Read the stream's end too, so it closes cleanly instead of being reset.
                 while stream.message().await?.is_some() {}
                 Ok(Fetched::Miss {
                     lease_token: miss.lease_token,

@@ -321,19 +321,7 @@ async fn cancelled_put_leaves_nothing() {
         drop(rt);
     });
     let owner = cluster.owner("example.org", "cancelled");
-    eventually(
-        "a temporary key with the first chunks",
-        Duration::from_secs(5),
-        || async {
-            cluster.shards[owner]
-                .keys()
-                .await
-                .iter()
-                .any(|k| k.starts_with("mc:1:tmp:"))
-                .then_some(())
-        },
-    )
-    .await;
+    common::temp_key_appears(&cluster.shards[owner]).await;
     // Not the stream's end: the process stops before sending it.
     let _ = stop_tx.send(());
     client_thread.join().unwrap();

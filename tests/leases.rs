@@ -312,19 +312,7 @@ async fn purge_and_quarantine_reach_every_copy() {
             .await
     });
     let late_owner = cluster.owner("bad.example", "late");
-    eventually(
-        "the late Put is streaming",
-        Duration::from_secs(5),
-        || async {
-            cluster.shards[late_owner]
-                .keys()
-                .await
-                .iter()
-                .any(|k| k.starts_with("mc:1:tmp:"))
-                .then_some(())
-        },
-    )
-    .await;
+    common::temp_key_appears(&cluster.shards[late_owner]).await;
     r1.purge(late.clone(), false, true).await.unwrap();
     tx.send(PutRequest {
         kind: Some(put_request::Kind::Chunk(first.slice(300_000..))),

@@ -182,6 +182,40 @@ impl Drop for RedisShard {
     }
 }
 
+type ServiceHandle = (
+    SocketAddr,
+    oneshot::Sender<()>,
+    JoinHandle<anyhow::Result<()>>,
+);
+
+/// Runs the service on a free loopback port until the sender is used or dropped.
+async fn spawn_service(loaded: mediacache::config::Loaded) -> ServiceHandle {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(mediacache::server::run(listener, loaded, async {
+        let _ = rx.await;
+    }));
+    (addr, tx, server)
+}
+
+/// Waits until a Put is streaming into a temporary key on `shard`.
+pub async fn temp_key_appears(shard: &RedisShard) {
+    eventually(
+        "a temporary key of a Put in progress",
+        Duration::from_secs(5),
+        || async {
+            shard
+                .keys()
+                .await
+                .iter()
+                .any(|k| k.starts_with("mc:1:tmp:"))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 pub struct TestClusterBuilder {
     shards: usize,
     config: Config,
@@ -249,12 +283,8 @@ impl TestCluster {
     pub async fn add_replica(&mut self) -> String {
         let yaml = yaml_serde::to_string(&self.config).unwrap();
         let loaded = Config::from_yaml(&yaml).expect("test config is valid");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(mediacache::server::run(listener, loaded, async {
-            let _ = rx.await;
-        }));
+        let (addr, tx, server) = spawn_service(loaded).await;
+        let endpoint = format!("http://{addr}");
         self.replicas.push((tx, server));
         let n = self.shards.len();
         let probe = endpoint.clone();
@@ -300,12 +330,7 @@ impl TestCluster {
             }
             None => Config::from_yaml(&yaml).expect("test config is valid"),
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(mediacache::server::run(listener, loaded, async {
-            let _ = rx.await;
-        }));
+        let (addr, tx, server) = spawn_service(loaded).await;
         self.addr = Some(addr);
         self.shutdown = Some(tx);
         self.server = Some(server);
