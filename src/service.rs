@@ -29,15 +29,12 @@ pub enum ServiceError {
     Store(#[from] StoreError),
     #[error("purge incomplete: shards {shards:?} could not be reached ({removed} objects removed elsewhere); retry")]
     PurgeIncomplete { shards: Vec<String>, removed: u64 },
-    #[error("{0}")]
-    Unimplemented(&'static str),
 }
 
 /// Maps errors to a small set of codes and logs the internal ones.
 pub fn to_status(e: ServiceError) -> Status {
     match &e {
         ServiceError::Field(_) => Status::invalid_argument(e.to_string()),
-        ServiceError::Unimplemented(_) => Status::unimplemented(e.to_string()),
         ServiceError::PurgeIncomplete { .. } => Status::unavailable(e.to_string()),
         ServiceError::Store(s) => match s {
             StoreError::OutOfRange { .. } => Status::out_of_range(e.to_string()),

@@ -76,6 +76,21 @@ async fn killed_shard_gives_fast_misses_and_comes_back() {
         .await
         .unwrap();
     assert!(!stat.found);
+    // Nobody can fill it through the cache now: a caller asking for the lease and willing to
+    // wait is told so at once instead of waiting out wait_ms.
+    let started = Instant::now();
+    let fetched = client
+        .get_or_lease(media_key("example.org", &on_dead, ""), true, 10_000)
+        .await
+        .unwrap();
+    assert!(
+        matches!(fetched, mediacache::client::Fetched::Miss { ref lease_token } if lease_token.is_empty())
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 
     // The other shards carry on.
     assert!(client

@@ -118,6 +118,16 @@ pub struct Store {
     local_quarantine: Mutex<HashMap<(String, String), Instant>>,
 }
 
+/// The answer to a request for a fill lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseAttempt {
+    Acquired,
+    /// Another caller holds it.
+    Held,
+    /// The key's shard cannot be reached.
+    Unavailable,
+}
+
 /// What a Get found, after waiting for a fill if it was asked to.
 pub enum Lookup {
     Hit(Hit),
@@ -239,6 +249,12 @@ impl Store {
         if let Some(hit) = self.get(key, offset, limit).await? {
             return Ok(Lookup::Hit(hit));
         }
+        let plain_miss = Lookup::Miss {
+            lease_token: String::new(),
+        };
+        if !want_lease && wait.is_zero() {
+            return Ok(plain_miss);
+        }
         let deadline = Instant::now() + wait;
         let redis_key = key.redis_key();
         loop {
@@ -252,15 +268,17 @@ impl Store {
             }
             if want_lease {
                 let token = new_token();
-                if self.acquire_lease(key, &token).await {
-                    return Ok(Lookup::Miss { lease_token: token });
+                match self.acquire_lease(key, &token).await {
+                    LeaseAttempt::Acquired => return Ok(Lookup::Miss { lease_token: token }),
+                    LeaseAttempt::Held => {}
+                    // The key's shard is down: nobody can fill it through the cache now, so
+                    // waiting would only delay the caller's own fetch.
+                    LeaseAttempt::Unavailable => return Ok(plain_miss),
                 }
             }
             let now = Instant::now();
             if now >= deadline {
-                return Ok(Lookup::Miss {
-                    lease_token: String::new(),
-                });
+                return Ok(plain_miss);
             }
             // Look again when the holder's lease runs out, if nobody filled the key by then.
             let mut nap = (deadline - now).min(RECHECK);
@@ -274,7 +292,7 @@ impl Store {
         }
     }
 
-    async fn acquire_lease(&self, key: &Key, token: &str) -> bool {
+    async fn acquire_lease(&self, key: &Key, token: &str) -> LeaseAttempt {
         if !self.redis.is_empty() {
             return self.redis.acquire_lease(key, token, self.lease_ttl).await;
         }
@@ -282,10 +300,10 @@ impl Store {
         let now = Instant::now();
         leases.retain(|_, (_, until)| *until > now);
         match leases.entry(key.redis_key()) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Occupied(_) => LeaseAttempt::Held,
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert((token.to_owned(), now + self.lease_ttl));
-                true
+                LeaseAttempt::Acquired
             }
         }
     }

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{stream, StreamExt};
 use tracing::{debug, warn};
 
-use super::{body_ranges, ChunkStream, Range, Refusal, StoreError};
+use super::{body_ranges, ChunkStream, LeaseAttempt, Range, Refusal, StoreError};
 use crate::config::Failover;
 use crate::events::Event;
 use crate::key::{temp_key, Key};
@@ -213,14 +213,15 @@ impl RedisStore {
     }
 
     /// Takes the fill lease of `key` on the shard it would be written to.
-    pub async fn acquire_lease(&self, key: &Key, token: &str, ttl: Duration) -> bool {
+    pub async fn acquire_lease(&self, key: &Key, token: &str, ttl: Duration) -> LeaseAttempt {
         let ring = self.ring.load_full();
-        match Self::pick(&ring, key) {
-            Some(shard) => shard
-                .acquire_lease(&key.lease_key(), token, ttl)
-                .await
-                .unwrap_or(false),
-            None => false,
+        let Some(shard) = Self::pick(&ring, key) else {
+            return LeaseAttempt::Unavailable;
+        };
+        match shard.acquire_lease(&key.lease_key(), token, ttl).await {
+            Ok(true) => LeaseAttempt::Acquired,
+            Ok(false) => LeaseAttempt::Held,
+            Err(_) => LeaseAttempt::Unavailable,
         }
     }
 
