@@ -52,6 +52,9 @@ pub struct Config {
     /// How long a quarantined media's Puts are refused.
     #[serde(default = "default_quarantine_ttl", with = "humantime_serde")]
     pub quarantine_ttl: Duration,
+    /// How long streams in flight may run after SIGTERM before they are cut.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 /// How `serve --config FILE` notices changes to FILE. Needs a restart to change.
@@ -188,6 +191,9 @@ fn default_lease_ttl() -> Duration {
 fn default_quarantine_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
 }
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(20)
+}
 fn default_true() -> bool {
     true
 }
@@ -222,6 +228,7 @@ impl Default for Config {
             reload: ReloadConfig::default(),
             lease_ttl: default_lease_ttl(),
             quarantine_ttl: default_quarantine_ttl(),
+            shutdown_grace: default_shutdown_grace(),
         }
     }
 }
@@ -355,6 +362,9 @@ impl Config {
         }
         if self.quarantine_ttl != running.quarantine_ttl {
             changed.push("quarantine_ttl");
+        }
+        if self.shutdown_grace != running.shutdown_grace {
+            changed.push("shutdown_grace");
         }
         changed
     }

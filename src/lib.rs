@@ -13,6 +13,7 @@
 //! - [`store`]: the memory tier, the Redis tier, and the store that chooses between them.
 //! - [`service`]: the tonic services `MediaCache` and `CacheAdmin`.
 //! - [`server`]: wires config, ring, store and services together and serves until shutdown.
+//! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz`.
 //! - [`client`]: a small typed client for Rust users and the CLI.
 
 #![forbid(unsafe_code)]
@@ -29,6 +30,7 @@ pub mod service;
 pub mod shard;
 pub mod sim;
 pub mod store;
+pub mod telemetry;
 
 /// Code generated from `proto/mediacache/v1/mediacache.proto`.
 pub mod proto {

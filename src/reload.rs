@@ -35,6 +35,8 @@ pub struct ReloadStats {
     pub applied: AtomicU64,
     /// The last rejection, empty once a good config was applied after it.
     pub last_error: Mutex<String>,
+    /// Unix seconds when the running config was applied (at start, or by the last reload).
+    pub last_applied_unix: AtomicU64,
 }
 
 impl ReloadStats {
@@ -226,6 +228,9 @@ impl Reloader {
             "ring reloaded"
         );
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .last_applied_unix
+            .store(crate::telemetry::unix_now(), Ordering::Relaxed);
         if let Ok(mut last) = self.stats.last_error.lock() {
             last.clear();
         }

@@ -1,9 +1,11 @@
 //! Builds the ring and the store from a config and serves gRPC until shutdown.
 
 use std::future::Future;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -20,12 +22,13 @@ use crate::ring::Ring;
 use crate::service::{CacheAdminService, MediaCacheService};
 use crate::shard::Shard;
 use crate::store::{memory::MemoryStore, redis::RedisStore, Settings, Store};
+use crate::telemetry::{self, Metrics, Sources};
 
 /// Per connection; high enough for busy media repos, still a bound against a hostile peer.
 const MAX_LOCAL_ERROR_RESETS: usize = 1 << 16;
 
-/// How long in-flight streams may run after shutdown was asked for.
-const DRAIN_GRACE: Duration = Duration::from_secs(20);
+/// How often each shard's real memory use and key count are read for metrics.
+const SHARD_POLL: Duration = Duration::from_secs(5);
 
 /// Connects every shard of `config` concurrently. A shard that is down still gets a client,
 /// which keeps reconnecting in the background.
@@ -74,7 +77,7 @@ pub async fn run(
         members,
     )));
     let store = Arc::new(Store::new(
-        memory,
+        memory.clone(),
         RedisStore::new(ring.clone(), config.chunk_bytes, config.redis.temp_key_ttl),
         events.clone(),
         Settings {
@@ -84,6 +87,35 @@ pub async fn run(
         },
     ));
     let reloads = Arc::new(ReloadStats::default());
+    reloads
+        .last_applied_unix
+        .store(telemetry::unix_now(), std::sync::atomic::Ordering::Relaxed);
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(true));
+    // Dropped (and so stopped) when `run` returns.
+    let _http = match config.metrics_listen {
+        Some(addr) => {
+            let http = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics_listen: cannot listen on {addr}"))?;
+            info!(addr = %http.local_addr()?, "serving /metrics, /healthz, /readyz");
+            let sources = Arc::new(Sources {
+                memory: memory.clone(),
+                ring: ring.clone(),
+                reloads: reloads.clone(),
+                ready: ready.clone(),
+            });
+            Some(AbortOnDrop(tokio::spawn(telemetry::serve_http(
+                http,
+                metrics.clone(),
+                sources,
+            ))))
+        }
+        None => None,
+    };
+    let _poller = AbortOnDrop(tokio::spawn(
+        metrics.clone().poll_shards(ring.clone(), SHARD_POLL),
+    ));
     // Dropped (and so stopped) when `run` returns.
     let _reloader = path.map(|path| {
         let reloader = Arc::new(Reloader::new(
@@ -112,9 +144,11 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signal = {
         let health = health.clone();
+        let ready = ready.clone();
         async move {
             shutdown.await;
             info!("shutting down: refusing new requests, draining streams");
+            ready.store(false, std::sync::atomic::Ordering::Relaxed);
             health
                 .set_not_serving::<MediaCacheServer<MediaCacheService>>()
                 .await;
@@ -136,6 +170,7 @@ pub async fn run(
         .add_service(MediaCacheServer::new(MediaCacheService::new(
             store.clone(),
             config.max_object_bytes,
+            metrics.clone(),
         )))
         .add_service(CacheAdminServer::new(CacheAdminService::new(
             store.clone(),
@@ -144,13 +179,14 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
 
     let mut stopped = stop_rx;
+    let grace = config.shutdown_grace;
     let drain_deadline = async move {
         let _ = stopped.wait_for(|s| *s).await;
-        tokio::time::sleep(DRAIN_GRACE).await;
+        tokio::time::sleep(grace).await;
     };
     tokio::select! {
         r = serve => r?,
-        () = drain_deadline => warn!(grace = ?DRAIN_GRACE, "drain grace period ran out; closing open streams"),
+        () = drain_deadline => warn!(?grace, "drain grace period ran out; closing open streams"),
     }
     for shard in ring.load().shards() {
         shard.close().await;

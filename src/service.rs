@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{stream, Stream, StreamExt};
@@ -19,6 +19,7 @@ use crate::proto::{
 };
 use crate::reload::ReloadStats;
 use crate::store::{now_unix_ms, Committed, Lookup, Refusal, Store, StoreError};
+use crate::telemetry::Metrics;
 
 /// Everything a handler can fail with; [`to_status`] is the one place it becomes a `Status`.
 #[derive(Debug, thiserror::Error)]
@@ -83,14 +84,84 @@ pub struct MediaCacheService {
     store: Arc<Store>,
     /// Largest object accepted at all.
     max_object_bytes: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl MediaCacheService {
-    pub fn new(store: Arc<Store>, max_object_bytes: u64) -> Self {
+    pub fn new(store: Arc<Store>, max_object_bytes: u64, metrics: Arc<Metrics>) -> Self {
         Self {
             store,
             max_object_bytes,
+            metrics,
         }
+    }
+}
+
+/// Records a Get stream's outcome and duration when the stream is dropped.
+struct StreamDone {
+    metrics: Arc<Metrics>,
+    started: Instant,
+    outcome: Arc<std::sync::Mutex<&'static str>>,
+}
+
+impl Drop for StreamDone {
+    fn drop(&mut self) {
+        let outcome = *self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        let outcome = match outcome {
+            "memory" | "redis" => "hit",
+            other => other,
+        };
+        self.metrics.request("get", outcome, self.started.elapsed());
+    }
+}
+
+#[tonic::async_trait]
+impl proto::media_cache_server::MediaCache for MediaCacheService {
+    type GetStream = GetStream;
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetStream>, Status> {
+        let started = Instant::now();
+        let answer = self.handle_get(req, started).await;
+        if answer.is_err() {
+            self.metrics.request("get", "error", started.elapsed());
+        }
+        answer
+    }
+
+    async fn put(
+        &self,
+        req: Request<Streaming<PutRequest>>,
+    ) -> Result<Response<PutResponse>, Status> {
+        let started = Instant::now();
+        let answer = self.handle_put(req).await;
+        let outcome = match &answer {
+            Ok(r) if r.get_ref().stored => "stored",
+            Ok(_) => "refused",
+            Err(_) => "error",
+        };
+        self.metrics.request("put", outcome, started.elapsed());
+        answer
+    }
+
+    async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
+        let started = Instant::now();
+        let answer = self.handle_stat(req).await;
+        let outcome = match &answer {
+            Ok(r) if r.get_ref().found => "hit",
+            Ok(_) => "miss",
+            Err(_) => "error",
+        };
+        self.metrics.request("stat", outcome, started.elapsed());
+        answer
+    }
+
+    async fn purge(&self, req: Request<PurgeRequest>) -> Result<Response<PurgeResponse>, Status> {
+        let started = Instant::now();
+        let answer = self.handle_purge(req).await;
+        self.metrics.purges.inc();
+        let outcome = if answer.is_ok() { "ok" } else { "error" };
+        self.metrics.request("purge", outcome, started.elapsed());
+        answer
     }
 }
 
@@ -103,46 +174,86 @@ fn put_answer(outcome: PutOutcome) -> Response<PutResponse> {
     })
 }
 
-#[tonic::async_trait]
-impl proto::media_cache_server::MediaCache for MediaCacheService {
-    type GetStream = GetStream;
-
+impl MediaCacheService {
     #[instrument(skip_all, fields(key, offset = req.get_ref().offset, limit = req.get_ref().limit))]
-    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetStream>, Status> {
+    async fn handle_get(
+        &self,
+        req: Request<GetRequest>,
+        started: Instant,
+    ) -> Result<Response<GetStream>, Status> {
         let req = req.into_inner();
         let key = Key::from_proto(req.key.as_ref()).map_err(ServiceError::from)?;
         tracing::Span::current().record("key", tracing::field::display(&key));
         let wait = Duration::from_millis(u64::from(req.wait_ms)).min(MAX_WAIT);
-        let found = self
+        let (found, waited) = self
             .store
             .lookup(&key, req.offset, req.limit, req.want_lease, wait)
             .await
             .map_err(ServiceError::from)?;
+        let m = &self.metrics;
+        if waited {
+            m.lease_waits.inc();
+            if matches!(found, Lookup::Hit(_)) {
+                m.lease_waits_hit.inc();
+            }
+        }
         let hit = match found {
             Lookup::Hit(hit) => hit,
             Lookup::Miss { lease_token } => {
+                if !lease_token.is_empty() {
+                    m.leases_granted.inc();
+                }
+                m.request("get", "miss", started.elapsed());
                 let miss = GetResponse {
                     kind: Some(get_response::Kind::Miss(Miss { lease_token })),
                 };
                 return Ok(Response::new(stream::once(async { Ok(miss) }).boxed()));
             }
         };
+        m.get_first_byte.observe(started.elapsed().as_secs_f64());
         let info = GetResponse {
             kind: Some(get_response::Kind::Info(hit.info)),
         };
-        let chunks = hit.body.map(|chunk| match chunk {
-            Ok(bytes) => Ok(GetResponse {
-                kind: Some(get_response::Kind::Chunk(bytes)),
-            }),
-            Err(e) => Err(to_status(e.into())),
-        });
+        // Counted when the stream is dropped: a hit when it completed, else an error or a client
+        // that went away.
+        let outcome = Arc::new(std::sync::Mutex::new("cancelled"));
+        let done = StreamDone {
+            metrics: self.metrics.clone(),
+            started,
+            outcome: outcome.clone(),
+        };
+        let tier = hit.tier.as_str();
+        let metrics = self.metrics.clone();
+        let failed = outcome.clone();
+        let chunks = hit
+            .body
+            .map(move |chunk| match chunk {
+                Ok(bytes) => {
+                    metrics.bytes_sent.inc_by(bytes.len() as u64);
+                    Ok(GetResponse {
+                        kind: Some(get_response::Kind::Chunk(bytes)),
+                    })
+                }
+                Err(e) => {
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = "error";
+                    Err(to_status(e.into()))
+                }
+            })
+            .chain(stream::poll_fn(move |_| {
+                let _held = &done;
+                let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
+                if *o == "cancelled" {
+                    *o = tier;
+                }
+                std::task::Poll::Ready(None)
+            }));
         Ok(Response::new(
             stream::once(async { Ok(info) }).chain(chunks).boxed(),
         ))
     }
 
     #[instrument(skip_all, fields(key, size, shard))]
-    async fn put(
+    async fn handle_put(
         &self,
         req: Request<Streaming<PutRequest>>,
     ) -> Result<Response<PutResponse>, Status> {
@@ -206,6 +317,7 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
                 ));
             }
             hasher.update(&chunk);
+            self.metrics.bytes_received.inc_by(chunk.len() as u64);
             if let Err(e) = writer.write(chunk).await {
                 return match e {
                     StoreError::Shard(_) => Ok(put_answer(PutOutcome::Unavailable)),
@@ -243,7 +355,10 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
     }
 
     #[instrument(skip_all, fields(key))]
-    async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
+    async fn handle_stat(
+        &self,
+        req: Request<StatRequest>,
+    ) -> Result<Response<StatResponse>, Status> {
         let key = Key::from_proto(req.get_ref().key.as_ref()).map_err(ServiceError::from)?;
         tracing::Span::current().record("key", tracing::field::display(&key));
         let answer = match self.store.stat(&key).await {
@@ -259,7 +374,10 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
     }
 
     #[instrument(skip_all, fields(key, all_variants = req.get_ref().all_variants))]
-    async fn purge(&self, req: Request<PurgeRequest>) -> Result<Response<PurgeResponse>, Status> {
+    async fn handle_purge(
+        &self,
+        req: Request<PurgeRequest>,
+    ) -> Result<Response<PurgeResponse>, Status> {
         let req = req.into_inner();
         let key = Key::from_proto(req.key.as_ref()).map_err(ServiceError::from)?;
         tracing::Span::current().record("key", tracing::field::display(&key));

@@ -3,7 +3,7 @@
 //! A shard that failed a command is marked down and skipped (a miss, or `UNAVAILABLE` for a
 //! Put) until a background ping answers again, so a dead shard costs nothing but a fast miss.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +83,8 @@ pub struct Shard {
     redis: RedisConfig,
     pool: Pool,
     up: AtomicBool,
+    /// Commands that failed for connection reasons, for metrics.
+    errors: AtomicU64,
     command_timeout: Duration,
     health: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// Receives cluster events published on this shard.
@@ -167,6 +169,7 @@ impl Shard {
             redis: redis.clone(),
             pool,
             up: AtomicBool::new(up),
+            errors: AtomicU64::new(0),
             command_timeout: redis.command_timeout,
             health: std::sync::Mutex::new(None),
             subscriber,
@@ -188,6 +191,11 @@ impl Shard {
     }
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// Failed commands since this shard's client was created.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
     }
 
     fn set_up(&self, up: bool) {
@@ -228,6 +236,7 @@ impl Shard {
             | ErrorKind::Protocol
             | ErrorKind::Auth => {
                 warn!(shard = %self.name, error = %e, "shard command failed");
+                self.errors.fetch_add(1, Ordering::Relaxed);
                 self.set_up(false);
                 ShardError::Fault {
                     shard: self.name.clone(),

@@ -237,7 +237,7 @@ impl Store {
 
     /// A Get that, on a miss, may take the fill lease (`want_lease`) and may wait up to `wait`
     /// for another caller's fill, woken by fill and release events from any replica rather than
-    /// by polling Redis.
+    /// by polling Redis. The flag says whether it waited at all.
     pub async fn lookup(
         &self,
         key: &Key,
@@ -245,16 +245,17 @@ impl Store {
         limit: u64,
         want_lease: bool,
         wait: Duration,
-    ) -> Result<Lookup, StoreError> {
+    ) -> Result<(Lookup, bool), StoreError> {
         if let Some(hit) = self.get(key, offset, limit).await? {
-            return Ok(Lookup::Hit(hit));
+            return Ok((Lookup::Hit(hit), false));
         }
         let plain_miss = Lookup::Miss {
             lease_token: String::new(),
         };
         if !want_lease && wait.is_zero() {
-            return Ok(plain_miss);
+            return Ok((plain_miss, false));
         }
+        let mut waited = false;
         let deadline = Instant::now() + wait;
         let redis_key = key.redis_key();
         loop {
@@ -264,27 +265,30 @@ impl Store {
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(hit) = self.find(key, offset, limit).await? {
-                return Ok(Lookup::Hit(hit));
+                return Ok((Lookup::Hit(hit), waited));
             }
             if want_lease {
                 let token = new_token();
                 match self.acquire_lease(key, &token).await {
-                    LeaseAttempt::Acquired => return Ok(Lookup::Miss { lease_token: token }),
+                    LeaseAttempt::Acquired => {
+                        return Ok((Lookup::Miss { lease_token: token }, waited))
+                    }
                     LeaseAttempt::Held => {}
                     // The key's shard is down: nobody can fill it through the cache now, so
                     // waiting would only delay the caller's own fetch.
-                    LeaseAttempt::Unavailable => return Ok(plain_miss),
+                    LeaseAttempt::Unavailable => return Ok((plain_miss, waited)),
                 }
             }
             let now = Instant::now();
             if now >= deadline {
-                return Ok(plain_miss);
+                return Ok((plain_miss, waited));
             }
             // Look again when the holder's lease runs out, if nobody filled the key by then.
             let mut nap = (deadline - now).min(RECHECK);
             if let Some(left) = self.lease_left(key).await {
                 nap = nap.min(left + Duration::from_millis(5));
             }
+            waited = true;
             tokio::select! {
                 () = &mut notified => {}
                 () = tokio::time::sleep(nap) => {}
