@@ -23,7 +23,7 @@ use crate::proto::{
     cache_admin_client::CacheAdminClient, get_response, media_cache_client::MediaCacheClient,
     put_request, GetRequest, GetResponse, MediaInfo, MediaKey, PurgeRequest, PurgeResponse,
     PutHeader, PutRequest, PutResponse, RingStatusRequest, RingStatusResponse, StatRequest,
-    StatResponse,
+    StatResponse, StatsRequest, StatsResponse,
 };
 
 /// Chunk size the client sends on Put.
@@ -298,6 +298,10 @@ impl Client {
             })
             .await?
             .into_inner())
+    }
+
+    pub async fn stats(&mut self) -> Result<StatsResponse, ClientError> {
+        Ok(self.admin.stats(StatsRequest {}).await?.into_inner())
     }
 
     pub async fn ring_status(&mut self) -> Result<RingStatusResponse, ClientError> {

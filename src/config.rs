@@ -52,9 +52,45 @@ pub struct Config {
     /// How long a quarantined media's Puts are refused.
     #[serde(default = "default_quarantine_ttl", with = "humantime_serde")]
     pub quarantine_ttl: Duration,
+    #[serde(default)]
+    pub log: LogConfig,
     /// How long streams in flight may run after SIGTERM before they are cut.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+}
+
+/// Logging; `RUST_LOG` and `--log-format` take precedence. Needs a restart to change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `mediacache=debug,warn`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: default_log_level(),
+        }
+    }
 }
 
 /// How `serve --config FILE` notices changes to FILE. Needs a restart to change.
@@ -229,6 +265,7 @@ impl Default for Config {
             lease_ttl: default_lease_ttl(),
             quarantine_ttl: default_quarantine_ttl(),
             shutdown_grace: default_shutdown_grace(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -366,6 +403,9 @@ impl Config {
         if self.shutdown_grace != running.shutdown_grace {
             changed.push("shutdown_grace");
         }
+        if self.log != running.log {
+            changed.push("log");
+        }
         changed
     }
 
@@ -449,6 +489,15 @@ impl Config {
             }
         }
 
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            problem(
+                "log.level".into(),
+                format!(
+                    "{:?} is not a tracing filter (try info, debug, mediacache=debug)",
+                    self.log.level
+                ),
+            );
+        }
         if self.reload.debounce > Duration::from_secs(10) {
             problem(
                 "reload.debounce".into(),

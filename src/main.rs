@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use mediacache::client::{media_key, Client};
-use mediacache::config::{Config, Loaded};
+use mediacache::config::{Config, Loaded, LogFormat};
 use mediacache::proto::{MediaInfo, MediaKey, PutOutcome};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -33,6 +33,9 @@ enum Command {
         /// gRPC listen address; overrides `listen` from the config.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Log format; overrides `log.format` from the config.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
     },
     /// Validate a config file and print every problem with its key path.
     CheckConfig { file: PathBuf },
@@ -77,6 +80,11 @@ enum Command {
         /// Also refuse Puts of this media (any variant) for `quarantine_ttl`.
         #[arg(long)]
         quarantine: bool,
+    },
+    /// Print this replica's counters: hit ratio, bytes served from the cache, memory tier.
+    Stats {
+        #[command(flatten)]
+        addr: Addr,
     },
     /// Print the ring: generation, config digest and each shard.
     Ring {
@@ -152,12 +160,6 @@ impl Target {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -194,11 +196,17 @@ fn load_config(path: Option<&Path>) -> Result<Loaded, ExitCode> {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve { config, listen } => {
+        Command::Serve {
+            config,
+            listen,
+            log_format,
+        } => {
             let mut loaded = match load_config(config.as_deref()) {
                 Ok(l) => l,
                 Err(code) => return Ok(code),
             };
+            let log = &loaded.config.log;
+            init_logging(log_format.unwrap_or(log.format), &log.level);
             if let Some(listen) = listen {
                 loaded.config.listen = listen;
             }
@@ -231,15 +239,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 eprintln!("miss");
                 return Ok(ExitCode::from(1));
             };
+            let expected = download.info.size.saturating_sub(offset);
+            let expected = if limit == 0 {
+                expected
+            } else {
+                expected.min(limit)
+            };
+            let progress = progress_bar(expected);
             let n = match output {
                 Some(path) => {
-                    let mut file = tokio::fs::File::create(&path)
+                    let file = tokio::fs::File::create(&path)
                         .await
                         .with_context(|| format!("cannot create {}", path.display()))?;
-                    download.write_to(&mut file).await?
+                    download
+                        .write_to(&mut progress.wrap_async_write(file))
+                        .await?
                 }
-                None => download.write_to(&mut tokio::io::stdout()).await?,
+                None => {
+                    download
+                        .write_to(&mut progress.wrap_async_write(tokio::io::stdout()))
+                        .await?
+                }
             };
+            progress.finish_and_clear();
             eprintln!(
                 "hit: {n} of {} bytes, content_type {:?}, sha256 {}",
                 download.info.size,
@@ -271,7 +293,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("cannot open {}", input.display()))?;
                 let size = file.metadata().await?.len();
                 let info = MediaInfo { size, ..info };
-                client.put_reader(target.key(), info, file).await?
+                let progress = progress_bar(size);
+                let answer = client
+                    .put_reader(target.key(), info, progress.wrap_async_read(file))
+                    .await?;
+                progress.finish_and_clear();
+                answer
             };
             let outcome = PutOutcome::try_from(answer.outcome).unwrap_or(PutOutcome::Unspecified);
             println!("{}", outcome.as_str_name().to_lowercase());
@@ -311,6 +338,39 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate(args) => simulate(args),
+        Command::Stats { addr } => {
+            let mut client = Client::connect(addr.addr).await?;
+            let s = client.stats().await?;
+            let lookups = s.get_hits + s.get_misses;
+            let ratio = if lookups == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.1}%", s.get_hits as f64 * 100.0 / lookups as f64)
+            };
+            let rows = [
+                ["uptime".to_owned(), format!("{} s", s.uptime_seconds)],
+                ["get hits".to_owned(), s.get_hits.to_string()],
+                ["get misses".to_owned(), s.get_misses.to_string()],
+                ["hit ratio".to_owned(), ratio],
+                [
+                    "bytes served (saved from origins)".to_owned(),
+                    s.bytes_served.to_string(),
+                ],
+                ["bytes received".to_owned(), s.bytes_received.to_string()],
+                ["puts stored".to_owned(), s.puts_stored.to_string()],
+                [
+                    "fill leases granted".to_owned(),
+                    s.leases_granted.to_string(),
+                ],
+                ["memory tier bytes".to_owned(), s.memory_bytes.to_string()],
+                [
+                    "memory tier entries".to_owned(),
+                    s.memory_entries.to_string(),
+                ],
+            ];
+            print_table(["SINCE START", "VALUE"], &rows);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ring { addr } => {
             let mut client = Client::connect(addr.addr).await?;
             let ring = client.ring_status().await?;
@@ -414,6 +474,36 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<ExitCode> {
         print_table(["POLICY", "OBJECT_HIT_RATIO", "BYTE_HIT_RATIO"], &rows);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A byte progress bar on stderr when it is a terminal; hidden otherwise, so pipes and logs get
+/// plain output.
+fn progress_bar(len: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Logs to stderr; `RUST_LOG` wins over the configured level.
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 fn print_table<const N: usize>(head: [&str; N], rows: &[[String; N]]) {

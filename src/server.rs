@@ -175,6 +175,7 @@ pub async fn run(
         .add_service(CacheAdminServer::new(CacheAdminService::new(
             store.clone(),
             reloads,
+            metrics.clone(),
         )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
 

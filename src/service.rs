@@ -15,7 +15,7 @@ use crate::key::{check_info, FieldError, Key};
 use crate::proto::{
     self, get_response, put_request, GetRequest, GetResponse, Miss, PurgeRequest, PurgeResponse,
     PutOutcome, PutRequest, PutResponse, RingStatusRequest, RingStatusResponse, ShardStatus,
-    StatRequest, StatResponse,
+    StatRequest, StatResponse, StatsRequest, StatsResponse,
 };
 use crate::reload::ReloadStats;
 use crate::store::{now_unix_ms, Committed, Lookup, Refusal, Store, StoreError};
@@ -399,16 +399,39 @@ impl MediaCacheService {
 pub struct CacheAdminService {
     store: Arc<Store>,
     reloads: Arc<ReloadStats>,
+    metrics: Arc<Metrics>,
+    started: Instant,
 }
 
 impl CacheAdminService {
-    pub fn new(store: Arc<Store>, reloads: Arc<ReloadStats>) -> Self {
-        Self { store, reloads }
+    pub fn new(store: Arc<Store>, reloads: Arc<ReloadStats>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            store,
+            reloads,
+            metrics,
+            started: Instant::now(),
+        }
     }
 }
 
 #[tonic::async_trait]
 impl proto::cache_admin_server::CacheAdmin for CacheAdminService {
+    async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let m = &self.metrics;
+        let (memory_bytes, memory_entries) = self.store.memory().usage();
+        Ok(Response::new(StatsResponse {
+            uptime_seconds: self.started.elapsed().as_secs(),
+            get_hits: m.count("get", "hit"),
+            get_misses: m.count("get", "miss"),
+            bytes_served: m.bytes_sent.get(),
+            bytes_received: m.bytes_received.get(),
+            puts_stored: m.count("put", "stored"),
+            memory_bytes,
+            memory_entries,
+            leases_granted: m.leases_granted.get(),
+        }))
+    }
+
     async fn ring_status(
         &self,
         _req: Request<RingStatusRequest>,

@@ -228,6 +228,16 @@ impl Metrics {
         }
     }
 
+    /// A counter of requests by RPC and outcome.
+    pub fn count(&self, rpc: &str, outcome: &str) -> u64 {
+        self.requests
+            .get_or_create(&RpcOutcome {
+                rpc: rpc.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .get()
+    }
+
     /// Counts one finished request.
     pub fn request(&self, rpc: &str, outcome: &str, elapsed: Duration) {
         self.requests

@@ -355,3 +355,51 @@ async fn health_reflection_and_clean_exit_on_sigterm() {
     let status = server.0.wait().unwrap();
     assert!(status.success(), "exit after SIGTERM: {status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_counts_hits_and_json_logs_are_json() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = bin()
+        .args(["serve", "--listen", &listen, "--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = format!("http://{listen}");
+    wait_serving(&addr).await;
+    run(
+        &["put", "--addr", &addr, "example.org", "s"],
+        Some(b"12345"),
+    );
+    run(&["get", "--addr", &addr, "example.org", "s"], None);
+    run(&["get", "--addr", &addr, "example.org", "s"], None);
+    run(&["get", "--addr", &addr, "example.org", "missing"], None);
+    let out = run(&["stats", "--addr", &addr], None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(row("get hits"), "2", "{text}");
+    assert_eq!(row("get misses"), "1", "{text}");
+    assert_eq!(row("hit ratio"), "66.7%", "{text}");
+    assert_eq!(row("bytes served"), "10", "{text}");
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&output.stderr);
+    assert!(logs.lines().count() >= 2, "{logs}");
+    for line in logs.lines() {
+        assert!(
+            line.starts_with('{') && line.ends_with('}') && line.contains("\"level\""),
+            "{line}"
+        );
+    }
+}
