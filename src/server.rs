@@ -90,7 +90,7 @@ pub async fn run(
     reloads
         .last_applied_unix
         .store(telemetry::unix_now(), std::sync::atomic::Ordering::Relaxed);
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(ring.clone()));
     let ready = Arc::new(AtomicBool::new(true));
     // Dropped (and so stopped) when `run` returns.
     let _http = match config.metrics_listen {

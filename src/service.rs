@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::{stream, Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{error, instrument};
+use tracing::{error, Instrument};
 
 use crate::key::{check_info, FieldError, Key};
 use crate::proto::{
@@ -97,11 +97,37 @@ impl MediaCacheService {
     }
 }
 
-/// Records a Get stream's outcome and duration when the stream is dropped.
+/// A span per request; the handler records the key (and shard, size), [`finished`] the rest.
+fn request_span(rpc: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "rpc",
+        rpc,
+        key = tracing::field::Empty,
+        shard = tracing::field::Empty,
+        size = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        bytes = tracing::field::Empty,
+        duration_ms = tracing::field::Empty,
+    )
+}
+
+/// Records how a request ended on its span and logs it (at debug: one line per request).
+fn finished(span: &tracing::Span, outcome: &str, bytes: u64, started: Instant) {
+    span.record("outcome", outcome);
+    if bytes > 0 {
+        span.record("bytes", bytes);
+    }
+    span.record("duration_ms", started.elapsed().as_millis() as u64);
+    tracing::debug!(parent: span, "request done");
+}
+
+/// Records a Get stream's outcome, bytes and duration when the stream is dropped.
 struct StreamDone {
     metrics: Arc<Metrics>,
+    span: tracing::Span,
     started: Instant,
     outcome: Arc<std::sync::Mutex<&'static str>>,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for StreamDone {
@@ -112,6 +138,8 @@ impl Drop for StreamDone {
             other => other,
         };
         self.metrics.request("get", outcome, self.started.elapsed());
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        finished(&self.span, outcome, bytes, self.started);
     }
 }
 
@@ -121,9 +149,11 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
 
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetStream>, Status> {
         let started = Instant::now();
-        let answer = self.handle_get(req, started).await;
+        let span = request_span("get");
+        let answer = self.handle_get(req, started).instrument(span.clone()).await;
         if answer.is_err() {
             self.metrics.request("get", "error", started.elapsed());
+            finished(&span, "error", 0, started);
         }
         answer
     }
@@ -133,34 +163,40 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
         req: Request<Streaming<PutRequest>>,
     ) -> Result<Response<PutResponse>, Status> {
         let started = Instant::now();
-        let answer = self.handle_put(req).await;
+        let span = request_span("put");
+        let answer = self.handle_put(req).instrument(span.clone()).await;
         let outcome = match &answer {
             Ok(r) if r.get_ref().stored => "stored",
             Ok(_) => "refused",
             Err(_) => "error",
         };
         self.metrics.request("put", outcome, started.elapsed());
+        finished(&span, outcome, 0, started);
         answer
     }
 
     async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
         let started = Instant::now();
-        let answer = self.handle_stat(req).await;
+        let span = request_span("stat");
+        let answer = self.handle_stat(req).instrument(span.clone()).await;
         let outcome = match &answer {
             Ok(r) if r.get_ref().found => "hit",
             Ok(_) => "miss",
             Err(_) => "error",
         };
         self.metrics.request("stat", outcome, started.elapsed());
+        finished(&span, outcome, 0, started);
         answer
     }
 
     async fn purge(&self, req: Request<PurgeRequest>) -> Result<Response<PurgeResponse>, Status> {
         let started = Instant::now();
-        let answer = self.handle_purge(req).await;
+        let span = request_span("purge");
+        let answer = self.handle_purge(req).instrument(span.clone()).await;
         self.metrics.purges.inc();
         let outcome = if answer.is_ok() { "ok" } else { "error" };
         self.metrics.request("purge", outcome, started.elapsed());
+        finished(&span, outcome, 0, started);
         answer
     }
 }
@@ -175,7 +211,6 @@ fn put_answer(outcome: PutOutcome) -> Response<PutResponse> {
 }
 
 impl MediaCacheService {
-    #[instrument(skip_all, fields(key, offset = req.get_ref().offset, limit = req.get_ref().limit))]
     async fn handle_get(
         &self,
         req: Request<GetRequest>,
@@ -204,6 +239,7 @@ impl MediaCacheService {
                     m.leases_granted.inc();
                 }
                 m.request("get", "miss", started.elapsed());
+                finished(&tracing::Span::current(), "miss", 0, started);
                 let miss = GetResponse {
                     kind: Some(get_response::Kind::Miss(Miss { lease_token })),
                 };
@@ -217,10 +253,13 @@ impl MediaCacheService {
         // Counted when the stream is dropped: a hit when it completed, else an error or a client
         // that went away.
         let outcome = Arc::new(std::sync::Mutex::new("cancelled"));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let done = StreamDone {
             metrics: self.metrics.clone(),
+            span: tracing::Span::current(),
             started,
             outcome: outcome.clone(),
+            bytes: sent.clone(),
         };
         let tier = hit.tier.as_str();
         let metrics = self.metrics.clone();
@@ -230,6 +269,7 @@ impl MediaCacheService {
             .map(move |chunk| match chunk {
                 Ok(bytes) => {
                     metrics.bytes_sent.inc_by(bytes.len() as u64);
+                    sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     Ok(GetResponse {
                         kind: Some(get_response::Kind::Chunk(bytes)),
                     })
@@ -252,7 +292,6 @@ impl MediaCacheService {
         ))
     }
 
-    #[instrument(skip_all, fields(key, size, shard))]
     async fn handle_put(
         &self,
         req: Request<Streaming<PutRequest>>,
@@ -325,6 +364,7 @@ impl MediaCacheService {
                 };
             }
         }
+        tracing::Span::current().record("bytes", received);
         if received != info.size {
             return Err(field(
                 "info.size",
@@ -354,7 +394,6 @@ impl MediaCacheService {
         }
     }
 
-    #[instrument(skip_all, fields(key))]
     async fn handle_stat(
         &self,
         req: Request<StatRequest>,
@@ -373,7 +412,6 @@ impl MediaCacheService {
         Ok(Response::new(answer))
     }
 
-    #[instrument(skip_all, fields(key, all_variants = req.get_ref().all_variants))]
     async fn handle_purge(
         &self,
         req: Request<PurgeRequest>,

@@ -13,6 +13,7 @@ use fred::prelude::*;
 use fred::types::config::Options;
 use fred::types::scan::Scanner;
 use futures_util::StreamExt;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -85,6 +86,8 @@ pub struct Shard {
     up: AtomicBool,
     /// Commands that failed for connection reasons, for metrics.
     errors: AtomicU64,
+    /// Round trips of reads and writes, for metrics.
+    latency: Histogram,
     command_timeout: Duration,
     health: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// Receives cluster events published on this shard.
@@ -170,6 +173,7 @@ impl Shard {
             pool,
             up: AtomicBool::new(up),
             errors: AtomicU64::new(0),
+            latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             command_timeout: redis.command_timeout,
             health: std::sync::Mutex::new(None),
             subscriber,
@@ -196,6 +200,15 @@ impl Shard {
     /// Failed commands since this shard's client was created.
     pub fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
+    }
+
+    /// Durations of this shard's reads and writes.
+    pub fn latency(&self) -> &Histogram {
+        &self.latency
+    }
+
+    fn observe(&self, started: std::time::Instant) {
+        self.latency.observe(started.elapsed().as_secs_f64());
     }
 
     fn set_up(&self, up: bool) {
@@ -272,6 +285,7 @@ impl Shard {
 
     /// The first window of a value and the value's total length, read on one connection.
     pub async fn read_first(&self, key: &str, len: usize) -> Result<(Bytes, u64), ShardError> {
+        let started = std::time::Instant::now();
         let p = self.client()?.pipeline();
         let queued: Result<(), Error> = async {
             p.getrange::<(), _>(key, 0, len.max(1) - 1).await?;
@@ -279,7 +293,9 @@ impl Shard {
         }
         .await;
         queued.map_err(|e| self.fail(e))?;
-        self.finish(p).await
+        let read = self.finish(p).await;
+        self.observe(started);
+        read
     }
 
     /// Bytes `[start, end)` of a value and then its first `prefix_len` bytes, read in that
@@ -291,6 +307,7 @@ impl Shard {
         end: u64,
         prefix_len: usize,
     ) -> Result<(Bytes, Bytes), ShardError> {
+        let started = std::time::Instant::now();
         let p = self.client()?.pipeline();
         let queued: Result<(), Error> = async {
             p.getrange::<(), _>(key, start as usize, end as usize - 1)
@@ -299,7 +316,9 @@ impl Shard {
         }
         .await;
         queued.map_err(|e| self.fail(e))?;
-        self.finish(p).await
+        let read = self.finish(p).await;
+        self.observe(started);
+        read
     }
 
     /// Takes a fill lease: `SET lease token NX PX ttl`. False when someone else holds it.
@@ -548,6 +567,7 @@ impl Pinned {
         data: Bytes,
         ttl: Duration,
     ) -> Result<(), ShardError> {
+        let started = std::time::Instant::now();
         self.shard.check_up()?;
         let p = self.client.pipeline();
         let queued: Result<(), Error> = async {
@@ -557,6 +577,7 @@ impl Pinned {
         .await;
         queued.map_err(|e| self.shard.fail(e))?;
         let _: Vec<Value> = self.shard.finish(p).await?;
+        self.shard.observe(started);
         Ok(())
     }
 

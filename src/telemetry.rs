@@ -14,11 +14,13 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
@@ -83,15 +85,38 @@ pub struct Metrics {
     last_reload: Gauge,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
+/// Per-shard command latency, read from the shards of the running ring at scrape time.
+struct ShardLatency(Arc<ArcSwap<Ring>>);
+
+impl std::fmt::Debug for ShardLatency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShardLatency")
+    }
+}
+
+impl Collector for ShardLatency {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let ring = self.0.load();
+        let mut metric = encoder.encode_descriptor(
+            "shard_command_duration_seconds",
+            "Round trips of reads and writes, by shard",
+            None,
+            MetricType::Histogram,
+        )?;
+        for shard in ring.shards() {
+            let label = ShardLabel {
+                shard: shard.name().to_owned(),
+            };
+            shard.latency().encode(metric.encode_family(&label)?)?;
+        }
+        Ok(())
     }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub fn new(ring: Arc<ArcSwap<Ring>>) -> Self {
         let mut registry = Registry::with_prefix("mediacache");
+        registry.register_collector(Box::new(ShardLatency(ring)));
         let requests = Family::<RpcOutcome, Counter>::default();
         registry.register("requests", "Requests by RPC and outcome", requests.clone());
         let latency: HistogramFamily<Rpc> = Family::new_with_constructor(latency_histogram);

@@ -107,6 +107,18 @@ async fn metrics_follow_traffic_shards_and_reloads() {
     assert!(s
         .iter()
         .any(|x| x.metric == "mediacache_get_first_byte_seconds_count"));
+    let reads: f64 = s
+        .iter()
+        .filter(|x| x.metric == "mediacache_shard_command_duration_seconds_count")
+        .map(|x| match x.value {
+            prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Counter(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert!(
+        reads >= 2.0,
+        "the miss, the Put and the hit went to a shard: {reads}"
+    );
     for shard in ["shard-0", "shard-1"] {
         assert_eq!(
             value(&s, "mediacache_shard_up", &[("shard", shard)]),
