@@ -21,9 +21,9 @@ use tonic::{Status, Streaming};
 
 use crate::proto::{
     cache_admin_client::CacheAdminClient, get_response, media_cache_client::MediaCacheClient,
-    put_request, GetRequest, GetResponse, MediaInfo, MediaKey, PurgeRequest, PurgeResponse,
-    PutHeader, PutRequest, PutResponse, RingStatusRequest, RingStatusResponse, StatRequest,
-    StatResponse, StatsRequest, StatsResponse,
+    put_request, GetRequest, GetResponse, MediaInfo, MediaKey, PurgeOriginProgress,
+    PurgeOriginRequest, PurgeRequest, PurgeResponse, PutHeader, PutRequest, PutResponse,
+    RingStatusRequest, RingStatusResponse, StatRequest, StatResponse, StatsRequest, StatsResponse,
 };
 
 /// Chunk size the client sends on Put.
@@ -298,6 +298,31 @@ impl Client {
             })
             .await?
             .into_inner())
+    }
+
+    /// Purges every media of an origin; `progress` sees each report as it arrives. Returns the
+    /// objects removed.
+    pub async fn purge_origin(
+        &mut self,
+        origin: &str,
+        quarantine: bool,
+        mut progress: impl FnMut(&PurgeOriginProgress),
+    ) -> Result<u64, ClientError> {
+        let mut stream = self
+            .admin
+            .purge_origin(PurgeOriginRequest {
+                origin: origin.to_owned(),
+                quarantine,
+            })
+            .await?
+            .into_inner();
+        while let Some(report) = stream.message().await? {
+            progress(&report);
+            if report.done {
+                return Ok(report.removed);
+            }
+        }
+        Err(ClientError::Protocol("purge ended without a final report"))
     }
 
     pub async fn stats(&mut self) -> Result<StatsResponse, ClientError> {

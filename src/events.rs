@@ -34,6 +34,8 @@ pub enum Event {
         key: Key,
         all_variants: bool,
     },
+    /// Drop every media of an origin.
+    PurgeOrigin(String),
 }
 
 impl Event {
@@ -48,6 +50,7 @@ impl Event {
                 key.variant(),
                 u8::from(*all_variants)
             ),
+            Event::PurgeOrigin(origin) => format!("purge_origin{SEP}{origin}"),
         }
     }
 
@@ -57,6 +60,10 @@ impl Event {
         match parts.as_slice() {
             ["filled", k] => Some(Event::Filled((*k).to_owned())),
             ["released", k] => Some(Event::Released((*k).to_owned())),
+            ["purge_origin", origin] => {
+                crate::key::check_origin(origin).ok()?;
+                Some(Event::PurgeOrigin((*origin).to_owned()))
+            }
             ["purge", origin, media_id, variant, all] => Some(Event::Purge {
                 key: Key::new(origin, media_id, variant).ok()?,
                 all_variants: *all == "1",
@@ -113,6 +120,9 @@ impl Events {
                     self.memory.remove(&key);
                 }
             }
+            Event::PurgeOrigin(origin) => {
+                self.memory.remove_origin(&origin);
+            }
         }
     }
 
@@ -137,6 +147,7 @@ mod tests {
                 key: key.clone(),
                 all_variants: true,
             },
+            Event::PurgeOrigin("example.org".into()),
         ] {
             assert_eq!(Event::decode(&e.encode()), Some(e));
         }

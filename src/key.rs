@@ -77,6 +77,21 @@ fn variant_byte(b: u8) -> bool {
     media_id_byte(b) || b == b'/'
 }
 
+/// Validates an origin on its own (a whole-origin purge).
+pub fn check_origin(origin: &str) -> Result<(), FieldError> {
+    check("origin", origin, MAX_ORIGIN, origin_byte)
+}
+
+/// A `SCAN MATCH` pattern for every object of an origin.
+pub fn origin_pattern(origin: &str) -> String {
+    format!("mc:{SCHEMA_MAJOR}:o:{}|*", glob_escape(origin))
+}
+
+/// The Redis key of the quarantine tombstone of a whole origin.
+pub fn origin_tombstone_key(origin: &str) -> String {
+    format!("mc:{SCHEMA_MAJOR}:qo:{origin}")
+}
+
 impl Key {
     /// Validates the parts of a key. `variant` may be empty (the original).
     pub fn new(origin: &str, media_id: &str, variant: &str) -> Result<Self, FieldError> {

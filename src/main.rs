@@ -70,10 +70,20 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Remove an object (or all its variants) from every shard and the memory tier.
+    /// Remove an object (or all its variants, or a whole origin) from every shard and every
+    /// replica's memory tier.
     Purge {
         #[command(flatten)]
-        target: Target,
+        addr: Addr,
+        /// ORIGIN MEDIA_ID of one media (omit with --origin).
+        #[arg(num_args = 0..=2, value_names = ["ORIGIN", "MEDIA_ID"])]
+        key: Vec<String>,
+        #[arg(long, default_value = "")]
+        variant: String,
+        /// Purge every media of this origin server: scans every shard a page at a time (other
+        /// traffic goes on) and shows progress.
+        #[arg(long, conflicts_with = "key")]
+        origin: Option<String>,
         /// Remove every variant of ORIGIN/MEDIA_ID.
         #[arg(long)]
         all_variants: bool,
@@ -328,12 +338,38 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Purge {
-            target,
+            addr,
+            key,
+            variant,
+            origin,
             all_variants,
             quarantine,
         } => {
-            let mut client = target.client().await?;
-            let answer = client.purge(target.key(), all_variants, quarantine).await?;
+            let mut client = Client::connect(addr.addr).await?;
+            if let Some(origin) = origin {
+                let removed = client
+                    .purge_origin(&origin, quarantine, |p| {
+                        if !p.done {
+                            eprintln!(
+                                "shard {} ({} of {} done): {} removed so far",
+                                p.shard, p.shards_done, p.shards_total, p.removed
+                            );
+                        }
+                    })
+                    .await?;
+                println!("removed {removed}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let [origin, media_id] = key.as_slice() else {
+                anyhow::bail!("give ORIGIN MEDIA_ID, or --origin ORIGIN for a whole origin");
+            };
+            let answer = client
+                .purge(
+                    media_key(origin, media_id, &variant),
+                    all_variants,
+                    quarantine,
+                )
+                .await?;
             println!("removed {}", answer.removed);
             Ok(ExitCode::SUCCESS)
         }

@@ -13,9 +13,10 @@ use tracing::{error, Instrument};
 
 use crate::key::{check_info, FieldError, Key};
 use crate::proto::{
-    self, get_response, put_request, GetRequest, GetResponse, Miss, PurgeRequest, PurgeResponse,
-    PutOutcome, PutRequest, PutResponse, RingStatusRequest, RingStatusResponse, ShardStatus,
-    StatRequest, StatResponse, StatsRequest, StatsResponse,
+    self, get_response, put_request, GetRequest, GetResponse, Miss, PurgeOriginProgress,
+    PurgeOriginRequest, PurgeRequest, PurgeResponse, PutOutcome, PutRequest, PutResponse,
+    RingStatusRequest, RingStatusResponse, ShardStatus, StatRequest, StatResponse, StatsRequest,
+    StatsResponse,
 };
 use crate::reload::ReloadStats;
 use crate::store::{now_unix_ms, Committed, Lookup, Refusal, Store, StoreError};
@@ -454,6 +455,58 @@ impl CacheAdminService {
 
 #[tonic::async_trait]
 impl proto::cache_admin_server::CacheAdmin for CacheAdminService {
+    type PurgeOriginStream =
+        Pin<Box<dyn Stream<Item = Result<PurgeOriginProgress, Status>> + Send>>;
+
+    /// Runs in its own task, so a slow purge neither blocks nor is cancelled by the caller;
+    /// progress goes out as it is made (dropped, not queued, if the caller reads slowly).
+    async fn purge_origin(
+        &self,
+        req: Request<PurgeOriginRequest>,
+    ) -> Result<Response<Self::PurgeOriginStream>, Status> {
+        let req = req.into_inner();
+        crate::key::check_origin(&req.origin).map_err(ServiceError::from)?;
+        self.metrics.purges.inc();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let progress = tx.clone();
+            let (removed, failed) = store
+                .purge_origin(
+                    &req.origin,
+                    req.quarantine,
+                    |shard, removed, done, total| {
+                        let _ = progress.try_send(Ok(PurgeOriginProgress {
+                            shard: shard.to_owned(),
+                            removed,
+                            shards_done: done as u32,
+                            shards_total: total as u32,
+                            done: false,
+                        }));
+                    },
+                )
+                .await;
+            let last = if failed.is_empty() {
+                Ok(PurgeOriginProgress {
+                    shard: String::new(),
+                    removed,
+                    shards_done: store.redis().ring().shards().len() as u32,
+                    shards_total: store.redis().ring().shards().len() as u32,
+                    done: true,
+                })
+            } else {
+                Err(to_status(ServiceError::PurgeIncomplete {
+                    shards: failed,
+                    removed,
+                }))
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+        ))
+    }
+
     async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         let m = &self.metrics;
         let (memory_bytes, memory_entries) = self.store.memory().usage();

@@ -37,10 +37,10 @@ pub enum ShardError {
 /// Publishes a temporary key under its final name, only when it holds exactly the expected
 /// number of bytes and the media is not quarantined: writes the final header over the draft one,
 /// renames, clears the TTL and announces the fill, all in one atomic step.
-/// KEYS: temporary, final, tombstone. ARGV: expected length, header, channel, event.
-/// Returns 1 published, 0 lost (temporary key missing or short), 2 quarantined.
+/// KEYS: temporary, final, media tombstone, origin tombstone. ARGV: expected length, header,
+/// channel, event. Returns 1 published, 0 lost (temporary key missing or short), 2 quarantined.
 const PUBLISH_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[3]) == 1 then
+if redis.call('EXISTS', KEYS[3], KEYS[4]) > 0 then
   redis.call('DEL', KEYS[1])
   return 2
 end
@@ -393,12 +393,13 @@ impl Shard {
             .map_err(|e| self.fail(e))
     }
 
-    pub async fn exists(&self, key: &str) -> Result<bool, ShardError> {
+    /// Whether any of `keys` exists.
+    pub async fn exists(&self, keys: Vec<String>) -> Result<bool, ShardError> {
         self.check_up()?;
         let n: u64 = self
             .pool
             .with_options(&self.options())
-            .exists(key)
+            .exists(keys)
             .await
             .map_err(|e| self.fail(e))?;
         Ok(n > 0)
@@ -435,6 +436,15 @@ impl Shard {
 
     /// Deletes every key matching `pattern`, a page at a time so the shard is never blocked.
     pub async fn delete_matching(&self, pattern: &str) -> Result<u64, ShardError> {
+        self.delete_matching_with(pattern, |_| {}).await
+    }
+
+    /// Like [`Shard::delete_matching`], calling `progress` with the running count after each page.
+    pub async fn delete_matching_with(
+        &self,
+        pattern: &str,
+        mut progress: impl FnMut(u64) + Send,
+    ) -> Result<u64, ShardError> {
         self.check_up()?;
         let client = self.pool.next_connected().clone();
         let mut pages = client.scan(pattern, Some(500), None);
@@ -450,6 +460,7 @@ impl Shard {
                         .map_err(|e| self.fail(e))?;
                 }
             }
+            progress(removed);
             page.next();
         }
         Ok(removed)
@@ -588,7 +599,7 @@ impl Pinned {
         &self,
         temp: &str,
         key: &str,
-        tombstone: &str,
+        tombstones: [&str; 2],
         header: Bytes,
         expected_len: u64,
     ) -> Result<Published, ShardError> {
@@ -602,7 +613,11 @@ impl Pinned {
         let done: i64 = self
             .client
             .with_options(&self.shard.options())
-            .eval(PUBLISH_SCRIPT, vec![temp, key, tombstone], args)
+            .eval(
+                PUBLISH_SCRIPT,
+                vec![temp, key, tombstones[0], tombstones[1]],
+                args,
+            )
             .await
             .map_err(|e| self.shard.fail(e))?;
         Ok(match done {

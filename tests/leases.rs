@@ -330,3 +330,98 @@ async fn purge_and_quarantine_reach_every_copy() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_origin_is_purged_and_quarantined_with_progress() {
+    let mut cluster = TestCluster::builder()
+        .shards(3)
+        .configure(|c| c.memory.min_downloads = 1)
+        .start()
+        .await;
+    let second = cluster.add_replica().await;
+    let mut r0 = cluster.client().await;
+    let mut r1 = Client::connect(second.clone()).await.unwrap();
+    for i in 0..60 {
+        let variant = if i % 2 == 0 { "thumb/8x8/crop" } else { "" };
+        let key = media_key("spam.example", &format!("m{}", i / 2), variant);
+        assert!(
+            r0.put_bytes(key, Default::default(), body(2000, i))
+                .await
+                .unwrap()
+                .stored
+        );
+    }
+    for i in 0..5 {
+        let key = media_key("good.example", &format!("g{i}"), "");
+        assert!(
+            r0.put_bytes(key, Default::default(), body(100, i))
+                .await
+                .unwrap()
+                .stored
+        );
+    }
+    // The other replica holds one of them in memory.
+    let cached = media_key("spam.example", "m1", "");
+    assert!(r1.get_bytes(cached.clone()).await.unwrap().is_some());
+    assert_eq!(r1.stat(cached.clone()).await.unwrap().tier, "memory");
+
+    let mut reports = Vec::new();
+    let removed = r0
+        .purge_origin("spam.example", true, |p| reports.push(p.clone()))
+        .await
+        .unwrap();
+    assert_eq!(removed, 60);
+    assert!(
+        reports.len() >= 4,
+        "a report per shard page and a final one: {reports:?}"
+    );
+    assert!(reports.last().unwrap().done);
+    let left: Vec<_> = cluster
+        .all_keys()
+        .await
+        .into_iter()
+        .filter(|(_, k)| k.starts_with("mc:1:o:"))
+        .collect();
+    assert_eq!(left.len(), 5, "only the other origin is left: {left:?}");
+    eventually(
+        "the other replica dropped the origin",
+        Duration::from_secs(1),
+        || async {
+            let mut r1 = r1.clone();
+            (!r1.stat(cached.clone()).await.ok()?.found).then_some(())
+        },
+    )
+    .await;
+    let refused = r1
+        .put_bytes(
+            media_key("spam.example", "fresh", ""),
+            Default::default(),
+            body(10, 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused.outcome, PutOutcome::Quarantined as i32);
+
+    // The same from the command line, without quarantine.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mediacache"))
+        .args(["purge", "--addr", &second, "--origin", "good.example"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "removed 5");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("removed so far"));
+    assert!(
+        r0.put_bytes(
+            media_key("good.example", "again", ""),
+            Default::default(),
+            body(10, 1)
+        )
+        .await
+        .unwrap()
+        .stored
+    );
+}

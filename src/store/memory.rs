@@ -514,14 +514,23 @@ impl MemoryStore {
 
     /// Removes every variant of `key`'s media; returns how many.
     pub fn remove_variants(&self, key: &Key) -> u64 {
+        self.remove_where(|k| k.origin() == key.origin() && k.media_id() == key.media_id())
+    }
+
+    /// Removes every media of `origin`; returns how many objects.
+    pub fn remove_origin(&self, origin: &str) -> u64 {
+        self.remove_where(|k| k.origin() == origin)
+    }
+
+    fn remove_where(&self, doomed: impl Fn(&Key) -> bool) -> u64 {
         let (mut inner, _) = self.lock();
-        let doomed: Vec<u64> = inner
+        let hashes: Vec<u64> = inner
             .entries
             .iter()
-            .filter(|(_, e)| e.key.origin() == key.origin() && e.key.media_id() == key.media_id())
+            .filter(|(_, e)| doomed(&e.key))
             .map(|(h, _)| *h)
             .collect();
-        doomed
+        hashes
             .into_iter()
             .filter(|h| inner.remove(*h).is_some())
             .count() as u64

@@ -137,6 +137,9 @@ pub enum Lookup {
     },
 }
 
+/// Stands for "every media" in the local quarantine (never a valid media id).
+const WHOLE_ORIGIN: &str = "*";
+
 /// How often a waiter looks again even without an event, in case one was missed.
 const RECHECK: Duration = Duration::from_millis(250);
 
@@ -348,7 +351,35 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         q.retain(|_, until| *until > now);
-        q.contains_key(&(key.origin().to_owned(), key.media_id().to_owned()))
+        let origin = key.origin().to_owned();
+        q.contains_key(&(origin.clone(), key.media_id().to_owned()))
+            || q.contains_key(&(origin, WHOLE_ORIGIN.to_owned()))
+    }
+
+    /// Removes every media of `origin` from every shard and every replica's memory tier,
+    /// calling `progress(shard, removed, shards_done, shards_total)` as it goes.
+    pub async fn purge_origin(
+        &self,
+        origin: &str,
+        quarantine: bool,
+        progress: impl FnMut(&str, u64, usize, usize) + Send,
+    ) -> (u64, Vec<String>) {
+        if quarantine {
+            let mut q = self
+                .local_quarantine
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            q.insert(
+                (origin.to_owned(), WHOLE_ORIGIN.to_owned()),
+                Instant::now() + self.quarantine_ttl,
+            );
+        }
+        let from_memory = self.memory.remove_origin(origin);
+        let (from_redis, failed) = self
+            .redis
+            .purge_origin(origin, quarantine.then_some(self.quarantine_ttl), progress)
+            .await;
+        (from_memory + from_redis, failed)
     }
 
     pub fn memory(&self) -> &MemoryStore {

@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use super::{body_ranges, ChunkStream, LeaseAttempt, Range, Refusal, StoreError};
 use crate::config::Failover;
 use crate::events::Event;
-use crate::key::{temp_key, Key};
+use crate::key::{origin_pattern, origin_tombstone_key, temp_key, Key};
 use crate::object::{self, Header, MAX_HEADER_LEN, PREFIX_LEN};
 use crate::proto::MediaInfo;
 use crate::ring::Ring;
@@ -169,7 +169,8 @@ impl RedisStore {
             return Ok(Err(Refusal::Unavailable));
         };
         // Checked again, atomically, at publish time; this only saves streaming for nothing.
-        match shard.exists(&key.tombstone_key()).await {
+        let tombstones = vec![key.tombstone_key(), origin_tombstone_key(key.origin())];
+        match shard.exists(tombstones).await {
             Ok(true) => return Ok(Err(Refusal::Quarantined)),
             Ok(false) => {}
             Err(_) => return Ok(Err(Refusal::Unavailable)),
@@ -210,6 +211,49 @@ impl RedisStore {
             written: 0,
             ttl: self.temp_key_ttl,
         }))
+    }
+
+    /// Deletes every object of `origin` on every shard, one shard and one SCAN page at a time so
+    /// other traffic goes on, reporting the running count after each page; with `quarantine`, an
+    /// origin tombstone goes on every shard first. Every replica is told to drop the origin from
+    /// memory. Returns the count removed and the shards that could not be reached.
+    pub async fn purge_origin(
+        &self,
+        origin: &str,
+        quarantine: Option<Duration>,
+        mut progress: impl FnMut(&str, u64, usize, usize) + Send,
+    ) -> (u64, Vec<String>) {
+        let ring = self.ring.load_full();
+        let total = ring.shards().len();
+        let event = Event::PurgeOrigin(origin.to_owned()).encode();
+        let mut removed = 0;
+        let mut failed = Vec::new();
+        for (done, shard) in ring.shards().iter().enumerate() {
+            let before = removed;
+            let r = async {
+                if let Some(ttl) = quarantine {
+                    shard
+                        .set_tombstone(&origin_tombstone_key(origin), ttl)
+                        .await?;
+                }
+                let n = shard
+                    .delete_matching_with(&origin_pattern(origin), |n| {
+                        progress(shard.name(), before + n, done, total)
+                    })
+                    .await?;
+                shard.announce(event.clone()).await?;
+                Ok::<u64, ShardError>(n)
+            }
+            .await;
+            match r {
+                Ok(n) => removed += n,
+                Err(e) => {
+                    warn!(shard = %shard.name(), origin, error = %e, "origin purge could not reach shard");
+                    failed.push(shard.name().to_owned());
+                }
+            }
+        }
+        (removed, failed)
     }
 
     /// Takes the fill lease of `key` on the shard it would be written to.
@@ -384,7 +428,10 @@ impl RedisWriter {
             .publish(
                 &self.guard.temp,
                 &self.key.redis_key(),
-                &self.key.tombstone_key(),
+                [
+                    &self.key.tombstone_key(),
+                    &origin_tombstone_key(self.key.origin()),
+                ],
                 header,
                 self.header_len + self.written,
             )
