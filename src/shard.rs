@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::clients::{Pipeline, SubscriberClient};
+use fred::clients::{Pipeline, SubscriberClient, WithOptions};
 use fred::prelude::*;
 use fred::types::config::Options;
 use fred::types::scan::Scanner;
@@ -90,6 +90,9 @@ pub struct Shard {
     latency: Histogram,
     command_timeout: Duration,
     health: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Wakes requests waiting on this shard when it is found down, so a command sent just
+    /// before a crash is not left to run out its whole timeout.
+    went_down: tokio::sync::Notify,
     /// Receives cluster events published on this shard.
     subscriber: SubscriberClient,
 }
@@ -176,6 +179,7 @@ impl Shard {
             latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             command_timeout: redis.command_timeout,
             health: std::sync::Mutex::new(None),
+            went_down: tokio::sync::Notify::new(),
             subscriber,
         });
         let task = tokio::spawn(health_loop(Arc::downgrade(&shard), redis.health_interval));
@@ -217,6 +221,7 @@ impl Shard {
                 info!(shard = %self.name, "shard up");
             } else {
                 warn!(shard = %self.name, "shard down");
+                self.went_down.notify_waiters();
             }
         }
     }
@@ -276,17 +281,31 @@ impl Shard {
 
     /// Sends a pipeline under the command timeout. A pipeline keeps its commands in order on one
     /// connection, which the windowed reads rely on.
-    async fn finish<R: FromValue>(&self, pipeline: Pipeline<Client>) -> Result<R, ShardError> {
-        match tokio::time::timeout(self.command_timeout, pipeline.all::<R>()).await {
-            Ok(result) => result.map_err(|e| self.fail(e)),
-            Err(_) => Err(self.fail(Error::new(ErrorKind::Timeout, "pipeline timed out"))),
+    /// A pipeline on one connected client, failing fast (not queueing) if its connection drops.
+    fn pipeline(&self) -> Result<Pipeline<WithOptions<Client>>, ShardError> {
+        Ok(Pipeline::from(self.client()?.with_options(&self.options())))
+    }
+
+    async fn finish<R: FromValue>(
+        &self,
+        pipeline: Pipeline<WithOptions<Client>>,
+    ) -> Result<R, ShardError> {
+        let down = self.went_down.notified();
+        tokio::pin!(down);
+        down.as_mut().enable();
+        tokio::select! {
+            done = tokio::time::timeout(self.command_timeout, pipeline.all::<R>()) => match done {
+                Ok(result) => result.map_err(|e| self.fail(e)),
+                Err(_) => Err(self.fail(Error::new(ErrorKind::Timeout, "pipeline timed out"))),
+            },
+            () = &mut down => Err(ShardError::Down(self.name.clone())),
         }
     }
 
     /// The first window of a value and the value's total length, read on one connection.
     pub async fn read_first(&self, key: &str, len: usize) -> Result<(Bytes, u64), ShardError> {
         let started = std::time::Instant::now();
-        let p = self.client()?.pipeline();
+        let p = self.pipeline()?;
         let queued: Result<(), Error> = async {
             p.getrange::<(), _>(key, 0, len.max(1) - 1).await?;
             p.strlen::<(), _>(key).await
@@ -308,7 +327,7 @@ impl Shard {
         prefix_len: usize,
     ) -> Result<(Bytes, Bytes), ShardError> {
         let started = std::time::Instant::now();
-        let p = self.client()?.pipeline();
+        let p = self.pipeline()?;
         let queued: Result<(), Error> = async {
             p.getrange::<(), _>(key, start as usize, end as usize - 1)
                 .await?;
@@ -580,7 +599,7 @@ impl Pinned {
     ) -> Result<(), ShardError> {
         let started = std::time::Instant::now();
         self.shard.check_up()?;
-        let p = self.client.pipeline();
+        let p = Pipeline::from(self.client.with_options(&self.shard.options()));
         let queued: Result<(), Error> = async {
             p.append::<(), _, _>(key, data).await?;
             p.pexpire::<(), _>(key, ttl.as_millis() as i64, None).await
