@@ -163,14 +163,6 @@ impl Key {
             glob_escape(&self.media_id)
         )
     }
-
-    pub fn to_proto(&self) -> proto::MediaKey {
-        proto::MediaKey {
-            origin: self.origin.clone(),
-            media_id: self.media_id.clone(),
-            variant: self.variant.clone(),
-        }
-    }
 }
 
 impl fmt::Display for Key {

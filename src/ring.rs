@@ -51,14 +51,6 @@ impl Placement {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-
     fn score(node: &Node, key: &[u8]) -> f64 {
         let h = xxh3_64_with_seed(key, node.seed);
         let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
