@@ -149,3 +149,71 @@ async fn memory_only_mode_refuses_what_it_cannot_make_room_for() {
         .unwrap()
         .is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_only_mode_quarantines_media_and_origins() {
+    let cluster = TestCluster::builder().start().await;
+    let mut client = cluster.client().await;
+    let key = media_key("bad.example", "m", "");
+    assert!(
+        client
+            .put_bytes(key.clone(), Default::default(), body(10, 1))
+            .await
+            .unwrap()
+            .stored
+    );
+    assert_eq!(
+        client.purge(key.clone(), true, true).await.unwrap().removed,
+        1
+    );
+    let thumb = media_key("bad.example", "m", "thumb/1x1/crop");
+    let answer = client
+        .put_bytes(thumb, Default::default(), body(10, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.outcome,
+        mediacache::proto::PutOutcome::Quarantined as i32
+    );
+    assert!(
+        client
+            .put_bytes(
+                media_key("bad.example", "other", ""),
+                Default::default(),
+                body(10, 1)
+            )
+            .await
+            .unwrap()
+            .stored
+    );
+    assert_eq!(
+        client
+            .purge_origin("bad.example", true, |_| {})
+            .await
+            .unwrap(),
+        1
+    );
+    let answer = client
+        .put_bytes(
+            media_key("bad.example", "third", ""),
+            Default::default(),
+            body(10, 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.outcome,
+        mediacache::proto::PutOutcome::Quarantined as i32
+    );
+    assert!(
+        client
+            .put_bytes(
+                media_key("good.example", "m", ""),
+                Default::default(),
+                body(10, 1)
+            )
+            .await
+            .unwrap()
+            .stored
+    );
+}

@@ -356,6 +356,18 @@ impl Store {
             || q.contains_key(&(origin, WHOLE_ORIGIN.to_owned()))
     }
 
+    /// Memory-only mode's quarantine (with shards, tombstones on the shards do this).
+    fn quarantine_locally(&self, origin: &str, media_id: &str) {
+        let mut q = self
+            .local_quarantine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        q.insert(
+            (origin.to_owned(), media_id.to_owned()),
+            Instant::now() + self.quarantine_ttl,
+        );
+    }
+
     /// Removes every media of `origin` from every shard and every replica's memory tier,
     /// calling `progress(shard, removed, shards_done, shards_total)` as it goes.
     pub async fn purge_origin(
@@ -365,14 +377,7 @@ impl Store {
         progress: impl FnMut(&str, u64, usize, usize) + Send,
     ) -> (u64, Vec<String>) {
         if quarantine {
-            let mut q = self
-                .local_quarantine
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            q.insert(
-                (origin.to_owned(), WHOLE_ORIGIN.to_owned()),
-                Instant::now() + self.quarantine_ttl,
-            );
+            self.quarantine_locally(origin, WHOLE_ORIGIN);
         }
         let from_memory = self.memory.remove_origin(origin);
         let (from_redis, failed) = self
@@ -531,14 +536,7 @@ impl Store {
         quarantine: bool,
     ) -> (u64, Vec<String>) {
         if quarantine {
-            let mut q = self
-                .local_quarantine
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            q.insert(
-                (key.origin().to_owned(), key.media_id().to_owned()),
-                Instant::now() + self.quarantine_ttl,
-            );
+            self.quarantine_locally(key.origin(), key.media_id());
         }
         let from_memory = if all_variants {
             self.memory.remove_variants(key)
