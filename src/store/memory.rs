@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::config::MemoryConfig;
 use crate::key::Key;
@@ -386,8 +386,16 @@ impl Inner {
     }
 }
 
+/// The key's identity inside this tier, hashed from its fields without building a string:
+/// every Get calls this several times. `|` is outside every field's character set.
 fn hash(key: &Key) -> u64 {
-    xxh3_64(key.redis_key().as_bytes())
+    let mut h = Xxh3::new();
+    h.update(key.origin().as_bytes());
+    h.update(b"|");
+    h.update(key.media_id().as_bytes());
+    h.update(b"|");
+    h.update(key.variant().as_bytes());
+    h.digest()
 }
 
 impl MemoryStore {

@@ -249,27 +249,25 @@ impl Store {
         want_lease: bool,
         wait: Duration,
     ) -> Result<(Lookup, bool), StoreError> {
-        if let Some(hit) = self.get(key, offset, limit).await? {
-            return Ok((Lookup::Hit(hit), false));
-        }
         let plain_miss = Lookup::Miss {
             lease_token: String::new(),
         };
         if !want_lease && wait.is_zero() {
-            return Ok((plain_miss, false));
+            return Ok(match self.get(key, offset, limit).await? {
+                Some(hit) => (Lookup::Hit(hit), false),
+                None => (plain_miss, false),
+            });
+        }
+        // Registered before each look, so a fill between the look and the wait is not missed.
+        let notify = self.events.watch(&key.redis_key());
+        let mut notified = std::pin::pin!(notify.notified());
+        notified.as_mut().enable();
+        if let Some(hit) = self.get(key, offset, limit).await? {
+            return Ok((Lookup::Hit(hit), false));
         }
         let mut waited = false;
         let deadline = Instant::now() + wait;
-        let redis_key = key.redis_key();
         loop {
-            // Registered before looking, so a fill between the look and the wait is not missed.
-            let notify = self.events.watch(&redis_key);
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(hit) = self.find(key, offset, limit).await? {
-                return Ok((Lookup::Hit(hit), waited));
-            }
             if want_lease {
                 let token = new_token();
                 match self.acquire_lease(key, &token).await {
@@ -295,6 +293,11 @@ impl Store {
             tokio::select! {
                 () = &mut notified => {}
                 () = tokio::time::sleep(nap) => {}
+            }
+            notified.set(notify.notified());
+            notified.as_mut().enable();
+            if let Some(hit) = self.find(key, offset, limit).await? {
+                return Ok((Lookup::Hit(hit), waited));
             }
         }
     }

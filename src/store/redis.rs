@@ -133,7 +133,8 @@ impl RedisStore {
             header,
             first,
         } = located;
-        let redis_key = key.redis_key();
+        // Shared by every window's read instead of a copy of the name per window.
+        let redis_key: Arc<str> = key.redis_key().into();
         let header_len = header.len as u64;
         let prefix = header.prefix;
         let windows = body_ranges(range, self.chunk_bytes).map(move |(start, end)| {
