@@ -19,7 +19,7 @@ use crate::proto::{
 };
 use crate::reload::{ReloadStats, Reloader};
 use crate::ring::Ring;
-use crate::service::{CacheAdminService, MediaCacheService};
+use crate::service::{CacheAdminService, Drain, MediaCacheService};
 use crate::shard::Shard;
 use crate::store::{memory::MemoryStore, redis::RedisStore, Settings, Store};
 use crate::telemetry::{self, Metrics, Sources};
@@ -142,9 +142,12 @@ pub async fn run(
         .build_v1()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let drain = Arc::new(Drain::default());
+    let grace = config.shutdown_grace;
     let signal = {
         let health = health.clone();
         let ready = ready.clone();
+        let drain = drain.clone();
         async move {
             shutdown.await;
             info!("shutting down: refusing new requests, draining streams");
@@ -153,6 +156,10 @@ pub async fn run(
                 .set_not_serving::<MediaCacheServer<MediaCacheService>>()
                 .await;
             let _ = stop_tx.send(true);
+            // Requests in flight finish here, before the transport starts closing connections.
+            if tokio::time::timeout(grace, drain.close()).await.is_err() {
+                warn!(?grace, "drain grace period ran out; closing open streams");
+            }
         }
     };
 
@@ -171,6 +178,7 @@ pub async fn run(
             store.clone(),
             config.max_object_bytes,
             metrics.clone(),
+            drain,
         )))
         .add_service(CacheAdminServer::new(CacheAdminService::new(
             store.clone(),
@@ -179,11 +187,11 @@ pub async fn run(
         )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
 
+    // A last bound, should the transport's own graceful close hang once requests are done.
     let mut stopped = stop_rx;
-    let grace = config.shutdown_grace;
     let drain_deadline = async move {
         let _ = stopped.wait_for(|s| *s).await;
-        tokio::time::sleep(grace).await;
+        tokio::time::sleep(grace + Duration::from_secs(5)).await;
     };
     tokio::select! {
         r = serve => r?,

@@ -86,14 +86,75 @@ pub struct MediaCacheService {
     /// Largest object accepted at all.
     max_object_bytes: u64,
     metrics: Arc<Metrics>,
+    drain: Arc<Drain>,
 }
 
 impl MediaCacheService {
-    pub fn new(store: Arc<Store>, max_object_bytes: u64, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        max_object_bytes: u64,
+        metrics: Arc<Metrics>,
+        drain: Arc<Drain>,
+    ) -> Self {
         Self {
             store,
             max_object_bytes,
             metrics,
+            drain,
+        }
+    }
+}
+
+/// Counts requests in flight so shutdown can wait for them itself before the transport closes
+/// connections: new requests are refused once draining starts.
+#[derive(Default)]
+pub struct Drain {
+    active: std::sync::atomic::AtomicUsize,
+    closing: std::sync::atomic::AtomicBool,
+    idle: tokio::sync::Notify,
+}
+
+/// Held for as long as a request (or a Get's stream) runs.
+pub struct Active(Arc<Drain>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Active {
+    /// Another hold on the same drain, for work that outlives the handler (a Get's stream);
+    /// taken while this one is held, so it is never refused.
+    fn also(&self) -> Active {
+        self.0.active.fetch_add(1, Ordering::AcqRel);
+        Active(self.0.clone())
+    }
+}
+
+impl Drain {
+    fn enter(self: &Arc<Self>) -> Result<Active, Status> {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        let active = Active(self.clone());
+        if self.closing.load(Ordering::Acquire) {
+            return Err(Status::unavailable("shutting down"));
+        }
+        Ok(active)
+    }
+
+    /// Refuses new requests and waits until those in flight have finished.
+    pub async fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.active.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 }
@@ -124,6 +185,7 @@ fn finished(span: &tracing::Span, outcome: &str, bytes: u64, started: Instant) {
 
 /// Records a Get stream's outcome, bytes and duration when the stream is dropped.
 struct StreamDone {
+    _active: Active,
     metrics: Arc<Metrics>,
     span: tracing::Span,
     started: Instant,
@@ -150,8 +212,12 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
 
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetStream>, Status> {
         let started = Instant::now();
+        let active = self.drain.enter()?;
         let span = request_span("get");
-        let answer = self.handle_get(req, started).instrument(span.clone()).await;
+        let answer = self
+            .handle_get(req, started, &active)
+            .instrument(span.clone())
+            .await;
         if answer.is_err() {
             self.metrics.request("get", "error", started.elapsed());
             finished(&span, "error", 0, started);
@@ -164,6 +230,7 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
         req: Request<Streaming<PutRequest>>,
     ) -> Result<Response<PutResponse>, Status> {
         let started = Instant::now();
+        let _active = self.drain.enter()?;
         let span = request_span("put");
         let answer = self.handle_put(req).instrument(span.clone()).await;
         let outcome = match &answer {
@@ -178,6 +245,7 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
 
     async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
         let started = Instant::now();
+        let _active = self.drain.enter()?;
         let span = request_span("stat");
         let answer = self.handle_stat(req).instrument(span.clone()).await;
         let outcome = match &answer {
@@ -192,6 +260,7 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
 
     async fn purge(&self, req: Request<PurgeRequest>) -> Result<Response<PurgeResponse>, Status> {
         let started = Instant::now();
+        let _active = self.drain.enter()?;
         let span = request_span("purge");
         let answer = self.handle_purge(req).instrument(span.clone()).await;
         self.metrics.purges.inc();
@@ -216,6 +285,7 @@ impl MediaCacheService {
         &self,
         req: Request<GetRequest>,
         started: Instant,
+        active: &Active,
     ) -> Result<Response<GetStream>, Status> {
         let req = req.into_inner();
         let key = Key::from_proto(req.key.as_ref()).map_err(ServiceError::from)?;
@@ -256,6 +326,7 @@ impl MediaCacheService {
         let outcome = Arc::new(std::sync::Mutex::new("cancelled"));
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let done = StreamDone {
+            _active: active.also(),
             metrics: self.metrics.clone(),
             span: tracing::Span::current(),
             started,
