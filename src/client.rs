@@ -16,8 +16,11 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Status, Streaming};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status, Streaming};
 
 use crate::proto::{
     cache_admin_client::CacheAdminClient, get_response, media_cache_client::MediaCacheClient,
@@ -36,6 +39,8 @@ pub enum ClientError {
         addr: String,
         source: tonic::transport::Error,
     },
+    #[error("{0}")]
+    Options(String),
     #[error("{:?}: {}", .0.code(), .0.message())]
     Status(#[from] Status),
     #[error("server broke the protocol: {0}")]
@@ -52,10 +57,41 @@ pub fn media_key(origin: &str, media_id: &str, variant: &str) -> MediaKey {
     }
 }
 
+/// How to reach a server that wants a token or speaks TLS.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Sent as `authorization: Bearer TOKEN` with every request.
+    pub token: Option<String>,
+    /// PEM CA certificates to verify the server with; needed for an `https://` address (this
+    /// build carries no system roots).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM certificate chain and key to present, for servers that want client certificates.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// Name to verify the server's certificate against, when it differs from the address' host.
+    pub domain: Option<String>,
+}
+
+/// Adds the bearer token, if any, to every request.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Authed = InterceptedService<Channel, Bearer>;
+
 #[derive(Clone)]
 pub struct Client {
-    cache: MediaCacheClient<Channel>,
-    admin: CacheAdminClient<Channel>,
+    cache: MediaCacheClient<Authed>,
+    admin: CacheAdminClient<Authed>,
 }
 
 /// What [`Client::get_or_lease`] found.
@@ -102,12 +138,54 @@ impl Download {
 
 impl Client {
     pub async fn connect(addr: impl Into<String>) -> Result<Self, ClientError> {
+        Self::connect_with(addr, ConnectOptions::default()).await
+    }
+
+    /// Connects with a token and/or TLS.
+    pub async fn connect_with(
+        addr: impl Into<String>,
+        options: ConnectOptions,
+    ) -> Result<Self, ClientError> {
         let addr = addr.into();
-        let channel = Endpoint::from_shared(addr.clone())
-            .map_err(|source| ClientError::Connect {
+        let mut endpoint =
+            Endpoint::from_shared(addr.clone()).map_err(|source| ClientError::Connect {
                 addr: addr.clone(),
                 source,
-            })?
+            })?;
+        let https = addr.starts_with("https://");
+        if https {
+            let ca = options.ca_pem.as_deref().ok_or_else(|| {
+                ClientError::Options(format!(
+                    "{addr}: https needs a CA certificate to verify the server"
+                ))
+            })?;
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+            if let Some((cert, key)) = &options.identity_pem {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &options.domain {
+                tls = tls.domain_name(domain.clone());
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|source| ClientError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
+        } else if options.ca_pem.is_some() || options.identity_pem.is_some() {
+            return Err(ClientError::Options(format!(
+                "{addr}: TLS options need an https:// address"
+            )));
+        }
+        let bearer = match &options.token {
+            Some(token) => Some(
+                format!("Bearer {}", token.trim())
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| ClientError::Options("token: must be printable ASCII".into()))?,
+            ),
+            None => None,
+        };
+        let channel = endpoint
             .tcp_nodelay(true)
             // Dropping a download part-way (a media repo's user went away) resets its stream,
             // and frames already in flight for it then count as errors; h2's default of 1024 per
@@ -116,13 +194,17 @@ impl Client {
             .connect()
             .await
             .map_err(|source| ClientError::Connect { addr, source })?;
-        Ok(Self::from_channel(channel))
+        Ok(Self::with_bearer(channel, Bearer(bearer)))
     }
 
     pub fn from_channel(channel: Channel) -> Self {
+        Self::with_bearer(channel, Bearer(None))
+    }
+
+    fn with_bearer(channel: Channel, bearer: Bearer) -> Self {
         Self {
-            cache: MediaCacheClient::new(channel.clone()),
-            admin: CacheAdminClient::new(channel),
+            cache: MediaCacheClient::with_interceptor(channel.clone(), bearer.clone()),
+            admin: CacheAdminClient::with_interceptor(channel, bearer),
         }
     }
 

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,12 @@ pub struct Config {
     pub quarantine_ttl: Duration,
     #[serde(default)]
     pub log: LogConfig,
+    /// Client tokens; none configured means no authentication.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// TLS on the gRPC port; none means plain text.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// How long streams in flight may run after SIGTERM before they are cut.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -91,6 +97,41 @@ impl Default for LogConfig {
             level: default_log_level(),
         }
     }
+}
+
+/// Bearer tokens clients must send (`authorization: Bearer TOKEN`), one per file so that each
+/// can be mounted from a Kubernetes Secret. The files are re-read while the service runs, so a
+/// token is rotated by adding the new file's token, moving clients, then removing the old one.
+/// Which files are read needs a restart to change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Tokens that may call every RPC.
+    #[serde(default)]
+    pub token_files: Vec<PathBuf>,
+    /// Tokens that may only read: `Get`, `Stat`, `RingStatus`, `Stats`.
+    #[serde(default)]
+    pub read_only_token_files: Vec<PathBuf>,
+}
+
+impl AuthConfig {
+    /// Whether any token is configured, and so every RPC but health needs one.
+    pub fn enabled(&self) -> bool {
+        !self.token_files.is_empty() || !self.read_only_token_files.is_empty()
+    }
+}
+
+/// TLS on the gRPC port. The files are PEM and are re-read when they change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// Private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// When set, clients must present a certificate signed by one of these CAs (mutual TLS).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// How `serve --config FILE` notices changes to FILE. Needs a restart to change.
@@ -175,6 +216,13 @@ pub struct RedisConfig {
     /// that crashed leaks nothing for longer than this.
     #[serde(default = "default_temp_key_ttl", with = "humantime_serde")]
     pub temp_key_ttl: Duration,
+    /// Redis ACL user of every shard; none means the default user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// File holding the password of every shard (e.g. mounted from a Secret), so that it never
+    /// appears in this config. Read when a shard's connection is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -266,6 +314,8 @@ impl Default for Config {
             quarantine_ttl: default_quarantine_ttl(),
             shutdown_grace: default_shutdown_grace(),
             log: LogConfig::default(),
+            auth: AuthConfig::default(),
+            tls: None,
         }
     }
 }
@@ -291,6 +341,8 @@ impl Default for RedisConfig {
             pool_size: default_pool_size(),
             health_interval: default_health_interval(),
             temp_key_ttl: default_temp_key_ttl(),
+            username: None,
+            password_file: None,
         }
     }
 }
@@ -406,6 +458,12 @@ impl Config {
         if self.log != running.log {
             changed.push("log");
         }
+        if self.auth != running.auth {
+            changed.push("auth");
+        }
+        if self.tls != running.tls {
+            changed.push("tls");
+        }
         changed
     }
 
@@ -480,6 +538,13 @@ impl Config {
             }
             if let Err(e) = check_shard_url(&shard.url) {
                 problem(format!("{at}.url"), e);
+            } else if self.redis.password_file.is_some()
+                && url::Url::parse(&shard.url).is_ok_and(|u| u.password().is_some())
+            {
+                problem(
+                    format!("{at}.url"),
+                    "has a password while redis.password_file is set; use one of them".into(),
+                );
             }
             if shard.weight == 0 || shard.weight > 10_000 {
                 problem(
@@ -547,6 +612,35 @@ impl Config {
                 "redis.temp_key_ttl".into(),
                 format!("must be between 5s and 1h, got {:?}", r.temp_key_ttl),
             );
+        }
+        if r.username.as_deref().is_some_and(|u| {
+            u.is_empty() || u.len() > 128 || u.bytes().any(|b| b.is_ascii_whitespace())
+        }) {
+            problem(
+                "redis.username".into(),
+                "must be 1 to 128 characters without spaces".into(),
+            );
+        }
+        let mut file = |path: String, value: &Path| {
+            if value.as_os_str().is_empty() {
+                problem(path, "must not be empty".into());
+            }
+        };
+        if let Some(f) = &r.password_file {
+            file("redis.password_file".into(), f);
+        }
+        for (i, f) in self.auth.token_files.iter().enumerate() {
+            file(format!("auth.token_files[{i}]"), f);
+        }
+        for (i, f) in self.auth.read_only_token_files.iter().enumerate() {
+            file(format!("auth.read_only_token_files[{i}]"), f);
+        }
+        if let Some(tls) = &self.tls {
+            file("tls.cert_file".into(), &tls.cert_file);
+            file("tls.key_file".into(), &tls.key_file);
+            if let Some(ca) = &tls.client_ca_file {
+                file("tls.client_ca_file".into(), ca);
+            }
         }
         if r.pool_size == 0 || r.pool_size > 64 {
             problem(

@@ -2,6 +2,7 @@
 //! Redis shards, with an in-memory tier per replica.
 //!
 //! # Layout
+//! - [`auth`]: client tokens, checked by a tower layer in front of every gRPC service.
 //! - [`config`]: the YAML model, defaults and the one validation step.
 //! - [`events`]: cluster events over Redis pub/sub (fills, lease releases, purges).
 //! - [`key`]: media key validation and the Redis key names derived from it.
@@ -13,11 +14,13 @@
 //! - [`store`]: the memory tier, the Redis tier, and the store that chooses between them.
 //! - [`service`]: the tonic services `MediaCache` and `CacheAdmin`.
 //! - [`server`]: wires config, ring, store and services together and serves until shutdown.
+//! - [`tls`]: TLS on the gRPC port, with certificates reloaded when their files change.
 //! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz`.
 //! - [`client`]: a small typed client for Rust users and the CLI.
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod events;
@@ -31,6 +34,7 @@ pub mod shard;
 pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 /// Code generated from `proto/mediacache/v1/mediacache.proto`.
 pub mod proto {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use mediacache::client::{media_key, Client};
+use mediacache::client::{media_key, Client, ConnectOptions};
 use mediacache::config::{Config, Loaded, LogFormat};
 use mediacache::proto::{MediaInfo, MediaKey, PutOutcome};
 use tokio::net::TcpListener;
@@ -91,6 +91,15 @@ enum Command {
         #[arg(long)]
         quarantine: bool,
     },
+    /// Put a random object, read it back, compare its SHA-256, and purge it: an end-to-end check
+    /// of a deployment (the Helm chart's `helm test` runs it). Exits non-zero on any failure.
+    Smoke {
+        #[command(flatten)]
+        addr: Addr,
+        /// Size of the object to round-trip, in bytes.
+        #[arg(long, default_value_t = 1024 * 1024)]
+        size: usize,
+    },
     /// Print this replica's counters: hit ratio, bytes served from the cache, memory tier.
     Stats {
         #[command(flatten)]
@@ -138,13 +147,53 @@ struct SimulateArgs {
 
 #[derive(Args)]
 struct Addr {
-    /// Address of a mediacache server.
+    /// Address of a mediacache server; https:// for TLS.
     #[arg(
         long,
         env = "MEDIACACHE_ADDR",
         default_value = "http://127.0.0.1:50051"
     )]
     addr: String,
+    /// File holding a client token, sent as `authorization: Bearer TOKEN`.
+    #[arg(long, env = "MEDIACACHE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to verify the server with (https:// addresses).
+    #[arg(long, env = "MEDIACACHE_TLS_CA_FILE")]
+    tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate chain, for servers that want client certificates.
+    #[arg(long, env = "MEDIACACHE_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM key of the client certificate.
+    #[arg(long, env = "MEDIACACHE_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    /// Server name to verify the certificate against, when it differs from the address' host.
+    #[arg(long)]
+    tls_domain: Option<String>,
+}
+
+impl Addr {
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let read = |flag: &str, path: &Path| {
+            std::fs::read(path).with_context(|| format!("{flag}: cannot read {}", path.display()))
+        };
+        let mut options = ConnectOptions {
+            domain: self.tls_domain.clone(),
+            ..Default::default()
+        };
+        if let Some(path) = &self.token_file {
+            let token = String::from_utf8(read("--token-file", path)?)
+                .with_context(|| format!("--token-file: {} is not text", path.display()))?;
+            options.token = Some(token.trim().to_owned());
+        }
+        if let Some(path) = &self.tls_ca_file {
+            options.ca_pem = Some(read("--tls-ca-file", path)?);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) {
+            options.identity_pem =
+                Some((read("--tls-cert-file", cert)?, read("--tls-key-file", key)?));
+        }
+        Ok(Client::connect_with(self.addr.clone(), options).await?)
+    }
 }
 
 #[derive(Args)]
@@ -164,7 +213,7 @@ impl Target {
         media_key(&self.origin, &self.media_id, &self.variant)
     }
     async fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::connect(self.addr.addr.clone()).await?)
+        self.addr.connect().await
     }
 }
 
@@ -187,6 +236,52 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Put, Get, compare and Purge one random object under a key of its own.
+async fn smoke(addr: &Addr, size: usize) -> anyhow::Result<ExitCode> {
+    use sha2::{Digest, Sha256};
+    let mut client = addr.connect().await?;
+    let key = media_key(
+        "smoke.mediacache.invalid",
+        &format!("smoke-{:016x}", fastrand::u64(..)),
+        "",
+    );
+    let mut body = vec![0u8; size];
+    fastrand::fill(&mut body);
+    let sha256 = Sha256::digest(&body).to_vec();
+    let info = MediaInfo {
+        content_type: "application/octet-stream".into(),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let put = client.put_bytes(key.clone(), info, body.into()).await?;
+    if !put.stored {
+        anyhow::bail!(
+            "put of {size} bytes was not stored: {:?}",
+            PutOutcome::try_from(put.outcome).unwrap_or(PutOutcome::Unspecified)
+        );
+    }
+    let got = client.get_bytes(key.clone()).await?;
+    let removed = client.purge(key.clone(), false, false).await?.removed;
+    let Some((info, read)) = got else {
+        anyhow::bail!("get after a stored put was a miss");
+    };
+    if read.len() != size || Sha256::digest(&read).as_slice() != sha256 || info.sha256 != sha256 {
+        anyhow::bail!(
+            "read back {} bytes with sha256 {}, expected {size} bytes with sha256 {}",
+            read.len(),
+            hex(&Sha256::digest(&read)),
+            hex(&sha256)
+        );
+    }
+    println!(
+        "ok: put, get and purge of {size} bytes through {} in {:.0?} (sha256 {}, {removed} copies removed)",
+        addr.addr,
+        started.elapsed(),
+        &hex(&sha256)[..16]
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_config(path: Option<&Path>) -> Result<Loaded, ExitCode> {
@@ -345,7 +440,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             all_variants,
             quarantine,
         } => {
-            let mut client = Client::connect(addr.addr).await?;
+            let mut client = addr.connect().await?;
             if let Some(origin) = origin {
                 let removed = client
                     .purge_origin(&origin, quarantine, |p| {
@@ -374,8 +469,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate(args) => simulate(args),
+        Command::Smoke { addr, size } => smoke(&addr, size).await,
         Command::Stats { addr } => {
-            let mut client = Client::connect(addr.addr).await?;
+            let mut client = addr.connect().await?;
             let s = client.stats().await?;
             let lookups = s.get_hits + s.get_misses;
             let ratio = if lookups == 0 {
@@ -408,7 +504,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ring { addr } => {
-            let mut client = Client::connect(addr.addr).await?;
+            let mut client = addr.connect().await?;
             let ring = client.ring_status().await?;
             println!(
                 "generation {}  config {}",

@@ -12,6 +12,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
+use crate::auth::{Auth, AuthLayer};
 use crate::config::{Config, Loaded};
 use crate::events::Events;
 use crate::proto::{
@@ -23,6 +24,7 @@ use crate::service::{CacheAdminService, Drain, MediaCacheService};
 use crate::shard::Shard;
 use crate::store::{memory::MemoryStore, redis::RedisStore, Settings, Store};
 use crate::telemetry::{self, Metrics, Sources};
+use crate::tls::Tls;
 
 /// Per connection; high enough for busy media repos, still a bound against a hostile peer.
 const MAX_LOCAL_ERROR_RESETS: usize = 1 << 16;
@@ -62,6 +64,15 @@ pub async fn run(
         digest,
         path,
     } = loaded;
+    let auth = Auth::load(&config.auth)?;
+    let tls = config.tls.as_ref().map(Tls::load).transpose()?;
+    // Dropped (and so stopped) when `run` returns.
+    let _auth_watch = auth
+        .enabled()
+        .then(|| AbortOnDrop(tokio::spawn(auth.clone().watch())));
+    let _tls_watch = tls
+        .as_ref()
+        .map(|tls| AbortOnDrop(tokio::spawn(tls.clone().watch())));
     let memory = Arc::new(MemoryStore::new(&config.memory));
     let events = Events::new(memory.clone());
     let shards = connect_shards(&config, &events).await?;
@@ -165,13 +176,21 @@ pub async fn run(
 
     let addr = listener.local_addr()?;
     let shard_count = ring.load().shards().len();
-    info!(%addr, shards = shard_count, "serving");
-    let serve = Server::builder()
+    info!(
+        %addr,
+        shards = shard_count,
+        tls = tls.is_some(),
+        client_certificates = config.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
+        tokens = auth.enabled(),
+        "serving"
+    );
+    let router = Server::builder()
         .tcp_nodelay(true)
         // A Put refused before its body was read (TOO_LARGE, UNAVAILABLE) resets the stream
         // while the client is still sending; h2 counts the frames that follow as errors and by
         // default ends the connection, with every other request on it, after 1024.
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .layer(AuthLayer(auth))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(MediaCacheServer::new(MediaCacheService::new(
@@ -184,8 +203,21 @@ pub async fn run(
             store.clone(),
             reloads,
             metrics.clone(),
-        )))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        )));
+    let serve = async move {
+        match tls {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(tls.incoming(listener), signal)
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+                    .await
+            }
+        }
+    };
 
     // A last bound, should the transport's own graceful close hang once requests are done.
     let mut stopped = stop_rx;

@@ -118,6 +118,12 @@ impl Shard {
     ) -> Result<Arc<Shard>, Error> {
         let mut config = Config::from_url(&cfg.url)?;
         config.fail_fast = false;
+        if let Some(user) = &redis.username {
+            config.username = Some(user.clone());
+        }
+        if let Some(path) = &redis.password_file {
+            config.password = Some(read_password(path)?);
+        }
         let subscriber = Builder::from_config(config.clone())
             .with_connection_config(|c| {
                 c.connection_timeout = redis.connect_timeout;
@@ -540,6 +546,24 @@ impl Drop for Shard {
 /// Retries forever, from 5 ms up to 2 s apart, with a little jitter so replicas do not reconnect
 /// in lockstep. With `fail_fast` off the first connection also goes through this policy, so its
 /// first delay is what a new shard waits before its first attempt: kept small.
+/// The password in `path`, without the line break a Secret or an editor may leave after it.
+fn read_password(path: &std::path::Path) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            format!("redis.password_file: cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let password = text.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("redis.password_file: {} is empty", path.display()),
+        ));
+    }
+    Ok(password.to_owned())
+}
+
 fn reconnect_policy() -> ReconnectPolicy {
     let mut policy = ReconnectPolicy::new_exponential(0, 5, 2_000, 2);
     policy.set_jitter(20);

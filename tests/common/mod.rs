@@ -52,15 +52,23 @@ pub struct RedisShard {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// More `redis-server` arguments, kept for restarts.
+    extra: Vec<String>,
 }
 
 impl RedisShard {
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// Starts with more `redis-server` arguments, e.g. `["--requirepass", "secret"]`.
+    pub fn start_with(name: &str, extra: &[&str]) -> Self {
         let mut shard = Self {
             name: name.to_owned(),
             port: free_port(),
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         shard.spawn();
         shard
@@ -77,6 +85,7 @@ impl RedisShard {
             .args(["--maxmemory-policy", "allkeys-lfu"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -99,7 +108,10 @@ impl RedisShard {
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
         let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+        // A shard with a password answers -NOAUTH, which still means it is up.
+        s.write_all(b"PING\r\n").is_ok()
+            && s.read_exact(&mut buf).is_ok()
+            && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
     }
 
     pub fn url(&self) -> String {
@@ -182,14 +194,14 @@ impl Drop for RedisShard {
     }
 }
 
-type ServiceHandle = (
+pub type ServiceHandle = (
     SocketAddr,
     oneshot::Sender<()>,
     JoinHandle<anyhow::Result<()>>,
 );
 
 /// Runs the service on a free loopback port until the sender is used or dropped.
-async fn spawn_service(loaded: mediacache::config::Loaded) -> ServiceHandle {
+pub async fn spawn_service(loaded: mediacache::config::Loaded) -> ServiceHandle {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
