@@ -54,6 +54,8 @@ pub struct Config {
     pub quarantine_ttl: Duration,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Client tokens; none configured means no authentication.
     #[serde(default)]
     pub auth: AuthConfig,
@@ -95,6 +97,50 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             level: default_log_level(),
+        }
+    }
+}
+
+/// Bounds that keep one misbehaving client from exhausting the tier. Need a restart to change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests in flight on this replica (a Get counts until its stream ends); more answer
+    /// `RESOURCE_EXHAUSTED`.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
+    /// Concurrent HTTP/2 streams one client connection may open.
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: u32,
+    /// Longest one Get or Put may run, start to end; then `DEADLINE_EXCEEDED`.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// A Put whose client sends nothing, or a Get whose client reads nothing, for this long is
+    /// cut off with `DEADLINE_EXCEEDED` and its buffers are freed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+fn default_max_streams() -> usize {
+    4096
+}
+fn default_max_streams_per_connection() -> u32 {
+    512
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_streams: default_max_streams(),
+            max_streams_per_connection: default_max_streams_per_connection(),
+            request_timeout: default_request_timeout(),
+            idle_timeout: default_idle_timeout(),
         }
     }
 }
@@ -314,6 +360,7 @@ impl Default for Config {
             quarantine_ttl: default_quarantine_ttl(),
             shutdown_grace: default_shutdown_grace(),
             log: LogConfig::default(),
+            limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             tls: None,
         }
@@ -457,6 +504,9 @@ impl Config {
         }
         if self.log != running.log {
             changed.push("log");
+        }
+        if self.limits != running.limits {
+            changed.push("limits");
         }
         if self.auth != running.auth {
             changed.push("auth");
@@ -641,6 +691,39 @@ impl Config {
             if let Some(ca) = &tls.client_ca_file {
                 file("tls.client_ca_file".into(), ca);
             }
+        }
+        let l = &self.limits;
+        if l.max_streams == 0 || l.max_streams > 1_000_000 {
+            problem(
+                "limits.max_streams".into(),
+                format!("must be between 1 and 1000000, got {}", l.max_streams),
+            );
+        }
+        if l.max_streams_per_connection == 0 || l.max_streams_per_connection > 100_000 {
+            problem(
+                "limits.max_streams_per_connection".into(),
+                format!(
+                    "must be between 1 and 100000, got {}",
+                    l.max_streams_per_connection
+                ),
+            );
+        }
+        if l.request_timeout < Duration::from_secs(1)
+            || l.request_timeout > Duration::from_secs(86_400)
+        {
+            problem(
+                "limits.request_timeout".into(),
+                format!("must be between 1s and 24h, got {:?}", l.request_timeout),
+            );
+        }
+        if l.idle_timeout < Duration::from_millis(100) || l.idle_timeout > l.request_timeout {
+            problem(
+                "limits.idle_timeout".into(),
+                format!(
+                    "must be between 100ms and limits.request_timeout, got {:?}",
+                    l.idle_timeout
+                ),
+            );
         }
         if r.pool_size == 0 || r.pool_size > 64 {
             problem(

@@ -58,7 +58,7 @@ pub struct Header {
 impl Header {
     /// Total length of the stored value.
     pub fn value_len(&self) -> u64 {
-        self.len as u64 + self.info.size
+        (self.len as u64).saturating_add(self.info.size)
     }
 }
 

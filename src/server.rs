@@ -29,6 +29,10 @@ use crate::tls::Tls;
 /// Per connection; high enough for busy media repos, still a bound against a hostile peer.
 const MAX_LOCAL_ERROR_RESETS: usize = 1 << 16;
 
+/// Largest message a client may send: a chunk of the largest size the service itself uses,
+/// plus room for the header fields. A bigger message ends its request with `OUT_OF_RANGE`.
+const MAX_MESSAGE_BYTES: usize = crate::config::MAX_CHUNK_BYTES as usize + 64 * 1024;
+
 /// How often each shard's real memory use and key count are read for metrics.
 const SHARD_POLL: Duration = Duration::from_secs(5);
 
@@ -153,7 +157,7 @@ pub async fn run(
         .build_v1()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let drain = Arc::new(Drain::default());
+    let drain = Arc::new(Drain::new(config.limits.max_streams));
     let grace = config.shutdown_grace;
     let signal = {
         let health = health.clone();
@@ -190,15 +194,23 @@ pub async fn run(
         // while the client is still sending; h2 counts the frames that follow as errors and by
         // default ends the connection, with every other request on it, after 1024.
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .max_concurrent_streams(Some(config.limits.max_streams_per_connection))
+        // Finds peers that vanished without closing their connections.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(AuthLayer(auth))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(MediaCacheServer::new(MediaCacheService::new(
-            store.clone(),
-            config.max_object_bytes,
-            metrics.clone(),
-            drain,
-        )))
+        .add_service(
+            MediaCacheServer::new(MediaCacheService::new(
+                store.clone(),
+                config.max_object_bytes,
+                metrics.clone(),
+                drain,
+                config.limits.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .add_service(CacheAdminServer::new(CacheAdminService::new(
             store.clone(),
             reloads,

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{error, Instrument};
 
+use crate::config::LimitsConfig;
 use crate::key::{check_info, FieldError, Key};
 use crate::proto::{
     self, get_response, put_request, GetRequest, GetResponse, Miss, PurgeOriginProgress,
@@ -87,6 +88,7 @@ pub struct MediaCacheService {
     max_object_bytes: u64,
     metrics: Arc<Metrics>,
     drain: Arc<Drain>,
+    limits: LimitsConfig,
 }
 
 impl MediaCacheService {
@@ -95,21 +97,24 @@ impl MediaCacheService {
         max_object_bytes: u64,
         metrics: Arc<Metrics>,
         drain: Arc<Drain>,
+        limits: LimitsConfig,
     ) -> Self {
         Self {
             store,
             max_object_bytes,
             metrics,
             drain,
+            limits,
         }
     }
 }
 
 /// Counts requests in flight so shutdown can wait for them itself before the transport closes
 /// connections: new requests are refused once draining starts.
-#[derive(Default)]
 pub struct Drain {
     active: std::sync::atomic::AtomicUsize,
+    /// Requests allowed in flight at once (`limits.max_streams`).
+    max: usize,
     closing: std::sync::atomic::AtomicBool,
     idle: tokio::sync::Notify,
 }
@@ -135,11 +140,26 @@ impl Active {
 }
 
 impl Drain {
+    pub fn new(max: usize) -> Self {
+        Self {
+            active: Default::default(),
+            max,
+            closing: Default::default(),
+            idle: Default::default(),
+        }
+    }
+
     fn enter(self: &Arc<Self>) -> Result<Active, Status> {
-        self.active.fetch_add(1, Ordering::AcqRel);
+        let before = self.active.fetch_add(1, Ordering::AcqRel);
         let active = Active(self.clone());
         if self.closing.load(Ordering::Acquire) {
             return Err(Status::unavailable("shutting down"));
+        }
+        if before >= self.max {
+            return Err(Status::resource_exhausted(format!(
+                "limits.max_streams: {} requests are in flight on this replica; retry later",
+                self.max
+            )));
         }
         Ok(active)
     }
@@ -232,7 +252,14 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
         let started = Instant::now();
         let _active = self.drain.enter()?;
         let span = request_span("put");
-        let answer = self.handle_put(req).instrument(span.clone()).await;
+        let limit = self.limits.request_timeout;
+        let answer = tokio::time::timeout(limit, self.handle_put(req).instrument(span.clone()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(format!(
+                    "limits.request_timeout: the Put ran longer than {limit:?}"
+                )))
+            });
         let outcome = match &answer {
             Ok(r) if r.get_ref().stored => "stored",
             Ok(_) => "refused",
@@ -272,6 +299,64 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
 }
 
 type GetStream = Pin<Box<dyn Stream<Item = Result<GetResponse, Status>> + Send>>;
+
+/// The next message of a client stream, or `DEADLINE_EXCEEDED` if the client sends nothing
+/// for `idle`.
+async fn next_message<T>(incoming: &mut Streaming<T>, idle: Duration) -> Result<Option<T>, Status> {
+    tokio::time::timeout(idle, incoming.message())
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "limits.idle_timeout: no message from the client for {idle:?}"
+            )))
+        })
+}
+
+/// Runs a Get's response stream in its own task, one message ahead of the client. A client
+/// that reads nothing for `idle`, or a stream still running at `deadline`, is cut off: the task
+/// ends (freeing its buffers and its place in `limits.max_streams`), and the client receives
+/// `DEADLINE_EXCEEDED` after what it was already sent, never a silently short body.
+fn paced(
+    mut body: GetStream,
+    idle: Duration,
+    deadline: tokio::time::Instant,
+    request_timeout: Duration,
+) -> GetStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let cut: Arc<std::sync::OnceLock<Status>> = Arc::default();
+    let cut_by_task = cut.clone();
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                next = body.next() => next,
+                () = tokio::time::sleep_until(deadline) => {
+                    let _ = cut_by_task.set(Status::deadline_exceeded(format!(
+                        "limits.request_timeout: the Get ran longer than {request_timeout:?}"
+                    )));
+                    return;
+                }
+                () = tx.closed() => return,
+            };
+            let Some(item) = next else { return };
+            match tokio::time::timeout(idle, tx.send(item)).await {
+                Ok(Ok(())) => {}
+                // The client went away.
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    let _ = cut_by_task.set(Status::deadline_exceeded(format!(
+                        "limits.idle_timeout: the client read nothing for {idle:?}"
+                    )));
+                    return;
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+        .chain(stream::poll_fn(move |_| {
+            std::task::Poll::Ready(cut.get().cloned().map(Err))
+        }))
+        .boxed()
+}
 
 fn put_answer(outcome: PutOutcome) -> Response<PutResponse> {
     Response::new(PutResponse {
@@ -359,9 +444,13 @@ impl MediaCacheService {
                 }
                 std::task::Poll::Ready(None)
             }));
-        Ok(Response::new(
+        let limits = &self.limits;
+        Ok(Response::new(paced(
             stream::once(async { Ok(info) }).chain(chunks).boxed(),
-        ))
+            limits.idle_timeout,
+            tokio::time::Instant::from_std(started) + limits.request_timeout,
+            limits.request_timeout,
+        )))
     }
 
     async fn handle_put(
@@ -369,7 +458,11 @@ impl MediaCacheService {
         req: Request<Streaming<PutRequest>>,
     ) -> Result<Response<PutResponse>, Status> {
         let mut incoming = req.into_inner();
-        let header = match incoming.message().await?.and_then(|m| m.kind) {
+        let idle = self.limits.idle_timeout;
+        let header = match next_message(&mut incoming, idle)
+            .await?
+            .and_then(|m| m.kind)
+        {
             Some(put_request::Kind::Header(h)) => h,
             Some(put_request::Kind::Chunk(_)) => {
                 return Err(field(
@@ -412,7 +505,7 @@ impl MediaCacheService {
 
         let mut hasher = Sha256::new();
         let mut received: u64 = 0;
-        while let Some(msg) = incoming.message().await? {
+        while let Some(msg) = next_message(&mut incoming, idle).await? {
             let chunk: Bytes = match msg.kind {
                 Some(put_request::Kind::Chunk(c)) => c,
                 Some(put_request::Kind::Header(_)) => {
