@@ -40,3 +40,10 @@ fi
 helm version --short >&2
 
 cargo test --locked "$@"
+
+# The soak test (random traffic while shards die and the ring changes; minutes, not hours) runs
+# in CI, or when MEDIACACHE_SOAK is set; MEDIACACHE_SOAK_SECS sets its length.
+if [ -n "${CI:-}" ] || [ -n "${MEDIACACHE_SOAK:-}" ]; then
+  MEDIACACHE_SOAK_SECS="${MEDIACACHE_SOAK_SECS:-60}" \
+    cargo test --locked --test soak -- --ignored --nocapture
+fi

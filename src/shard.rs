@@ -21,7 +21,7 @@ use crate::config::{redact_url, RedisConfig, ShardConfig};
 use crate::events::{channel, Event, Events};
 
 /// Why a shard operation did not return a value.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ShardError {
     /// Known to be down; the command was not sent.
     #[error("shard {0} is down")]
@@ -95,7 +95,29 @@ pub struct Shard {
     went_down: tokio::sync::Notify,
     /// Receives cluster events published on this shard.
     subscriber: SubscriberClient,
+    /// Reads in flight, shared by every request that asks for the same bytes meanwhile: a
+    /// storm of Gets for one hot object costs one read per window, not one per request.
+    first_reads: InFlight<(String, usize), (Bytes, u64)>,
+    window_reads: InFlight<WindowRead, (Bytes, Bytes)>,
+    /// Reads answered by joining one already in flight.
+    coalesced: AtomicU64,
 }
+
+type SharedRead<T> =
+    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<T, ShardError>>>;
+/// Key, start, end and prefix length of a window read.
+type WindowRead = (Arc<str>, u64, u64, usize);
+/// Held weakly: a read whose requests all went away is dropped, not kept for a later one.
+type InFlight<K, T> = std::sync::Mutex<
+    std::collections::HashMap<
+        K,
+        futures_util::future::WeakShared<
+            futures_util::future::BoxFuture<'static, Result<T, ShardError>>,
+        >,
+    >,
+>;
+/// Entries of reads nobody waits for any more are swept once a map holds this many.
+const IN_FLIGHT_SWEEP: usize = 256;
 
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -187,6 +209,9 @@ impl Shard {
             health: std::sync::Mutex::new(None),
             went_down: tokio::sync::Notify::new(),
             subscriber,
+            first_reads: Default::default(),
+            window_reads: Default::default(),
+            coalesced: AtomicU64::new(0),
         });
         let task = tokio::spawn(health_loop(Arc::downgrade(&shard), redis.health_interval));
         *shard.health.lock().expect("health lock") = Some(task);
@@ -306,6 +331,86 @@ impl Shard {
             },
             () = &mut down => Err(ShardError::Down(self.name.clone())),
         }
+    }
+
+    /// Reads answered by joining an identical read already in flight, since this client was made.
+    pub fn coalesced_reads(&self) -> u64 {
+        self.coalesced.load(Ordering::Relaxed)
+    }
+
+    /// Joins the read of `key` in `map` if one is in flight, else starts it with `read`. The
+    /// read runs to its end even if the request that started it goes away, as long as another
+    /// waits for it; its entry is removed when it is done, so later requests read afresh.
+    fn coalesce<K, T, F>(
+        self: &Arc<Self>,
+        map: fn(&Shard) -> &InFlight<K, T>,
+        key: K,
+        read: F,
+    ) -> SharedRead<T>
+    where
+        K: std::hash::Hash + Eq + Clone + Send + 'static,
+        T: Clone + Send + Sync + 'static,
+        F: std::future::Future<Output = Result<T, ShardError>> + Send + 'static,
+    {
+        use futures_util::FutureExt;
+        let mut reads = map(self).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(read) = reads.get(&key).and_then(|weak| weak.upgrade()) {
+            self.coalesced.fetch_add(1, Ordering::Relaxed);
+            return read;
+        }
+        if reads.len() >= IN_FLIGHT_SWEEP {
+            reads.retain(|_, weak| weak.upgrade().is_some());
+        }
+        let shard = Arc::downgrade(self);
+        let entry = key.clone();
+        let shared = async move {
+            let result = read.await;
+            if let Some(shard) = shard.upgrade() {
+                map(&shard)
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&entry);
+            }
+            result
+        }
+        .boxed()
+        .shared();
+        if let Some(weak) = shared.downgrade() {
+            reads.insert(key, weak);
+        }
+        shared
+    }
+
+    /// [`Shard::read_first`], shared with identical reads in flight.
+    pub async fn read_first_shared(
+        self: &Arc<Self>,
+        key: &str,
+        len: usize,
+    ) -> Result<(Bytes, u64), ShardError> {
+        let shard = self.clone();
+        let owned = key.to_owned();
+        self.coalesce(|s| &s.first_reads, (key.to_owned(), len), async move {
+            shard.read_first(&owned, len).await
+        })
+        .await
+    }
+
+    /// [`Shard::read_window`], shared with identical reads in flight.
+    pub async fn read_window_shared(
+        self: &Arc<Self>,
+        key: &Arc<str>,
+        start: u64,
+        end: u64,
+        prefix_len: usize,
+    ) -> Result<(Bytes, Bytes), ShardError> {
+        let shard = self.clone();
+        let owned = key.clone();
+        self.coalesce(
+            |s| &s.window_reads,
+            (key.clone(), start, end, prefix_len),
+            async move { shard.read_window(&owned, start, end, prefix_len).await },
+        )
+        .await
     }
 
     /// The first window of a value and the value's total length, read on one connection.

@@ -77,6 +77,7 @@ pub struct Metrics {
     memory_refusals: Family<Outcome, Gauge>,
     shard_up: Family<ShardLabel, Gauge>,
     shard_errors: Family<ShardLabel, Gauge>,
+    shard_coalesced: Family<ShardLabel, Gauge>,
     shard_used_memory: Family<ShardLabel, Gauge>,
     shard_keys: Family<ShardLabel, Gauge>,
     ring_generation: Gauge,
@@ -197,6 +198,11 @@ impl Metrics {
             f
         };
         let shard_up = family(&mut registry, "shard_up", "1 if the shard answers, else 0");
+        let shard_coalesced = family(
+            &mut registry,
+            "shard_reads_coalesced",
+            "Reads answered by joining an identical read in flight, since the shard's client was created",
+        );
         let shard_errors = family(
             &mut registry,
             "shard_command_errors",
@@ -244,6 +250,7 @@ impl Metrics {
             memory_refusals,
             shard_up,
             shard_errors,
+            shard_coalesced,
             shard_used_memory,
             shard_keys,
             ring_generation,
@@ -303,7 +310,7 @@ impl Metrics {
         self.ring_generation.set(ring.generation as i64);
         self.ring_shards.set(ring.shards().len() as i64);
         // Shards that left the ring stop being exported.
-        for family in [&self.shard_up, &self.shard_errors] {
+        for family in [&self.shard_up, &self.shard_errors, &self.shard_coalesced] {
             family.clear();
         }
         for shard in ring.shards() {
@@ -316,6 +323,9 @@ impl Metrics {
             self.shard_errors
                 .get_or_create(&label)
                 .set(shard.errors() as i64);
+            self.shard_coalesced
+                .get_or_create(&label)
+                .set(shard.coalesced_reads() as i64);
         }
         self.reloads
             .get_or_create(&reason("applied"))

@@ -384,3 +384,94 @@ async fn failover_next_writes_and_reads_the_next_live_shard() {
         body(300, 9)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_closing_connections_mid_reply_gives_clean_errors_and_recovers() {
+    use common::{spawn_service, CuttingProxy, RedisShard};
+    use mediacache::client::Client;
+    use mediacache::config::{Config, ShardConfig};
+    use sha2::{Digest, Sha256};
+
+    let shard = RedisShard::start("cut");
+    let proxy = CuttingProxy::start(shard.port).await;
+    let mut config = Config {
+        chunk_bytes: 64 * 1024,
+        ..Default::default()
+    };
+    config.shards = vec![ShardConfig {
+        name: "cut".into(),
+        url: proxy.url(),
+        weight: 1,
+    }];
+    // Memory tier out of the way: every read goes to the shard.
+    config.memory.min_downloads = 1_000;
+    let yaml = yaml_serde::to_string(&config).unwrap();
+    let (addr, _stop, _server) = spawn_service(Config::from_yaml(&yaml).unwrap()).await;
+    let endpoint = format!("http://{addr}");
+    let mut client = eventually("service with its shard up", Duration::from_secs(10), || {
+        let endpoint = endpoint.clone();
+        async move {
+            let mut c = Client::connect(endpoint).await.ok()?;
+            let ring = c.ring_status().await.ok()?;
+            ring.shards.iter().all(|s| s.up).then_some(c)
+        }
+    })
+    .await;
+    let size = 2 * 1024 * 1024;
+    let keys: Vec<_> = (0..4)
+        .map(|i| media_key("example.org", &format!("cut-{i}"), ""))
+        .collect();
+    for (i, key) in keys.iter().enumerate() {
+        assert!(
+            client
+                .put_bytes(key.clone(), Default::default(), body(size, i as u64))
+                .await
+                .unwrap()
+                .stored
+        );
+    }
+
+    // Hostile: every connection is closed after 100 KB of replies, in the middle of a value.
+    proxy.cut_replies_after(100_000);
+    let (mut whole, mut clean_errors, mut misses) = (0, 0, 0);
+    for round in 0..12 {
+        let i = round % keys.len();
+        match client.get(keys[i].clone(), 0, 0).await {
+            Ok(None) => misses += 1,
+            Err(_) => clean_errors += 1,
+            Ok(Some(mut download)) => {
+                let mut got = Vec::new();
+                match download.write_to(&mut got).await {
+                    // A stream that ends OK carries exactly the object.
+                    Ok(_) => {
+                        assert_eq!(
+                            Sha256::digest(&got),
+                            Sha256::digest(body(size, i as u64)),
+                            "an OK stream must be the whole object"
+                        );
+                        whole += 1;
+                    }
+                    Err(_) => clean_errors += 1,
+                }
+            }
+        }
+    }
+    println!("while cutting: {whole} whole, {clean_errors} clean errors, {misses} misses");
+    assert!(clean_errors + misses > 0, "the cuts were felt");
+
+    // Healthy again: every object is served whole, none was damaged.
+    proxy.cut_replies_after(0);
+    for (i, key) in keys.iter().enumerate() {
+        let got = eventually(
+            "whole object after recovery",
+            Duration::from_secs(10),
+            || {
+                let mut client = client.clone();
+                let key = key.clone();
+                async move { client.get_bytes(key).await.ok().flatten() }
+            },
+        )
+        .await;
+        assert_eq!(got.1, body(size, i as u64));
+    }
+}

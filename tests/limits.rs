@@ -244,3 +244,72 @@ async fn a_get_slower_than_the_request_timeout_ends_with_an_error() {
         "received {received} in {messages} messages"
     );
 }
+
+/// GETRANGE calls the shard has served since it started.
+async fn getrange_calls(shard: &common::RedisShard) -> u64 {
+    use fred::prelude::ClientLike;
+    let c = shard.client().await;
+    let info: String = c
+        .custom(
+            fred::types::CustomCommand::new_static("INFO", None, false),
+            vec!["commandstats"],
+        )
+        .await
+        .unwrap();
+    let _ = c.quit().await;
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_getrange:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_for_one_hot_object_shares_its_redis_reads() {
+    let cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| {
+            // Keep the memory tier out: every Get goes to the shard.
+            c.memory.min_downloads = 1_000_000;
+            c.chunk_bytes = 256 * 1024;
+        })
+        .start()
+        .await;
+    let size = 1024 * 1024;
+    let key = media_key("example.org", "hot", "");
+    let client = cluster.client().await;
+    assert!(
+        client
+            .clone()
+            .put_bytes(key.clone(), Default::default(), body(size, 6))
+            .await
+            .unwrap()
+            .stored
+    );
+    let before = getrange_calls(&cluster.shards[0]).await;
+    let storm = 50;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(storm));
+    let gets: Vec<_> = (0..storm)
+        .map(|_| {
+            let mut client = client.clone();
+            let key = key.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                client.get_bytes(key).await.unwrap().expect("hit").1
+            })
+        })
+        .collect();
+    for get in gets {
+        assert_eq!(get.await.unwrap(), body(size, 6));
+    }
+    let calls = getrange_calls(&cluster.shards[0]).await - before;
+    // Alone, one Get of 1 MiB in 256 KiB windows costs 7 GETRANGEs: the header with the first
+    // window, then 3 windows each checked against the value's prefix.
+    let alone = 7 * storm as u64;
+    println!("{storm} concurrent Gets of one 1 MiB object: {calls} GETRANGE calls (without sharing: {alone})");
+    assert!(
+        calls * 2 <= alone,
+        "{calls} GETRANGE calls for {storm} Gets"
+    );
+}

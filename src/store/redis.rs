@@ -74,7 +74,7 @@ impl RedisStore {
             } else {
                 0
             };
-        let (first, total) = match shard.read_first(&redis_key, first_len).await {
+        let (first, total) = match shard.read_first_shared(&redis_key, first_len).await {
             Ok(found) => found,
             Err(e @ ShardError::Reply { .. }) => {
                 // WRONGTYPE and the like: something that is not a string sits under our name.
@@ -147,7 +147,7 @@ impl RedisStore {
                     return Ok(first.slice(vs as usize..ve as usize));
                 }
                 let (window, now) = shard
-                    .read_window(&redis_key, vs, ve, PREFIX_LEN)
+                    .read_window_shared(&redis_key, vs, ve, PREFIX_LEN)
                     .await
                     .map_err(StoreError::Shard)?;
                 if now[..] != prefix[..] || window.len() as u64 != end - start {

@@ -477,3 +477,77 @@ pub fn body(len: usize, seed: u64) -> bytes::Bytes {
     rng.fill(&mut v);
     v.into()
 }
+
+/// A TCP proxy in front of a real `redis-server` that can turn hostile: once told to, it closes
+/// each connection after passing on a given number of reply bytes, in the middle of a reply.
+pub struct CuttingProxy {
+    pub port: u16,
+    cut_after: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    accept: JoinHandle<()>,
+}
+
+impl CuttingProxy {
+    pub async fn start(target_port: u16) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut_after = std::sync::Arc::new(AtomicUsize::new(0));
+        let limit = cut_after.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                else {
+                    continue;
+                };
+                let limit = limit.clone();
+                tokio::spawn(async move {
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut up_read, mut up_write) = upstream.into_split();
+                    let requests = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut client_read, &mut up_write).await;
+                    });
+                    let mut passed = 0usize;
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match up_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let cut = limit.load(Ordering::Relaxed);
+                        if cut > 0 && passed + n >= cut {
+                            let _ = client_write.write_all(&buf[..cut - passed]).await;
+                            break;
+                        }
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        passed += n;
+                    }
+                    requests.abort();
+                });
+            }
+        });
+        Self {
+            port,
+            cut_after,
+            accept,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// From now on, every connection is closed after passing `bytes` reply bytes (0: never).
+    pub fn cut_replies_after(&self, bytes: usize) {
+        self.cut_after
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
