@@ -269,6 +269,9 @@ pub struct RedisConfig {
     /// appears in this config. Read when a shard's connection is made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) that `rediss://` shards are verified against; required by them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -390,6 +393,7 @@ impl Default for RedisConfig {
             temp_key_ttl: default_temp_key_ttl(),
             username: None,
             password_file: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -588,6 +592,13 @@ impl Config {
             }
             if let Err(e) = check_shard_url(&shard.url) {
                 problem(format!("{at}.url"), e);
+            } else if shard.url.starts_with("rediss://") && self.redis.tls_ca_file.is_none() {
+                problem(
+                    format!("{at}.url"),
+                    "rediss:// needs redis.tls_ca_file, the CA the shard's certificate is \
+                     verified against"
+                        .into(),
+                );
             } else if self.redis.password_file.is_some()
                 && url::Url::parse(&shard.url).is_ok_and(|u| u.password().is_some())
             {
@@ -679,6 +690,9 @@ impl Config {
         if let Some(f) = &r.password_file {
             file("redis.password_file".into(), f);
         }
+        if let Some(f) = &r.tls_ca_file {
+            file("redis.tls_ca_file".into(), f);
+        }
         for (i, f) in self.auth.token_files.iter().enumerate() {
             file(format!("auth.token_files[{i}]"), f);
         }
@@ -744,16 +758,12 @@ fn check_shard_url(raw: &str) -> Result<(), String> {
     let url =
         url::Url::parse(raw).map_err(|e| format!("{:?} is not a URL: {e}", redact_url(raw)))?;
     match url.scheme() {
-        "redis" => {}
-        // Accepting it would connect in plain text to a port that speaks TLS.
-        "rediss" => {
-            return Err(
-                "rediss:// (TLS to shards) is not supported by this build yet; use redis:// on a \
-                 trusted network"
-                    .into(),
-            )
+        "redis" | "rediss" => {}
+        other => {
+            return Err(format!(
+                "scheme {other:?} is not supported; use redis:// or rediss:// (TLS)"
+            ))
         }
-        other => return Err(format!("scheme {other:?} is not supported; use redis://")),
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err("has no host".into());
@@ -843,6 +853,7 @@ shards:
   - { name: "", url: "redis://h:1", weight: 0 }
   - { name: c, url: "not a url" }
   - { name: d, url: "rediss://h:1" }
+  - { name: e, url: "tcp://h:1" }
 redis: { pool_size: 0 }
 "#;
         let problems = Config::from_yaml(text).unwrap_err().problems();
@@ -860,6 +871,7 @@ redis: { pool_size: 0 }
                 "shards[2].weight",
                 "shards[3].url",
                 "shards[4].url",
+                "shards[5].url",
                 "redis.pool_size"
             ],
             "{problems:#?}"

@@ -138,13 +138,26 @@ impl Shard {
         wait: Duration,
         events: &Arc<Events>,
     ) -> Result<Arc<Shard>, Error> {
-        let mut config = Config::from_url(&cfg.url)?;
+        // TLS is set up below from our own CA file, so fred is handed the plain-text form and
+        // never loads the system's roots.
+        let tls = cfg.url.starts_with("rediss://");
+        let url = match cfg.url.strip_prefix("rediss://") {
+            Some(rest) => format!("redis://{rest}"),
+            None => cfg.url.clone(),
+        };
+        let mut config = Config::from_url(&url)?;
         config.fail_fast = false;
         if let Some(user) = &redis.username {
             config.username = Some(user.clone());
         }
         if let Some(path) = &redis.password_file {
             config.password = Some(read_password(path)?);
+        }
+        if tls {
+            let ca = redis.tls_ca_file.as_deref().ok_or_else(|| {
+                Error::new(ErrorKind::Config, "rediss:// needs redis.tls_ca_file")
+            })?;
+            config.tls = Some(shard_tls(ca)?.into());
         }
         let subscriber = Builder::from_config(config.clone())
             .with_connection_config(|c| {
@@ -651,6 +664,24 @@ impl Drop for Shard {
 /// Retries forever, from 5 ms up to 2 s apart, with a little jitter so replicas do not reconnect
 /// in lockstep. With `fail_fast` off the first connection also goes through this policy, so its
 /// first delay is what a new shard waits before its first attempt: kept small.
+/// A TLS client config that trusts the CA certificates in `ca`.
+fn shard_tls(ca: &std::path::Path) -> Result<tokio_rustls::rustls::ClientConfig, Error> {
+    use tokio_rustls::rustls;
+    let config_error = |e: String| Error::new(ErrorKind::Config, format!("redis.tls_ca_file: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in crate::tls::read_certs(ca).map_err(|e| config_error(format!("{e:#}")))? {
+        roots
+            .add(cert)
+            .map_err(|e| config_error(format!("{}: {e}", ca.display())))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| config_error(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// The password in `path`, without the line break a Secret or an editor may leave after it.
 fn read_password(path: &std::path::Path) -> Result<String, Error> {
     let text = std::fs::read_to_string(path).map_err(|e| {

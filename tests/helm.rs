@@ -374,6 +374,8 @@ fn secrets_are_referenced_never_inlined() {
     files.extend([tls.cert_file.as_path(), tls.key_file.as_path()]);
     files.extend(tls.client_ca_file.as_deref());
     files.extend(config.redis.password_file.as_deref());
+    files.extend(config.redis.tls_ca_file.as_deref());
+    assert!(config.shards.iter().any(|s| s.url.starts_with("rediss://")));
     for file in files {
         assert!(
             mounts.iter().any(|(dir, _)| file.starts_with(dir)),
@@ -387,6 +389,7 @@ fn secrets_are_referenced_never_inlined() {
         "mediacache-tokens",
         "mediacache-readers",
         "mediacache-tls",
+        "cache-redis-ca",
     ] {
         assert!(names.contains(&secret), "{secret} not mounted: {names:?}");
     }

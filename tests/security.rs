@@ -459,3 +459,86 @@ fn a_password_in_the_url_and_a_password_file_are_refused_together() {
     assert!(err.contains("shards[0].url: has a password while redis.password_file is set"));
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[tokio::test]
+async fn rediss_shards_are_verified_against_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("redis");
+    let cert = write(dir.path(), "redis.crt", &pki.cert_pem);
+    let key = write(dir.path(), "redis.key", &pki.key_pem);
+    let ca = write(dir.path(), "ca.crt", &pki.ca_pem);
+    let tls_port = common::free_port();
+    // The plain port stays open for the harness' readiness check; the service uses TLS only.
+    let shard = RedisShard::start_with(
+        "tls",
+        &[
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+            "--tls-ca-cert-file",
+            ca.to_str().unwrap(),
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
+    let mut config = Config::default();
+    config.redis.tls_ca_file = Some(ca.clone());
+    config.shards = vec![ShardConfig {
+        name: shard.name.clone(),
+        url: format!("rediss://127.0.0.1:{tls_port}"),
+        weight: 1,
+    }];
+    let (addr, _stop, _server) = serve(config.clone()).await;
+    let endpoint = format!("http://{addr}");
+    let mut client = eventually("the TLS shard up", Duration::from_secs(10), || {
+        let endpoint = endpoint.clone();
+        async move {
+            let mut c = Client::connect(endpoint).await.ok()?;
+            let ring = c.ring_status().await.ok()?;
+            ring.shards.iter().all(|s| s.up).then_some(c)
+        }
+    })
+    .await;
+    let key = media_key("example.org", "over-rediss", "");
+    assert!(
+        client
+            .put_bytes(key.clone(), Default::default(), body(700_000, 7))
+            .await
+            .unwrap()
+            .stored
+    );
+    let (_, got) = client.get_bytes(key.clone()).await.unwrap().expect("hit");
+    assert_eq!(got, body(700_000, 7));
+    // It really went over TLS to that shard: the object is there.
+    assert_eq!(shard.keys().await.len(), 1);
+
+    // A CA that did not sign the shard's certificate: the shard is never used.
+    let other = Pki::new("other");
+    let mut wrong = config.clone();
+    wrong.redis.tls_ca_file = Some(write(dir.path(), "other-ca.crt", &other.ca_pem));
+    let (addr, _stop2, _server2) = serve(wrong).await;
+    let mut client = Client::connect(format!("http://{addr}")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(client
+        .ring_status()
+        .await
+        .unwrap()
+        .shards
+        .iter()
+        .all(|s| !s.up));
+    assert!(client.get_bytes(key.clone()).await.unwrap().is_none());
+
+    // rediss:// without a CA file is refused by validation, naming the key.
+    let mut no_ca = config;
+    no_ca.redis.tls_ca_file = None;
+    let err = Config::from_yaml(&yaml_serde::to_string(&no_ca).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("shards[0].url: rediss:// needs redis.tls_ca_file"),
+        "{err}"
+    );
+}

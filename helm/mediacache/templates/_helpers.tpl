@@ -146,6 +146,9 @@ failover: {{ .Values.config.failover }}
 {{- $_ := set $redis "username" .Values.redisAuth.username }}
 {{- end }}
 {{- end }}
+{{- if .Values.redisTls.caSecret }}
+{{- $_ := set $redis "tls_ca_file" (printf "%s/redis-ca/%s" (include "mediacache.secretsDir" .) .Values.redisTls.caKey) }}
+{{- end }}
 redis:
   {{- toYaml $redis | nindent 2 }}
 {{- end }}
