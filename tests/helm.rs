@@ -614,3 +614,34 @@ fn wrong_values_fail_with_the_schema_message() {
     let err = template(Some(&values), &[]).unwrap_err();
     assert!(err.contains("\"redis-1\" is used twice"), "{err}");
 }
+
+#[test]
+fn notes_tell_how_to_reach_watch_and_edit() {
+    let out = run(helm().args([
+        "install",
+        "cache",
+        CHART,
+        "--namespace",
+        "media",
+        "--dry-run=client",
+        "--set",
+        "redisShards.enabled=true",
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let notes = &text[text.find("NOTES:").expect("NOTES rendered")..];
+    for needle in [
+        "http://cache-mediacache.media.svc.cluster.local:50051",
+        "helm test cache --namespace media",
+        "/metrics",
+        "kubectl --namespace media edit configmap cache-mediacache",
+        "Shards (3 in the ring)",
+        "redisShards.count=N",
+    ] {
+        assert!(notes.contains(needle), "NOTES lack {needle:?}:\n{notes}");
+    }
+}
