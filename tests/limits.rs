@@ -313,3 +313,50 @@ async fn a_storm_for_one_hot_object_shares_its_redis_reads() {
         "{calls} GETRANGE calls for {storm} Gets"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_may_open_only_so_many_streams() {
+    let cluster = TestCluster::builder()
+        .configure(|c| c.limits.max_streams_per_connection = 2)
+        .start()
+        .await;
+    let size = 16 * 1024 * 1024;
+    let mut client = cluster.client().await;
+    let stored = client
+        .put_bytes(
+            media_key("example.org", "wide", ""),
+            Default::default(),
+            body(size, 8),
+        )
+        .await
+        .unwrap();
+    assert!(stored.stored);
+
+    // One connection: two streams open and left unread hold both of its slots.
+    let conn = cluster.raw().await;
+    let mut a = conn.clone().get(get("wide")).await.unwrap().into_inner();
+    let mut b = conn.clone().get(get("wide")).await.unwrap().into_inner();
+    for s in [&mut a, &mut b] {
+        assert!(s.message().await.unwrap().is_some());
+    }
+    // A third stream on it waits for a slot (the server advertised 2) ...
+    let third = tokio::spawn({
+        let mut conn = conn.clone();
+        async move { conn.get(get("wide")).await.map(|_| ()) }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "a third stream was let in");
+    // ... while another connection is served at once.
+    let mut other = cluster.raw().await;
+    tokio::time::timeout(Duration::from_secs(5), other.get(get("missing")))
+        .await
+        .expect("another connection is not held up")
+        .unwrap();
+    // Closing one stream lets the waiting one in.
+    drop(a);
+    tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("the third stream got a slot")
+        .unwrap()
+        .unwrap();
+}
