@@ -590,22 +590,21 @@ impl Config {
                     ),
                 );
             }
-            if let Err(e) = check_shard_url(&shard.url) {
-                problem(format!("{at}.url"), e);
-            } else if shard.url.starts_with("rediss://") && self.redis.tls_ca_file.is_none() {
-                problem(
+            match check_shard_url(&shard.url) {
+                Err(e) => problem(format!("{at}.url"), e),
+                Ok(url) if url.scheme() == "rediss" && self.redis.tls_ca_file.is_none() => problem(
                     format!("{at}.url"),
                     "rediss:// needs redis.tls_ca_file, the CA the shard's certificate is \
-                     verified against"
+                         verified against"
                         .into(),
-                );
-            } else if self.redis.password_file.is_some()
-                && url::Url::parse(&shard.url).is_ok_and(|u| u.password().is_some())
-            {
-                problem(
-                    format!("{at}.url"),
-                    "has a password while redis.password_file is set; use one of them".into(),
-                );
+                ),
+                Ok(url) if url.password().is_some() && self.redis.password_file.is_some() => {
+                    problem(
+                        format!("{at}.url"),
+                        "has a password while redis.password_file is set; use one of them".into(),
+                    )
+                }
+                Ok(_) => {}
             }
             if shard.weight == 0 || shard.weight > 10_000 {
                 problem(
@@ -754,7 +753,8 @@ impl Config {
     }
 }
 
-fn check_shard_url(raw: &str) -> Result<(), String> {
+/// The parsed URL, if it is one a shard can have.
+fn check_shard_url(raw: &str) -> Result<url::Url, String> {
     let url =
         url::Url::parse(raw).map_err(|e| format!("{:?} is not a URL: {e}", redact_url(raw)))?;
     match url.scheme() {
@@ -772,7 +772,7 @@ fn check_shard_url(raw: &str) -> Result<(), String> {
     if !path.is_empty() && path.parse::<u8>().is_err() {
         return Err(format!("path {path:?} must be a database number (0-255)"));
     }
-    Ok(())
+    Ok(url)
 }
 
 /// The URL with any password replaced, for logs and status output.

@@ -140,10 +140,9 @@ impl Shard {
     ) -> Result<Arc<Shard>, Error> {
         // TLS is set up below from our own CA file, so fred is handed the plain-text form and
         // never loads the system's roots.
-        let tls = cfg.url.starts_with("rediss://");
-        let url = match cfg.url.strip_prefix("rediss://") {
-            Some(rest) => format!("redis://{rest}"),
-            None => cfg.url.clone(),
+        let (url, tls) = match cfg.url.strip_prefix("rediss://") {
+            Some(rest) => (format!("redis://{rest}"), true),
+            None => (cfg.url.clone(), false),
         };
         let mut config = Config::from_url(&url)?;
         config.fail_fast = false;
@@ -402,7 +401,7 @@ impl Shard {
     ) -> Result<(Bytes, u64), ShardError> {
         let shard = self.clone();
         let owned = key.to_owned();
-        self.coalesce(|s| &s.first_reads, (key.to_owned(), len), async move {
+        self.coalesce(|s| &s.first_reads, (owned.clone(), len), async move {
             shard.read_first(&owned, len).await
         })
         .await

@@ -53,17 +53,16 @@ impl Tls {
             if now == seen {
                 continue;
             }
+            // Files of a Secret can change one after the other: a broken state is logged once,
+            // and the next change is tried again.
+            seen = now;
             match server_config(&self.files) {
                 Ok(config) => {
                     self.config.store(Arc::new(config));
                     info!("TLS certificates reloaded");
-                    seen = now;
                 }
-                // Files of a Secret can change one after the other; try again on the next tick
-                // but log each broken state once.
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "cannot reload TLS certificates; keeping the ones in use");
-                    seen = now;
                 }
             }
         }

@@ -387,8 +387,7 @@ async fn failover_next_writes_and_reads_the_next_live_shard() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shard_closing_connections_mid_reply_gives_clean_errors_and_recovers() {
-    use common::{spawn_service, CuttingProxy, RedisShard};
-    use mediacache::client::Client;
+    use common::{serve, shards_up, CuttingProxy, RedisShard};
     use mediacache::config::{Config, ShardConfig};
     use sha2::{Digest, Sha256};
 
@@ -405,18 +404,8 @@ async fn shard_closing_connections_mid_reply_gives_clean_errors_and_recovers() {
     }];
     // Memory tier out of the way: every read goes to the shard.
     config.memory.min_downloads = 1_000;
-    let yaml = yaml_serde::to_string(&config).unwrap();
-    let (addr, _stop, _server) = spawn_service(Config::from_yaml(&yaml).unwrap()).await;
-    let endpoint = format!("http://{addr}");
-    let mut client = eventually("service with its shard up", Duration::from_secs(10), || {
-        let endpoint = endpoint.clone();
-        async move {
-            let mut c = Client::connect(endpoint).await.ok()?;
-            let ring = c.ring_status().await.ok()?;
-            ring.shards.iter().all(|s| s.up).then_some(c)
-        }
-    })
-    .await;
+    let (addr, _stop, _server) = serve(&config).await;
+    let (mut client, _) = shards_up(&format!("http://{addr}"), 1).await;
     let size = 2 * 1024 * 1024;
     let keys: Vec<_> = (0..4)
         .map(|i| media_key("example.org", &format!("cut-{i}"), ""))

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{body, eventually, spawn_service, RedisShard, ServiceHandle};
+use common::{body, eventually, serve, shards_up, RedisShard};
 use mediacache::client::{media_key, Client, ClientError, ConnectOptions};
 use mediacache::config::{AuthConfig, Config, ShardConfig, TlsConfig};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -25,11 +25,6 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     path
-}
-
-async fn serve(config: Config) -> ServiceHandle {
-    let yaml = yaml_serde::to_string(&config).unwrap();
-    spawn_service(Config::from_yaml(&yaml).expect("test config is valid")).await
 }
 
 fn code(result: Result<impl Sized, ClientError>) -> Option<Code> {
@@ -58,7 +53,7 @@ async fn tokens_gate_every_rpc_but_health_and_rotate_without_restart() {
         },
         ..Default::default()
     };
-    let (addr, _stop, _server) = serve(config).await;
+    let (addr, _stop, _server) = serve(&config).await;
     let endpoint = format!("http://{addr}");
     let key = media_key("example.org", "tokened", "");
 
@@ -239,7 +234,7 @@ async fn tls_serves_reloads_its_certificate_and_can_require_client_certificates(
         tls: Some(tls),
         ..Default::default()
     };
-    let (addr, _stop, _server) = serve(config).await;
+    let (addr, _stop, _server) = serve(&config).await;
     let endpoint = format!("https://127.0.0.1:{}", addr.port());
     let key = media_key("example.org", "over-tls", "");
 
@@ -296,7 +291,7 @@ async fn tls_serves_reloads_its_certificate_and_can_require_client_certificates(
         }),
         ..Default::default()
     };
-    let (addr, _stop2, _server2) = serve(config).await;
+    let (addr, _stop2, _server2) = serve(&config).await;
     let endpoint = format!("https://127.0.0.1:{}", addr.port());
     let mut with_cert = Client::connect_with(&endpoint, first.options(Some(&clients)))
         .await
@@ -403,24 +398,10 @@ async fn shards_with_an_acl_user_and_a_password_file() {
             weight: 1,
         })
         .collect();
-    let (addr, _stop, _server) = serve(config.clone()).await;
-    let endpoint = format!("http://{addr}");
-    let ring = eventually("both shards up", Duration::from_secs(10), || {
-        let endpoint = endpoint.clone();
-        async move {
-            let ring = Client::connect(endpoint)
-                .await
-                .ok()?
-                .ring_status()
-                .await
-                .ok()?;
-            ring.shards.iter().all(|s| s.up).then_some(ring)
-        }
-    })
-    .await;
+    let (addr, _stop, _server) = serve(&config).await;
+    let (mut client, ring) = shards_up(&format!("http://{addr}"), 2).await;
     // The password shows nowhere in what the service reports.
     assert!(!format!("{ring:?}").contains(password));
-    let mut client = Client::connect(endpoint).await.unwrap();
     for i in 0..8 {
         let key = media_key("example.org", &format!("acl-{i}"), "");
         assert!(
@@ -437,7 +418,7 @@ async fn shards_with_an_acl_user_and_a_password_file() {
     // A wrong password: the shards stay down and Puts are refused, nothing is written.
     let mut wrong = config;
     wrong.redis.password_file = Some(write(dir.path(), "wrong", "not-the-password"));
-    let (addr, _stop2, _server2) = serve(wrong).await;
+    let (addr, _stop2, _server2) = serve(&wrong).await;
     let mut client = Client::connect(format!("http://{addr}")).await.unwrap();
     let ring = client.ring_status().await.unwrap();
     assert!(ring.shards.iter().all(|s| !s.up), "{ring:?}");
@@ -491,17 +472,8 @@ async fn rediss_shards_are_verified_against_the_configured_ca() {
         url: format!("rediss://127.0.0.1:{tls_port}"),
         weight: 1,
     }];
-    let (addr, _stop, _server) = serve(config.clone()).await;
-    let endpoint = format!("http://{addr}");
-    let mut client = eventually("the TLS shard up", Duration::from_secs(10), || {
-        let endpoint = endpoint.clone();
-        async move {
-            let mut c = Client::connect(endpoint).await.ok()?;
-            let ring = c.ring_status().await.ok()?;
-            ring.shards.iter().all(|s| s.up).then_some(c)
-        }
-    })
-    .await;
+    let (addr, _stop, _server) = serve(&config).await;
+    let (mut client, _) = shards_up(&format!("http://{addr}"), 1).await;
     let key = media_key("example.org", "over-rediss", "");
     assert!(
         client
@@ -519,7 +491,7 @@ async fn rediss_shards_are_verified_against_the_configured_ca() {
     let other = Pki::new("other");
     let mut wrong = config.clone();
     wrong.redis.tls_ca_file = Some(write(dir.path(), "other-ca.crt", &other.ca_pem));
-    let (addr, _stop2, _server2) = serve(wrong).await;
+    let (addr, _stop2, _server2) = serve(&wrong).await;
     let mut client = Client::connect(format!("http://{addr}")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(client

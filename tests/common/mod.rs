@@ -211,6 +211,30 @@ pub async fn spawn_service(loaded: mediacache::config::Loaded) -> ServiceHandle 
     (addr, tx, server)
 }
 
+/// Serves `config`, passed through YAML so that it meets the same validation as a real one.
+pub async fn serve(config: &Config) -> ServiceHandle {
+    let yaml = yaml_serde::to_string(config).unwrap();
+    spawn_service(Config::from_yaml(&yaml).expect("test config is valid")).await
+}
+
+/// Waits until the service at `endpoint` runs a ring of `n` shards, all up; returns a client
+/// and that ring.
+pub async fn shards_up(
+    endpoint: &str,
+    n: usize,
+) -> (Client, mediacache::proto::RingStatusResponse) {
+    eventually(
+        "service up with all shards up",
+        Duration::from_secs(10),
+        || async move {
+            let mut c = Client::connect(endpoint.to_owned()).await.ok()?;
+            let ring = c.ring_status().await.ok()?;
+            (ring.shards.len() == n && ring.shards.iter().all(|s| s.up)).then_some((c, ring))
+        },
+    )
+    .await
+}
+
 /// Waits until a Put is streaming into a temporary key on `shard`.
 pub async fn temp_key_appears(shard: &RedisShard) {
     eventually(
@@ -293,26 +317,10 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts one more service replica on the same shards and config; returns its endpoint.
     pub async fn add_replica(&mut self) -> String {
-        let yaml = yaml_serde::to_string(&self.config).unwrap();
-        let loaded = Config::from_yaml(&yaml).expect("test config is valid");
-        let (addr, tx, server) = spawn_service(loaded).await;
+        let (addr, tx, server) = serve(&self.config).await;
         let endpoint = format!("http://{addr}");
         self.replicas.push((tx, server));
-        let n = self.shards.len();
-        let probe = endpoint.clone();
-        eventually("replica up", Duration::from_secs(10), || {
-            let probe = probe.clone();
-            async move {
-                let ring = Client::connect(probe)
-                    .await
-                    .ok()?
-                    .ring_status()
-                    .await
-                    .ok()?;
-                (ring.shards.iter().filter(|s| s.up).count() == n).then_some(())
-            }
-        })
-        .await;
+        shards_up(&endpoint, self.shards.len()).await;
         endpoint
     }
 
@@ -346,21 +354,7 @@ impl TestCluster {
         self.addr = Some(addr);
         self.shutdown = Some(tx);
         self.server = Some(server);
-        let n = self.shards.len();
-        let endpoint = self.endpoint();
-        eventually(
-            "service up with all shards up",
-            Duration::from_secs(10),
-            || {
-                let endpoint = endpoint.clone();
-                async move {
-                    let mut c = Client::connect(endpoint).await.ok()?;
-                    let ring = c.ring_status().await.ok()?;
-                    (ring.shards.len() == n && ring.shards.iter().all(|s| s.up)).then_some(())
-                }
-            },
-        )
-        .await;
+        shards_up(&self.endpoint(), self.shards.len()).await;
     }
 
     /// The watched config file, when the cluster was built with `config_file()`.
