@@ -118,6 +118,11 @@ impl RedisShard {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The process id while the shard runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL, as a crashed shard.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -1,0 +1,908 @@
+//! The service next to raw Redis and twemproxy, measured side by side in one run.
+//!
+//! `cargo bench --bench e2e` (a few minutes) or `cargo bench --bench e2e -- --quick` (under a
+//! minute); `--json PATH` moves the JSON report from `target/bench/e2e.json`.
+//!
+//! Starts its own `redis-server` shards, two service processes from the release binary (one with
+//! the memory tier off, one serving from it) and, when `nutcracker` is installed, a twemproxy in
+//! front of the same shards. Then, for each object size and client concurrency, it drives every
+//! path for a fixed time and prints one table: throughput, p50/p99 time to last byte, and ratios
+//! to `redis-direct` from the same run. It also measures the service's peak RSS under large and
+//! slow downloads, and CPU seconds per GiB served by each process (kernel user+system time, the
+//! counters `getrusage` reports, read from `/proc/<pid>/stat` for the child processes).
+//!
+//! BENCHMARKS.md explains each path and holds the last run.
+
+#[allow(dead_code)]
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{body, free_port, shards_up, RedisShard};
+use fred::prelude::{Builder, ClientLike, Config as FredConfig, KeysInterface, Pool, Value};
+use mediacache::client::{media_key, Client};
+use mediacache::proto::{MediaInfo, MediaKey};
+use serde::Serialize;
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+const SHARDS: usize = 4;
+/// Connections each path opens (fred pool per shard, twemproxy pool, gRPC channels).
+const MAX_CONNECTIONS: usize = 8;
+/// The most clients any cell runs at once.
+const MAX_CONCURRENCY: usize = 64;
+const ORIGIN: &str = "bench.example";
+
+struct Opts {
+    quick: bool,
+    json: PathBuf,
+    /// Measured time per cell (after a warm-up of a fifth of it).
+    cell: Duration,
+    concurrency: Vec<usize>,
+    /// Object size and how many distinct objects of it each path reads.
+    sizes: Vec<(usize, usize)>,
+}
+
+fn opts() -> Opts {
+    let mut quick = false;
+    let mut json = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench/e2e.json"));
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--json" => json = args.next().map(PathBuf::from).unwrap_or(json),
+            // Passed by `cargo bench` to every bench target.
+            "--bench" => {}
+            other => {
+                eprintln!("unknown argument {other}\nusage: e2e [--quick] [--json PATH]");
+                std::process::exit(2);
+            }
+        }
+    }
+    Opts {
+        quick,
+        json,
+        cell: Duration::from_millis(if quick { 250 } else { 3000 }),
+        concurrency: vec![1, 16, MAX_CONCURRENCY],
+        sizes: if quick {
+            vec![(64 * KIB, 64), (MIB, 16), (16 * MIB, 4)]
+        } else {
+            vec![(64 * KIB, 256), (MIB, 64), (16 * MIB, 16)]
+        },
+    }
+}
+
+/// User plus system CPU seconds a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at field 3, `state`.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// Resident set size of a process, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// A service process from the release binary, on a free loopback port.
+struct Service {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Service {
+    async fn start(shards: &[RedisShard], memory_bytes: usize, memory_object_bytes: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut yaml = format!(
+            "listen: 127.0.0.1:{port}\nlog: {{ level: warn }}\nmemory:\n  max_bytes: {memory_bytes}\n  max_object_bytes: {memory_object_bytes}\nshards:\n"
+        );
+        for s in shards {
+            yaml.push_str(&format!("  - {{ name: {}, url: \"{}\" }}\n", s.name, s.url()));
+        }
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, yaml).expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_mediacache"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the service");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        shards_up(&endpoint, shards.len()).await;
+        Self {
+            child,
+            endpoint,
+            _dir: dir,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    async fn clients(&self, n: usize) -> Vec<Client> {
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            clients.push(Client::connect(self.endpoint.clone()).await.expect("connect"));
+        }
+        clients
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// twemproxy (`nutcracker`) in front of the shards, when it is installed.
+struct Twemproxy {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Twemproxy {
+    fn start(shards: &[RedisShard]) -> Option<Self> {
+        let binary = ["/usr/sbin/nutcracker", "/usr/bin/nutcracker"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut conf = format!(
+            "bench:\n  listen: 127.0.0.1:{port}\n  hash: fnv1a_64\n  distribution: ketama\n  redis: true\n  preconnect: true\n  auto_eject_hosts: false\n  servers:\n"
+        );
+        for s in shards {
+            conf.push_str(&format!("    - 127.0.0.1:{}:1 {}\n", s.port, s.name));
+        }
+        let path = dir.path().join("nutcracker.yml");
+        std::fs::write(&path, conf).expect("write nutcracker.yml");
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&path)
+            .args(["-a", "127.0.0.1", "-s", &free_port().to_string()])
+            .arg("-o")
+            .arg(dir.path().join("nutcracker.log"))
+            .spawn()
+            .expect("start nutcracker");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nutcracker did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(Self {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Twemproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain RESP2 connection for the twemproxy path: fred opens each connection with `CLIENT ID`
+/// and `INFO`, which twemproxy answers by closing it. Only `GET` and `SET` are spoken.
+struct Resp {
+    stream: tokio::io::BufReader<tokio::net::TcpStream>,
+}
+
+impl Resp {
+    async fn connect(port: u16) -> Self {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect to twemproxy");
+        stream.set_nodelay(true).expect("nodelay");
+        Self {
+            stream: tokio::io::BufReader::with_capacity(256 * KIB, stream),
+        }
+    }
+
+    async fn command(&mut self, parts: &[&[u8]]) {
+        use tokio::io::AsyncWriteExt;
+        let mut head = format!("*{}\r\n", parts.len()).into_bytes();
+        for (i, part) in parts.iter().enumerate() {
+            head.extend_from_slice(format!("${}\r\n", part.len()).as_bytes());
+            if i + 1 < parts.len() {
+                head.extend_from_slice(part);
+                head.extend_from_slice(b"\r\n");
+            }
+        }
+        let last = parts.last().expect("a command");
+        let w = self.stream.get_mut();
+        w.write_all(&head).await.expect("write");
+        w.write_all(last).await.expect("write");
+        w.write_all(b"\r\n").await.expect("write");
+    }
+
+    async fn line(&mut self) -> String {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).await.expect("read");
+        line.trim_end().to_string()
+    }
+
+    async fn get(&mut self, key: &str) -> Bytes {
+        use tokio::io::AsyncReadExt;
+        self.command(&[b"GET", key.as_bytes()]).await;
+        let line = self.line().await;
+        let len: usize = line
+            .strip_prefix('$')
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("GET {key} answered {line:?}"));
+        let mut value = bytes::BytesMut::zeroed(len + 2);
+        self.stream.read_exact(&mut value).await.expect("read");
+        value.truncate(len);
+        value.freeze()
+    }
+
+    async fn set(&mut self, key: &str, value: &[u8]) {
+        self.command(&[b"SET", key.as_bytes(), value]).await;
+        let line = self.line().await;
+        assert_eq!(line, "+OK", "SET {key}");
+    }
+}
+
+async fn redis_pool(url: &str, size: usize) -> Pool {
+    let pool = Builder::from_config(FredConfig::from_url(url).expect("redis url"))
+        .build_pool(size)
+        .expect("pool");
+    pool.init().await.expect("connect to redis");
+    pool
+}
+
+/// Everything the paths talk to.
+struct Rig {
+    shards: Vec<RedisShard>,
+    direct: Vec<Pool>,
+    /// One connection per client: the plain client does not pipeline.
+    twemproxy: Option<(Twemproxy, Vec<tokio::sync::Mutex<Resp>>)>,
+    service_redis: Service,
+    service_memory: Service,
+    redis_clients: Vec<Client>,
+    memory_clients: Vec<Client>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum PathKind {
+    RedisDirect,
+    Twemproxy,
+    ServiceRedis,
+    ServiceMemory,
+    RedisDirectSet,
+    ServicePut,
+}
+
+impl PathKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::RedisDirect => "redis-direct",
+            Self::Twemproxy => "twemproxy",
+            Self::ServiceRedis => "service-redis",
+            Self::ServiceMemory => "service-memory",
+            Self::RedisDirectSet => "redis-direct SET",
+            Self::ServicePut => "service-put",
+        }
+    }
+
+    /// The path this one's ratios are taken against.
+    fn baseline(self) -> Self {
+        match self {
+            Self::RedisDirectSet | Self::ServicePut => Self::RedisDirectSet,
+            _ => Self::RedisDirect,
+        }
+    }
+}
+
+fn direct_key(size: usize, i: usize) -> String {
+    format!("bench:{size}:{i}")
+}
+
+fn twemproxy_key(size: usize, i: usize) -> String {
+    format!("twem:{size}:{i}")
+}
+
+fn service_key(size: usize, i: usize) -> MediaKey {
+    media_key(ORIGIN, &format!("s{size}n{i}"), "")
+}
+
+/// Reads a whole object through the service; returns its length.
+async fn service_get(client: &Client, key: MediaKey) -> usize {
+    let mut client = client.clone();
+    let mut download = client
+        .get(key, 0, 0)
+        .await
+        .expect("Get")
+        .expect("a hit for a loaded object");
+    let mut n = 0;
+    while let Some(chunk) = download.next_chunk().await.expect("chunk") {
+        n += chunk.len();
+    }
+    n
+}
+
+impl Rig {
+    async fn op(&self, path: PathKind, size: usize, objects: usize, client: usize, n: usize) {
+        let i = (client * 7919 + n) % objects;
+        let got = match path {
+            PathKind::RedisDirect => {
+                let v: Bytes = self.direct[i % SHARDS]
+                    .get(direct_key(size, i))
+                    .await
+                    .expect("GET");
+                v.len()
+            }
+            PathKind::Twemproxy => {
+                let (_, conns) = self.twemproxy.as_ref().expect("twemproxy");
+                let v = conns[client].lock().await.get(&twemproxy_key(size, i)).await;
+                v.len()
+            }
+            PathKind::ServiceRedis => {
+                let c = &self.redis_clients[client % self.redis_clients.len()];
+                service_get(c, service_key(size, i)).await
+            }
+            PathKind::ServiceMemory => {
+                let c = &self.memory_clients[client % self.memory_clients.len()];
+                service_get(c, service_key(size, i)).await
+            }
+            PathKind::RedisDirectSet => {
+                // One key per client, overwritten: a SET of a new value each time.
+                let key = format!("put:{size}:{client}");
+                let _: () = self.direct[client % SHARDS]
+                    .set(key, Value::from(payload(size, i)), None, None, false)
+                    .await
+                    .expect("SET");
+                size
+            }
+            PathKind::ServicePut => {
+                let mut c = self.redis_clients[client % self.redis_clients.len()].clone();
+                let key = media_key(ORIGIN, &format!("p{size}c{client}"), "");
+                let answer = c
+                    .put_bytes(key, MediaInfo::default(), payload(size, i))
+                    .await
+                    .expect("Put");
+                assert!(answer.stored, "Put not stored: {answer:?}");
+                size
+            }
+        };
+        assert_eq!(got, size, "{} returned a short object", path.name());
+    }
+}
+
+/// The bodies, made once per size: the clients send and compare these.
+fn payload(size: usize, i: usize) -> Bytes {
+    static CACHE: std::sync::Mutex<BTreeMap<(usize, usize), Bytes>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let mut cache = CACHE.lock().unwrap();
+    cache
+        .entry((size, i))
+        .or_insert_with(|| body(size, (size + i) as u64))
+        .clone()
+}
+
+#[derive(Serialize, Clone)]
+struct Row {
+    path: PathKind,
+    size: usize,
+    concurrency: usize,
+    ops: usize,
+    seconds: f64,
+    mib_per_s: f64,
+    objects_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Throughput divided by the baseline path's in the same cell.
+    ratio: f64,
+    /// p99 divided by the baseline path's p99 in the same cell.
+    p99_ratio: f64,
+    /// CPU seconds per GiB moved, by process.
+    cpu_per_gib: BTreeMap<&'static str, f64>,
+}
+
+/// The processes whose CPU time is recorded for each cell.
+fn watched(rig: &Rig, path: PathKind) -> Vec<(&'static str, Vec<u32>)> {
+    let service = match path {
+        PathKind::ServiceMemory => rig.service_memory.pid(),
+        _ => rig.service_redis.pid(),
+    };
+    let mut w = vec![
+        ("service", vec![service]),
+        ("redis", rig.shards.iter().filter_map(RedisShard::pid).collect()),
+        ("bench clients", vec![std::process::id()]),
+    ];
+    if let Some((t, _)) = &rig.twemproxy {
+        w.push(("twemproxy", vec![t.child.id()]));
+    }
+    w
+}
+
+fn cpu_now(watched: &[(&'static str, Vec<u32>)]) -> Vec<f64> {
+    watched
+        .iter()
+        .map(|(_, pids)| pids.iter().map(|&p| cpu_seconds(p)).sum())
+        .collect()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[idx].as_secs_f64() * 1e3
+}
+
+/// Runs `conc` clients doing `op` back to back for `warm`, then for `time`, measured.
+async fn measure<F, Fut>(conc: usize, warm: Duration, time: Duration, op: F) -> (Vec<Duration>, f64)
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let op = Arc::new(op);
+    let mut latencies = Vec::new();
+    let mut elapsed = 0.0;
+    for (span, keep) in [(warm, false), (time, true)] {
+        let start = Instant::now();
+        let deadline = start + span;
+        let tasks: Vec<_> = (0..conc)
+            .map(|c| {
+                let op = op.clone();
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut n = 0;
+                    while Instant::now() < deadline || n == 0 {
+                        let t = Instant::now();
+                        op(c, n).await;
+                        lat.push(t.elapsed());
+                        n += 1;
+                    }
+                    lat
+                })
+            })
+            .collect();
+        for t in tasks {
+            let lat = t.await.expect("client task");
+            if keep {
+                latencies.extend(lat);
+            }
+        }
+        elapsed = start.elapsed().as_secs_f64();
+    }
+    latencies.sort();
+    (latencies, elapsed)
+}
+
+async fn run_cell(
+    rig: &Arc<Rig>,
+    opts: &Opts,
+    path: PathKind,
+    size: usize,
+    objects: usize,
+    conc: usize,
+) -> Row {
+    let watched = watched(rig, path);
+    let before = cpu_now(&watched);
+    let r = rig.clone();
+    let (lat, seconds) = measure(conc, opts.cell / 5, opts.cell, move |c, n| {
+        let r = r.clone();
+        async move { r.op(path, size, objects, c, n).await }
+    })
+    .await;
+    // The warm-up's CPU is in the counters too: scale it out by the measured share of ops.
+    let after = cpu_now(&watched);
+    let ops = lat.len();
+    let bytes = (ops * size) as f64;
+    let gib = bytes / (1u64 << 30) as f64;
+    let total = seconds + (opts.cell / 5).as_secs_f64();
+    let cpu_per_gib = watched
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|((name, _), (b, a))| (*name, (a - b) * (seconds / total) / gib))
+        .collect();
+    Row {
+        path,
+        size,
+        concurrency: conc,
+        ops,
+        seconds,
+        mib_per_s: bytes / MIB as f64 / seconds,
+        objects_per_s: ops as f64 / seconds,
+        p50_ms: percentile(&lat, 0.50),
+        p99_ms: percentile(&lat, 0.99),
+        ratio: f64::NAN,
+        p99_ratio: f64::NAN,
+        cpu_per_gib,
+    }
+}
+
+async fn load(rig: &Rig, size: usize, objects: usize) {
+    let mut service = rig.redis_clients[0].clone();
+    for i in 0..objects {
+        let value = payload(size, i);
+        let _: () = rig.direct[i % SHARDS]
+            .set(direct_key(size, i), Value::from(value.clone()), None, None, false)
+            .await
+            .expect("SET");
+        if let Some((_, conns)) = &rig.twemproxy {
+            conns[0].lock().await.set(&twemproxy_key(size, i), &value).await;
+        }
+        let answer = service
+            .put_bytes(service_key(size, i), MediaInfo::default(), value)
+            .await
+            .expect("Put");
+        assert!(answer.stored, "Put not stored: {answer:?}");
+    }
+    // Every path serves the same bytes.
+    let check = payload(size, 0);
+    let direct: Bytes = rig.direct[0].get(direct_key(size, 0)).await.unwrap();
+    assert_eq!(direct, check, "redis-direct");
+    if let Some((_, pool)) = &rig.twemproxy {
+        let via = pool[0].lock().await.get(&twemproxy_key(size, 0)).await;
+        assert_eq!(via, check, "twemproxy");
+    }
+    for clients in [&rig.redis_clients, &rig.memory_clients] {
+        let (_, got) = clients[0]
+            .clone()
+            .get_bytes(service_key(size, 0))
+            .await
+            .expect("Get")
+            .expect("hit");
+        assert_eq!(got, check, "service");
+    }
+    // Fill the memory tier: the admission policy wants a few downloads first.
+    let before = rig.memory_clients[0].clone().stats().await.unwrap().memory_entries;
+    for _ in 0..3 {
+        for i in 0..objects {
+            service_get(&rig.memory_clients[0], service_key(size, i)).await;
+        }
+    }
+    let after = rig.memory_clients[0].clone().stats().await.unwrap().memory_entries;
+    assert_eq!(
+        after - before,
+        objects as u64,
+        "every {size}-byte object should be in the memory tier"
+    );
+}
+
+/// Samples a process's RSS until stopped; returns the peak.
+fn sample_rss(pid: u32) -> (Arc<AtomicBool>, tokio::task::JoinHandle<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut peak = 0;
+        while !flag.load(Ordering::Relaxed) {
+            peak = peak.max(rss_bytes(pid));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        peak
+    });
+    (stop, task)
+}
+
+#[derive(Serialize)]
+struct RssPhase {
+    phase: String,
+    peak_rss_mib: f64,
+    streamed_mib: f64,
+}
+
+/// `clients` readers of `size`-byte objects for `time`, each at most `rate` bytes/s when given.
+async fn rss_phase(
+    rig: &Arc<Rig>,
+    phase: &str,
+    size: usize,
+    objects: usize,
+    clients: usize,
+    time: Duration,
+    rate: Option<f64>,
+) -> RssPhase {
+    let pid = rig.service_redis.pid();
+    let (stop, sampler) = sample_rss(pid);
+    let streamed = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + time;
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let rig = rig.clone();
+            let streamed = streamed.clone();
+            tokio::spawn(async move {
+                let mut n = 0;
+                while Instant::now() < deadline {
+                    let mut client = rig.redis_clients[c % rig.redis_clients.len()].clone();
+                    let key = service_key(size, (c + n) % objects);
+                    let mut download = client.get(key, 0, 0).await.expect("Get").expect("hit");
+                    let started = Instant::now();
+                    let mut got = 0u64;
+                    // Dropping the download part-way is a client that went away.
+                    while Instant::now() < deadline {
+                        let Some(chunk) = download.next_chunk().await.expect("chunk") else {
+                            break;
+                        };
+                        got += chunk.len() as u64;
+                        streamed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        if let Some(rate) = rate {
+                            let due = started + Duration::from_secs_f64(got as f64 / rate);
+                            tokio::time::sleep_until(due.into()).await;
+                        }
+                    }
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("reader");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let peak = sampler.await.unwrap();
+    RssPhase {
+        phase: phase.to_owned(),
+        peak_rss_mib: peak as f64 / MIB as f64,
+        streamed_mib: streamed.load(Ordering::Relaxed) as f64 / MIB as f64,
+    }
+}
+
+#[derive(Serialize)]
+struct Report {
+    quick: bool,
+    commit: String,
+    machine: String,
+    shards: usize,
+    twemproxy: bool,
+    rows: Vec<Row>,
+    rss: Vec<RssPhase>,
+}
+
+fn command_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}, Linux {}", command_line("uname", &["-r"]))
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "\n{:>7} {:>4}  {:<17} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}",
+        "size", "conc", "path", "MiB/s", "obj/s", "p50 ms", "p99 ms", "× base", "p99 ×"
+    );
+    let mut last = (0, 0);
+    for r in rows {
+        if (r.size, r.concurrency) != last && last != (0, 0) {
+            println!();
+        }
+        last = (r.size, r.concurrency);
+        let size = if r.size >= MIB {
+            format!("{}M", r.size / MIB)
+        } else {
+            format!("{}K", r.size / KIB)
+        };
+        println!(
+            "{:>7} {:>4}  {:<17} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+            size,
+            r.concurrency,
+            r.path.name(),
+            r.mib_per_s,
+            r.objects_per_s,
+            r.p50_ms,
+            r.p99_ms,
+            r.ratio,
+            r.p99_ratio
+        );
+    }
+}
+
+fn print_cpu(rows: &[Row]) {
+    println!("\nCPU seconds per GiB moved, by process (concurrency 16)");
+    println!(
+        "{:>7}  {:<17} {:>9} {:>9} {:>10} {:>14}",
+        "size", "path", "service", "redis", "twemproxy", "bench clients"
+    );
+    for r in rows.iter().filter(|r| r.concurrency == 16 && r.size >= MIB) {
+        let get = |k: &str| r.cpu_per_gib.get(k).copied().unwrap_or(f64::NAN);
+        println!(
+            "{:>6}M  {:<17} {:>9.2} {:>9.2} {:>10.2} {:>14.2}",
+            r.size / MIB,
+            r.path.name(),
+            get("service"),
+            get("redis"),
+            get("twemproxy"),
+            get("bench clients")
+        );
+    }
+}
+
+fn main() {
+    let opts = opts();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run(opts));
+}
+
+async fn run(opts: Opts) {
+    let started = Instant::now();
+    let shards: Vec<RedisShard> = (0..SHARDS)
+        .map(|i| RedisShard::start_with(&format!("shard-{i}"), &["--maxmemory", "0"]))
+        .collect();
+    let mut direct = Vec::new();
+    for s in &shards {
+        direct.push(redis_pool(&s.url(), MAX_CONNECTIONS.div_ceil(SHARDS).max(2)).await);
+    }
+    let twemproxy = match Twemproxy::start(&shards) {
+        Some(t) => {
+            let mut conns = Vec::new();
+            for _ in 0..MAX_CONCURRENCY {
+                conns.push(tokio::sync::Mutex::new(Resp::connect(t.port).await));
+            }
+            Some((t, conns))
+        }
+        None => {
+            eprintln!("nutcracker is not installed: the twemproxy path is left out");
+            None
+        }
+    };
+    let service_redis = Service::start(&shards, 0, 0).await;
+    let service_memory = Service::start(&shards, 2048 * MIB, 32 * MIB).await;
+    let redis_clients = service_redis.clients(MAX_CONNECTIONS).await;
+    let memory_clients = service_memory.clients(MAX_CONNECTIONS).await;
+    let rig = Arc::new(Rig {
+        shards,
+        direct,
+        twemproxy,
+        service_redis,
+        service_memory,
+        redis_clients,
+        memory_clients,
+    });
+
+    let mut paths = vec![PathKind::RedisDirect];
+    if rig.twemproxy.is_some() {
+        paths.push(PathKind::Twemproxy);
+    }
+    paths.extend([
+        PathKind::ServiceRedis,
+        PathKind::ServiceMemory,
+        PathKind::RedisDirectSet,
+        PathKind::ServicePut,
+    ]);
+
+    let mut rows = Vec::new();
+    for &(size, objects) in &opts.sizes {
+        load(&rig, size, objects).await;
+        for &conc in &opts.concurrency {
+            let mut cell = Vec::new();
+            for &path in &paths {
+                let row = run_cell(&rig, &opts, path, size, objects, conc).await;
+                eprintln!(
+                    "{:>9} B × {conc:>2}  {:<17} {:>8.1} MiB/s  p99 {:.2} ms",
+                    size,
+                    path.name(),
+                    row.mib_per_s,
+                    row.p99_ms
+                );
+                cell.push(row);
+            }
+            let base: BTreeMap<PathKind, (f64, f64)> = cell
+                .iter()
+                .map(|r| (r.path, (r.mib_per_s, r.p99_ms)))
+                .collect();
+            for r in &mut cell {
+                let (mib, p99) = base[&r.path.baseline()];
+                r.ratio = r.mib_per_s / mib;
+                r.p99_ratio = r.p99_ms / p99;
+            }
+            rows.extend(cell);
+        }
+    }
+
+    // Peak RSS of the service (memory tier off) under big and slow downloads.
+    let big = 64 * MIB;
+    let big_objects = 4;
+    let mut putter = rig.redis_clients[0].clone();
+    for i in 0..big_objects {
+        let answer = putter
+            .put_bytes(service_key(big, i), MediaInfo::default(), body(big, i as u64))
+            .await
+            .expect("Put 64 MiB");
+        assert!(answer.stored);
+    }
+    let idle = rss_bytes(rig.service_redis.pid()) as f64 / MIB as f64;
+    let phase = opts.cell * 4;
+    let slow = if opts.quick {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(10)
+    };
+    let one_mib = opts.sizes[1];
+    let mut rss = vec![RssPhase {
+        phase: "idle, after loading".into(),
+        peak_rss_mib: idle,
+        streamed_mib: 0.0,
+    }];
+    rss.push(rss_phase(&rig, "64 clients × 1 MiB objects", one_mib.0, one_mib.1, 64, phase, None).await);
+    rss.push(rss_phase(&rig, "64 clients × 64 MiB objects", big, big_objects, 64, phase, None).await);
+    rss.push(
+        rss_phase(&rig, "64 slow clients (1 MiB/s) × 64 MiB objects", big, big_objects, 64, slow, Some(MIB as f64))
+            .await,
+    );
+
+    print_table(&rows);
+    print_cpu(&rows);
+    println!("\nPeak RSS of the service (memory tier off)");
+    for p in &rss {
+        println!(
+            "  {:<44} {:>7.1} MiB   ({:.0} MiB streamed)",
+            p.phase, p.peak_rss_mib, p.streamed_mib
+        );
+    }
+
+    let report = Report {
+        quick: opts.quick,
+        commit: command_line("git", &["rev-parse", "--short", "HEAD"]),
+        machine: machine(),
+        shards: SHARDS,
+        twemproxy: rig.twemproxy.is_some(),
+        rows,
+        rss,
+    };
+    if let Some(dir) = opts.json.parent() {
+        std::fs::create_dir_all(dir).expect("create the JSON report's directory");
+    }
+    std::fs::write(&opts.json, serde_json::to_string_pretty(&report).unwrap())
+        .expect("write the JSON report");
+    println!(
+        "\n{}; {} shards; {:.0} s in all; JSON: {}",
+        report.machine,
+        SHARDS,
+        started.elapsed().as_secs_f64(),
+        opts.json.display()
+    );
+}
