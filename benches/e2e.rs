@@ -13,7 +13,6 @@
 //!
 //! BENCHMARKS.md explains each path and holds the last run.
 
-#[allow(dead_code)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -53,7 +52,10 @@ struct Opts {
 
 fn opts() -> Opts {
     let mut quick = false;
-    let mut json = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench/e2e.json"));
+    let mut json = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/target/bench/e2e.json"
+    ));
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -86,7 +88,12 @@ fn cpu_seconds(pid: u32) -> f64 {
     // Fields after the command name (which may hold spaces) start at field 3, `state`.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / clock_ticks()
 }
 
@@ -129,7 +136,11 @@ impl Service {
             "listen: 127.0.0.1:{port}\nlog: {{ level: warn }}\nmemory:\n  max_bytes: {memory_bytes}\n  max_object_bytes: {memory_object_bytes}\nshards:\n"
         );
         for s in shards {
-            yaml.push_str(&format!("  - {{ name: {}, url: \"{}\" }}\n", s.name, s.url()));
+            yaml.push_str(&format!(
+                "  - {{ name: {}, url: \"{}\" }}\n",
+                s.name,
+                s.url()
+            ));
         }
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, yaml).expect("write config");
@@ -156,7 +167,11 @@ impl Service {
     async fn clients(&self, n: usize) -> Vec<Client> {
         let mut clients = Vec::new();
         for _ in 0..n {
-            clients.push(Client::connect(self.endpoint.clone()).await.expect("connect"));
+            clients.push(
+                Client::connect(self.endpoint.clone())
+                    .await
+                    .expect("connect"),
+            );
         }
         clients
     }
@@ -373,7 +388,11 @@ impl Rig {
             }
             PathKind::Twemproxy => {
                 let (_, conns) = self.twemproxy.as_ref().expect("twemproxy");
-                let v = conns[client].lock().await.get(&twemproxy_key(size, i)).await;
+                let v = conns[client]
+                    .lock()
+                    .await
+                    .get(&twemproxy_key(size, i))
+                    .await;
                 v.len()
             }
             PathKind::ServiceRedis => {
@@ -446,7 +465,10 @@ fn watched(rig: &Rig, path: PathKind) -> Vec<(&'static str, Vec<u32>)> {
     };
     let mut w = vec![
         ("service", vec![service]),
-        ("redis", rig.shards.iter().filter_map(RedisShard::pid).collect()),
+        (
+            "redis",
+            rig.shards.iter().filter_map(RedisShard::pid).collect(),
+        ),
         ("bench clients", vec![std::process::id()]),
     ];
     if let Some((t, _)) = &rig.twemproxy {
@@ -555,11 +577,21 @@ async fn load(rig: &Rig, size: usize, objects: usize) {
     for i in 0..objects {
         let value = payload(size, i);
         let _: () = rig.direct[i % SHARDS]
-            .set(direct_key(size, i), Value::from(value.clone()), None, None, false)
+            .set(
+                direct_key(size, i),
+                Value::from(value.clone()),
+                None,
+                None,
+                false,
+            )
             .await
             .expect("SET");
         if let Some((_, conns)) = &rig.twemproxy {
-            conns[0].lock().await.set(&twemproxy_key(size, i), &value).await;
+            conns[0]
+                .lock()
+                .await
+                .set(&twemproxy_key(size, i), &value)
+                .await;
         }
         let answer = service
             .put_bytes(service_key(size, i), MediaInfo::default(), value)
@@ -585,13 +617,23 @@ async fn load(rig: &Rig, size: usize, objects: usize) {
         assert_eq!(got, check, "service");
     }
     // Fill the memory tier: the admission policy wants a few downloads first.
-    let before = rig.memory_clients[0].clone().stats().await.unwrap().memory_entries;
+    let before = rig.memory_clients[0]
+        .clone()
+        .stats()
+        .await
+        .unwrap()
+        .memory_entries;
     for _ in 0..3 {
         for i in 0..objects {
             service_get(&rig.memory_clients[0], service_key(size, i)).await;
         }
     }
-    let after = rig.memory_clients[0].clone().stats().await.unwrap().memory_entries;
+    let after = rig.memory_clients[0]
+        .clone()
+        .stats()
+        .await
+        .unwrap()
+        .memory_entries;
     assert_eq!(
         after - before,
         objects as u64,
@@ -701,10 +743,16 @@ fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores, {cpu}, Linux {}", command_line("uname", &["-r"]))
+    format!(
+        "{cores} cores, {cpu}, Linux {}",
+        command_line("uname", &["-r"])
+    )
 }
 
 fn print_table(rows: &[Row]) {
@@ -849,7 +897,11 @@ async fn run(opts: Opts) {
     let mut putter = rig.redis_clients[0].clone();
     for i in 0..big_objects {
         let answer = putter
-            .put_bytes(service_key(big, i), MediaInfo::default(), body(big, i as u64))
+            .put_bytes(
+                service_key(big, i),
+                MediaInfo::default(),
+                body(big, i as u64),
+            )
             .await
             .expect("Put 64 MiB");
         assert!(answer.stored);
@@ -867,11 +919,41 @@ async fn run(opts: Opts) {
         peak_rss_mib: idle,
         streamed_mib: 0.0,
     }];
-    rss.push(rss_phase(&rig, "64 clients × 1 MiB objects", one_mib.0, one_mib.1, 64, phase, None).await);
-    rss.push(rss_phase(&rig, "64 clients × 64 MiB objects", big, big_objects, 64, phase, None).await);
     rss.push(
-        rss_phase(&rig, "64 slow clients (1 MiB/s) × 64 MiB objects", big, big_objects, 64, slow, Some(MIB as f64))
-            .await,
+        rss_phase(
+            &rig,
+            "64 clients × 1 MiB objects",
+            one_mib.0,
+            one_mib.1,
+            64,
+            phase,
+            None,
+        )
+        .await,
+    );
+    rss.push(
+        rss_phase(
+            &rig,
+            "64 clients × 64 MiB objects",
+            big,
+            big_objects,
+            64,
+            phase,
+            None,
+        )
+        .await,
+    );
+    rss.push(
+        rss_phase(
+            &rig,
+            "64 slow clients (1 MiB/s) × 64 MiB objects",
+            big,
+            big_objects,
+            64,
+            slow,
+            Some(MIB as f64),
+        )
+        .await,
     );
 
     print_table(&rows);
