@@ -304,9 +304,9 @@ async fn redis_pool(url: &str, size: usize) -> Pool {
     pool
 }
 
-/// Everything the paths talk to.
+/// Everything the paths talk to. Fields drop in order: the services and twemproxy stop before
+/// the shards they use.
 struct Rig {
-    shards: Vec<RedisShard>,
     direct: Vec<Pool>,
     /// One connection per client: the plain client does not pipeline.
     twemproxy: Option<(Twemproxy, Vec<tokio::sync::Mutex<Resp>>)>,
@@ -314,6 +314,7 @@ struct Rig {
     service_memory: Service,
     redis_clients: Vec<Client>,
     memory_clients: Vec<Client>,
+    shards: Vec<RedisShard>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -617,23 +618,17 @@ async fn load(rig: &Rig, size: usize, objects: usize) {
         assert_eq!(got, check, "service");
     }
     // Fill the memory tier: the admission policy wants a few downloads first.
-    let before = rig.memory_clients[0]
-        .clone()
-        .stats()
-        .await
-        .unwrap()
-        .memory_entries;
+    let memory_entries = || async {
+        let stats = rig.memory_clients[0].clone().stats().await;
+        stats.expect("Stats").memory_entries
+    };
+    let before = memory_entries().await;
     for _ in 0..3 {
         for i in 0..objects {
             service_get(&rig.memory_clients[0], service_key(size, i)).await;
         }
     }
-    let after = rig.memory_clients[0]
-        .clone()
-        .stats()
-        .await
-        .unwrap()
-        .memory_entries;
+    let after = memory_entries().await;
     assert_eq!(
         after - before,
         objects as u64,
@@ -913,48 +908,32 @@ async fn run(opts: Opts) {
     } else {
         Duration::from_secs(10)
     };
-    let one_mib = opts.sizes[1];
+    let (one_mib, one_mib_objects) = opts.sizes[1];
     let mut rss = vec![RssPhase {
         phase: "idle, after loading".into(),
         peak_rss_mib: idle,
         streamed_mib: 0.0,
     }];
-    rss.push(
-        rss_phase(
-            &rig,
+    let phases = [
+        (
             "64 clients × 1 MiB objects",
-            one_mib.0,
-            one_mib.1,
-            64,
+            one_mib,
+            one_mib_objects,
             phase,
             None,
-        )
-        .await,
-    );
-    rss.push(
-        rss_phase(
-            &rig,
-            "64 clients × 64 MiB objects",
-            big,
-            big_objects,
-            64,
-            phase,
-            None,
-        )
-        .await,
-    );
-    rss.push(
-        rss_phase(
-            &rig,
+        ),
+        ("64 clients × 64 MiB objects", big, big_objects, phase, None),
+        (
             "64 slow clients (1 MiB/s) × 64 MiB objects",
             big,
             big_objects,
-            64,
             slow,
             Some(MIB as f64),
-        )
-        .await,
-    );
+        ),
+    ];
+    for (name, size, objects, time, rate) in phases {
+        rss.push(rss_phase(&rig, name, size, objects, 64, time, rate).await);
+    }
 
     print_table(&rows);
     print_cpu(&rows);

@@ -188,8 +188,9 @@ pub async fn run(
         tokens = auth.enabled(),
         "serving"
     );
+    // TCP_NODELAY is set where connections are accepted (below and in `tls`):
+    // `Server::tcp_nodelay` reaches only listeners tonic binds itself.
     let router = Server::builder()
-        .tcp_nodelay(true)
         // A Put refused before its body was read (TOO_LARGE, UNAVAILABLE) resets the stream
         // while the client is still sending; h2 counts the frames that follow as errors and by
         // default ends the connection, with every other request on it, after 1024.
@@ -224,8 +225,7 @@ pub async fn run(
                     .await
             }
             None => {
-                // `Server::tcp_nodelay` covers only listeners tonic binds itself: without it
-                // here, small replies wait on the peer's delayed ACK (40 ms a Get on Linux).
+                // Without it, small replies wait on the peer's delayed ACK (40 ms on Linux).
                 let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
                 router.serve_with_incoming_shutdown(incoming, signal).await
             }
