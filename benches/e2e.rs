@@ -48,6 +48,20 @@ struct Opts {
     concurrency: Vec<usize>,
     /// Object size and how many distinct objects of it each path reads.
     sizes: Vec<(usize, usize)>,
+    /// Paths to measure besides their baselines; empty: all.
+    only: Vec<String>,
+    rss: bool,
+}
+
+const USAGE: &str = "usage: e2e [--quick] [--json PATH] [--size 64K|1M|16M] [--conc N] \
+[--path NAME]... [--seconds S] [--no-rss]";
+
+fn parse_size(s: &str) -> Option<usize> {
+    let (n, unit) = match s.strip_suffix(['K', 'M']) {
+        Some(n) => (n, if s.ends_with('K') { KIB } else { MIB }),
+        None => (s, 1),
+    };
+    n.parse::<usize>().ok().map(|n| n * unit)
 }
 
 fn opts() -> Opts {
@@ -56,29 +70,60 @@ fn opts() -> Opts {
         env!("CARGO_MANIFEST_DIR"),
         "/target/bench/e2e.json"
     ));
+    let (mut size, mut conc, mut seconds) = (None, None, None);
+    let mut only = Vec::new();
+    let mut rss = true;
     let mut args = std::env::args().skip(1);
+    let bad = |what: &str| -> ! {
+        eprintln!("{what}\n{USAGE}");
+        std::process::exit(2)
+    };
     while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| bad(&format!("{arg} needs a value")))
+        };
         match arg.as_str() {
             "--quick" => quick = true,
-            "--json" => json = args.next().map(PathBuf::from).unwrap_or(json),
+            "--json" => json = PathBuf::from(value()),
+            "--size" => {
+                size = Some(parse_size(&value()).unwrap_or_else(|| bad("--size: 64K, 1M or 16M")))
+            }
+            "--conc" => conc = Some(value().parse().unwrap_or_else(|_| bad("--conc: a number"))),
+            "--seconds" => {
+                seconds = Some(
+                    value()
+                        .parse::<f64>()
+                        .unwrap_or_else(|_| bad("--seconds: a number")),
+                )
+            }
+            "--path" => only.push(value()),
+            "--no-rss" => rss = false,
             // Passed by `cargo bench` to every bench target.
             "--bench" => {}
-            other => {
-                eprintln!("unknown argument {other}\nusage: e2e [--quick] [--json PATH]");
-                std::process::exit(2);
-            }
+            other => bad(&format!("unknown argument {other}")),
         }
     }
+    let mut sizes = if quick {
+        vec![(64 * KIB, 64), (MIB, 16), (16 * MIB, 4)]
+    } else {
+        vec![(64 * KIB, 256), (MIB, 64), (16 * MIB, 16)]
+    };
+    if let Some(size) = size {
+        sizes.retain(|&(s, _)| s == size);
+        if sizes.is_empty() {
+            bad("--size: 64K, 1M or 16M");
+        }
+    }
+    let default_cell = if quick { 0.25 } else { 3.0 };
     Opts {
         quick,
         json,
-        cell: Duration::from_millis(if quick { 250 } else { 3000 }),
-        concurrency: vec![1, 16, MAX_CONCURRENCY],
-        sizes: if quick {
-            vec![(64 * KIB, 64), (MIB, 16), (16 * MIB, 4)]
-        } else {
-            vec![(64 * KIB, 256), (MIB, 64), (16 * MIB, 16)]
-        },
+        cell: Duration::from_secs_f64(seconds.unwrap_or(default_cell)),
+        concurrency: conc.map_or_else(|| vec![1, 16, MAX_CONCURRENCY], |c| vec![c]),
+        sizes,
+        only,
+        rss,
     }
 }
 
@@ -856,6 +901,25 @@ async fn run(opts: Opts) {
         PathKind::RedisDirectSet,
         PathKind::ServicePut,
     ]);
+    if !opts.only.is_empty() {
+        let wanted = |p: PathKind| opts.only.iter().any(|o| o == p.name());
+        let kept: Vec<PathKind> = paths
+            .iter()
+            .copied()
+            .filter(|&p| wanted(p) || paths.iter().any(|&q| wanted(q) && q.baseline() == p))
+            .collect();
+        if kept.is_empty() {
+            eprintln!("--path: none of {:?} is a path here", opts.only);
+            std::process::exit(2);
+        }
+        paths = kept;
+    }
+    // For attaching a profiler to one cell.
+    eprintln!(
+        "service-redis pid {}, service-memory pid {}",
+        rig.service_redis.pid(),
+        rig.service_memory.pid()
+    );
 
     let mut rows = Vec::new();
     for &(size, objects) in &opts.sizes {
@@ -886,58 +950,16 @@ async fn run(opts: Opts) {
         }
     }
 
-    // Peak RSS of the service (memory tier off) under big and slow downloads.
-    let big = 64 * MIB;
-    let big_objects = 4;
-    let mut putter = rig.redis_clients[0].clone();
-    for i in 0..big_objects {
-        let answer = putter
-            .put_bytes(
-                service_key(big, i),
-                MediaInfo::default(),
-                body(big, i as u64),
-            )
-            .await
-            .expect("Put 64 MiB");
-        assert!(answer.stored);
-    }
-    let idle = rss_bytes(rig.service_redis.pid()) as f64 / MIB as f64;
-    let phase = opts.cell * 4;
-    let slow = if opts.quick {
-        Duration::from_secs(3)
+    let rss = if opts.rss {
+        rss_phases(&rig, &opts).await
     } else {
-        Duration::from_secs(10)
+        Vec::new()
     };
-    let (one_mib, one_mib_objects) = opts.sizes[1];
-    let mut rss = vec![RssPhase {
-        phase: "idle, after loading".into(),
-        peak_rss_mib: idle,
-        streamed_mib: 0.0,
-    }];
-    let phases = [
-        (
-            "64 clients × 1 MiB objects",
-            one_mib,
-            one_mib_objects,
-            phase,
-            None,
-        ),
-        ("64 clients × 64 MiB objects", big, big_objects, phase, None),
-        (
-            "64 slow clients (1 MiB/s) × 64 MiB objects",
-            big,
-            big_objects,
-            slow,
-            Some(MIB as f64),
-        ),
-    ];
-    for (name, size, objects, time, rate) in phases {
-        rss.push(rss_phase(&rig, name, size, objects, 64, time, rate).await);
-    }
-
     print_table(&rows);
     print_cpu(&rows);
-    println!("\nPeak RSS of the service (memory tier off)");
+    if !rss.is_empty() {
+        println!("\nPeak RSS of the service (memory tier off)");
+    }
     for p in &rss {
         println!(
             "  {:<44} {:>7.1} MiB   ({:.0} MiB streamed)",
@@ -966,4 +988,57 @@ async fn run(opts: Opts) {
         started.elapsed().as_secs_f64(),
         opts.json.display()
     );
+}
+
+/// Peak RSS of the service (memory tier off) under big and slow downloads.
+async fn rss_phases(rig: &Arc<Rig>, opts: &Opts) -> Vec<RssPhase> {
+    let big = 64 * MIB;
+    let big_objects = 4;
+    let mut putter = rig.redis_clients[0].clone();
+    for i in 0..big_objects {
+        let answer = putter
+            .put_bytes(
+                service_key(big, i),
+                MediaInfo::default(),
+                body(big, i as u64),
+            )
+            .await
+            .expect("Put 64 MiB");
+        assert!(answer.stored);
+    }
+    let idle = rss_bytes(rig.service_redis.pid()) as f64 / MIB as f64;
+    let phase = opts.cell * 4;
+    let slow = if opts.quick {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(10)
+    };
+    let (one_mib, one_mib_objects) = (MIB, if opts.quick { 16 } else { 64 });
+    load(rig, one_mib, one_mib_objects).await;
+    let mut rss = vec![RssPhase {
+        phase: "idle, after loading".into(),
+        peak_rss_mib: idle,
+        streamed_mib: 0.0,
+    }];
+    let phases = [
+        (
+            "64 clients × 1 MiB objects",
+            one_mib,
+            one_mib_objects,
+            phase,
+            None,
+        ),
+        ("64 clients × 64 MiB objects", big, big_objects, phase, None),
+        (
+            "64 slow clients (1 MiB/s) × 64 MiB objects",
+            big,
+            big_objects,
+            slow,
+            Some(MIB as f64),
+        ),
+    ];
+    for (name, size, objects, time, rate) in phases {
+        rss.push(rss_phase(rig, name, size, objects, 64, time, rate).await);
+    }
+    rss
 }

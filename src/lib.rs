@@ -24,6 +24,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod events;
+pub mod framing;
 pub mod key;
 pub mod object;
 pub mod reload;

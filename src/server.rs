@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use crate::auth::{Auth, AuthLayer};
 use crate::config::{Config, Loaded};
 use crate::events::Events;
+use crate::framing::MediaCacheRoutes;
 use crate::proto::{
     self, cache_admin_server::CacheAdminServer, media_cache_server::MediaCacheServer,
 };
@@ -202,16 +203,16 @@ pub async fn run(
         .layer(AuthLayer(auth))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
-            MediaCacheServer::new(MediaCacheService::new(
+        .add_service(MediaCacheRoutes::new(
+            MediaCacheService::new(
                 store.clone(),
                 config.max_object_bytes,
                 metrics.clone(),
                 drain,
                 config.limits.clone(),
-            ))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
+            ),
+            MAX_MESSAGE_BYTES,
+        ))
         .add_service(CacheAdminServer::new(CacheAdminService::new(
             store.clone(),
             reloads,

@@ -1,0 +1,343 @@
+//! `MediaCache.Get` answered with gRPC frames made by hand, so a body chunk goes to the
+//! transport as the very `Bytes` the store produced (a slice of a Redis reply or of a memory
+//! tier entry). tonic's generated encoder copies every message into its own buffer first: on the
+//! Get path that copy, and the page faults of the fresh buffer it lands in, took about a quarter
+//! of the service's CPU (see BENCHMARKS.md, "Profile"). Every other method is the generated one.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, Stream};
+use http_body_util::BodyExt;
+use prost::Message;
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::server::NamedService;
+use tonic::{Code, Status};
+
+use crate::proto::media_cache_server::{MediaCache, MediaCacheServer};
+use crate::proto::{get_response, GetRequest, GetResponse};
+use crate::service::MediaCacheService;
+
+const GET_PATH: &str = "/mediacache.v1.MediaCache/Get";
+/// gRPC's message prefix: a compression flag and a big-endian length.
+const PREFIX: usize = 5;
+/// A `GetRequest` is a key and a few numbers; a bigger request is refused before it is buffered.
+pub const MAX_GET_REQUEST_BYTES: usize = 64 * 1024;
+/// Field number of `GetResponse.chunk`.
+const CHUNK_FIELD: u32 = 2;
+
+/// The `MediaCache` service: Get framed here, the rest by the generated server.
+#[derive(Clone)]
+pub struct MediaCacheRoutes {
+    service: Arc<MediaCacheService>,
+    generated: MediaCacheServer<MediaCacheService>,
+}
+
+impl MediaCacheRoutes {
+    /// `max_decoding_message_size` bounds the messages of the generated methods (Put's chunks).
+    pub fn new(service: MediaCacheService, max_decoding_message_size: usize) -> Self {
+        let service = Arc::new(service);
+        Self {
+            generated: MediaCacheServer::from_arc(service.clone())
+                .max_decoding_message_size(max_decoding_message_size),
+            service,
+        }
+    }
+}
+
+impl NamedService for MediaCacheRoutes {
+    const NAME: &'static str = <MediaCacheServer<MediaCacheService> as NamedService>::NAME;
+}
+
+impl tower_service::Service<http::Request<Body>> for MediaCacheRoutes {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request.uri().path() != GET_PATH {
+            return self.generated.call(request);
+        }
+        let service = self.service.clone();
+        async move { Ok(get(&service, request).await) }.boxed()
+    }
+}
+
+async fn get(service: &MediaCacheService, request: http::Request<Body>) -> http::Response<Body> {
+    let (parts, body) = request.into_parts();
+    let message = match read_request(body).await {
+        Ok(message) => message,
+        Err(status) => return status.into_http(),
+    };
+    let request = tonic::Request::from_http(http::Request::from_parts(parts, message));
+    match MediaCache::get(service, request).await {
+        Err(status) => status.into_http(),
+        Ok(response) => {
+            let (metadata, stream, extensions) = response.into_parts();
+            let mut http = http::Response::new(Body::new(GetBody {
+                stream,
+                chunk: None,
+                done: false,
+            }));
+            *http.headers_mut() = metadata.into_headers();
+            http.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            *http.extensions_mut() = extensions;
+            http
+        }
+    }
+}
+
+/// The one length-prefixed `GetRequest` of a request body.
+async fn read_request(body: Body) -> Result<GetRequest, Status> {
+    let bytes = http_body_util::Limited::new(body, PREFIX + MAX_GET_REQUEST_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Status::resource_exhausted(format!(
+                    "request: a GetRequest is at most {MAX_GET_REQUEST_BYTES} bytes"
+                ))
+            } else {
+                Status::cancelled(format!("request: the body ended early: {e}"))
+            }
+        })?
+        .to_bytes();
+    let Some((prefix, message)) = bytes.split_first_chunk::<PREFIX>() else {
+        return Err(Status::invalid_argument(
+            "request: expected one GetRequest message, got none",
+        ));
+    };
+    if prefix[0] != 0 {
+        return Err(Status::unimplemented(
+            "grpc-encoding: compressed requests are not supported",
+        ));
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if len != message.len() {
+        return Err(Status::invalid_argument(format!(
+            "request: expected one GetRequest message of {len} bytes, got {} bytes",
+            message.len()
+        )));
+    }
+    GetRequest::decode(message)
+        .map_err(|e| Status::invalid_argument(format!("request: not a GetRequest: {e}")))
+}
+
+type GetStream = Pin<Box<dyn Stream<Item = Result<GetResponse, Status>> + Send>>;
+
+/// The response body: each message length-prefixed; a chunk as its prefix and field header,
+/// then its bytes untouched; then the status as trailers.
+struct GetBody {
+    stream: GetStream,
+    /// The body of the chunk whose header was just sent.
+    chunk: Option<Bytes>,
+    done: bool,
+}
+
+impl http_body::Body for GetBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if let Some(chunk) = this.chunk.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let frame = match ready!(this.stream.as_mut().poll_next(cx)) {
+            Some(Ok(GetResponse {
+                kind: Some(get_response::Kind::Chunk(chunk)),
+            })) => {
+                let header = chunk_header(chunk.len());
+                this.chunk = (!chunk.is_empty()).then_some(chunk);
+                http_body::Frame::data(header)
+            }
+            Some(Ok(message)) => http_body::Frame::data(encode(&message)),
+            Some(Err(status)) => {
+                this.done = true;
+                http_body::Frame::trailers(trailers(&status))
+            }
+            None => {
+                this.done = true;
+                http_body::Frame::trailers(trailers(&Status::new(Code::Ok, "")))
+            }
+        };
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.chunk.is_none()
+    }
+}
+
+/// What precedes a chunk's bytes: the message prefix, then the field's key and length.
+fn chunk_header(len: usize) -> Bytes {
+    let key = u64::from(CHUNK_FIELD << 3 | prost::encoding::WireType::LengthDelimited as u32);
+    let fields =
+        prost::encoding::encoded_len_varint(key) + prost::encoding::encoded_len_varint(len as u64);
+    let mut header = BytesMut::with_capacity(PREFIX + fields);
+    header.put_u8(0);
+    header.put_u32((fields + len) as u32);
+    prost::encoding::encode_varint(key, &mut header);
+    prost::encoding::encode_varint(len as u64, &mut header);
+    header.freeze()
+}
+
+fn encode(message: &GetResponse) -> Bytes {
+    let len = message.encoded_len();
+    let mut out = BytesMut::with_capacity(PREFIX + len);
+    out.put_u8(0);
+    out.put_u32(len as u32);
+    message
+        .encode(&mut out)
+        .expect("the buffer was sized for the message");
+    out.freeze()
+}
+
+fn trailers(status: &Status) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    if status.add_header(&mut map).is_err() {
+        // Only a message that cannot be a header value gets here.
+        map.insert("grpc-status", http::HeaderValue::from(status.code() as i32));
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{MediaInfo, Miss};
+    use futures_util::StreamExt;
+
+    /// The body as the generated encoder would have framed the same messages.
+    fn framed(messages: &[GetResponse]) -> Vec<u8> {
+        messages.iter().flat_map(|m| encode(m).to_vec()).collect()
+    }
+
+    async fn drain(messages: Vec<Result<GetResponse, Status>>) -> (Vec<u8>, http::HeaderMap) {
+        let mut body = GetBody {
+            stream: futures_util::stream::iter(messages).boxed(),
+            chunk: None,
+            done: false,
+        };
+        let (mut data, mut trailers) = (Vec::new(), None);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.unwrap();
+            assert!(trailers.is_none(), "a frame after the trailers");
+            match frame.into_data() {
+                Ok(bytes) => data.extend_from_slice(&bytes),
+                Err(frame) => trailers = Some(frame.into_trailers().unwrap()),
+            }
+        }
+        assert!(http_body::Body::is_end_stream(&body));
+        (data, trailers.expect("trailers"))
+    }
+
+    fn chunk(bytes: Bytes) -> GetResponse {
+        GetResponse {
+            kind: Some(get_response::Kind::Chunk(bytes)),
+        }
+    }
+
+    #[tokio::test]
+    async fn chunks_are_framed_as_prost_frames_them() {
+        let info = GetResponse {
+            kind: Some(get_response::Kind::Info(MediaInfo {
+                content_type: "image/png".into(),
+                size: 300_000,
+                ..Default::default()
+            })),
+        };
+        // Lengths whose varints take 1, 2 and 3 bytes, and an empty chunk.
+        let chunks: Vec<GetResponse> = [0usize, 5, 127, 128, 16_383, 16_384, 283_488]
+            .iter()
+            .map(|&n| chunk(Bytes::from(vec![n as u8; n])))
+            .collect();
+        let mut messages = vec![info];
+        messages.extend(chunks);
+        let (data, trailers) = drain(messages.iter().cloned().map(Ok).collect()).await;
+        assert_eq!(data, framed(&messages));
+        assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    }
+
+    #[tokio::test]
+    async fn an_error_ends_the_body_with_its_status() {
+        let miss = GetResponse {
+            kind: Some(get_response::Kind::Miss(Miss::default())),
+        };
+        let (data, trailers) = drain(vec![
+            Ok(miss.clone()),
+            Err(Status::unavailable("shard-0 went down")),
+            Ok(miss.clone()),
+        ])
+        .await;
+        assert_eq!(data, framed(&[miss]));
+        let status = Status::from_header_map(&trailers).expect("a status");
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.message(), "shard-0 went down");
+    }
+
+    async fn request_of(bytes: Vec<u8>) -> Result<GetRequest, Status> {
+        read_request(Body::new(http_body_util::Full::new(Bytes::from(bytes)))).await
+    }
+
+    #[tokio::test]
+    async fn bad_request_bodies_are_refused_by_name() {
+        let message = GetRequest {
+            offset: 7,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut good = vec![0];
+        good.extend((message.len() as u32).to_be_bytes());
+        good.extend(&message);
+        assert_eq!(request_of(good.clone()).await.unwrap().offset, 7);
+
+        let empty = request_of(Vec::new()).await.unwrap_err();
+        assert_eq!(empty.code(), Code::InvalidArgument);
+        assert!(empty.message().contains("got none"), "{}", empty.message());
+
+        let mut compressed = good.clone();
+        compressed[0] = 1;
+        let compressed = request_of(compressed).await.unwrap_err();
+        assert_eq!(compressed.code(), Code::Unimplemented);
+
+        let short = request_of(good[..good.len() - 1].to_vec())
+            .await
+            .unwrap_err();
+        assert_eq!(short.code(), Code::InvalidArgument);
+        assert!(
+            short.message().starts_with("request:"),
+            "{}",
+            short.message()
+        );
+
+        let garbage = request_of(vec![0, 0, 0, 0, 2, 0xff, 0xff])
+            .await
+            .unwrap_err();
+        assert_eq!(garbage.code(), Code::InvalidArgument);
+        assert!(garbage.message().contains("not a GetRequest"));
+
+        let huge = request_of(vec![0; PREFIX + MAX_GET_REQUEST_BYTES + 1])
+            .await
+            .unwrap_err();
+        assert_eq!(huge.code(), Code::ResourceExhausted);
+    }
+}
