@@ -197,6 +197,12 @@ pub async fn run(
         // default ends the connection, with every other request on it, after 1024.
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .max_concurrent_streams(Some(config.limits.max_streams_per_connection))
+        // Put chunks in few frames, as the client library does for Get (see `client`).
+        .max_frame_size(Some(crate::client::MAX_FRAME_BYTES))
+        // How much of a Put's body a client may send ahead of the service's reads. Unread data
+        // is buffered here: per connection it stays under the connection window.
+        .initial_stream_window_size(Some(2 * 1024 * 1024))
+        .initial_connection_window_size(Some(8 * 1024 * 1024))
         // Finds peers that vanished without closing their connections.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
