@@ -333,11 +333,19 @@ impl Shard {
         &self,
         pipeline: Pipeline<WithOptions<Client>>,
     ) -> Result<R, ShardError> {
+        self.bounded(pipeline.all::<R>()).await
+    }
+
+    /// Runs `command` under the command timeout, ended early if the shard is found down.
+    async fn bounded<R>(
+        &self,
+        command: impl std::future::Future<Output = Result<R, Error>>,
+    ) -> Result<R, ShardError> {
         let down = self.went_down.notified();
         tokio::pin!(down);
         down.as_mut().enable();
         tokio::select! {
-            done = tokio::time::timeout(self.command_timeout, pipeline.all::<R>()) => match done {
+            done = tokio::time::timeout(self.command_timeout, command) => match done {
                 Ok(result) => result.map_err(|e| self.fail(e)),
                 Err(_) => Err(self.fail(Error::new(ErrorKind::Timeout, "pipeline timed out"))),
             },
@@ -398,11 +406,12 @@ impl Shard {
         self: &Arc<Self>,
         key: &str,
         len: usize,
+        prefix_len: usize,
     ) -> Result<(Bytes, u64), ShardError> {
         let shard = self.clone();
         let owned = key.to_owned();
         self.coalesce(|s| &s.first_reads, (owned.clone(), len), async move {
-            shard.read_first(&owned, len).await
+            shard.read_first(&owned, len, prefix_len).await
         })
         .await
     }
@@ -426,18 +435,39 @@ impl Shard {
     }
 
     /// The first window of a value and the value's total length, read on one connection.
-    pub async fn read_first(&self, key: &str, len: usize) -> Result<(Bytes, u64), ShardError> {
+    ///
+    /// A value shorter than `len` is read whole by one command, which also gives its length. A
+    /// longer one costs a second round trip for its length, with its first `prefix_len` bytes
+    /// read after it: if they still match, the length is that of the value first read.
+    pub async fn read_first(
+        &self,
+        key: &str,
+        len: usize,
+        prefix_len: usize,
+    ) -> Result<(Bytes, u64), ShardError> {
         let started = std::time::Instant::now();
+        let len = len.max(prefix_len).max(1);
+        let client = self.client()?.with_options(&self.options());
+        let first: Bytes = self.bounded(client.getrange(key, 0, len - 1)).await?;
+        if first.len() < len {
+            self.observe(started);
+            let total = first.len() as u64;
+            return Ok((first, total));
+        }
         let p = self.pipeline()?;
         let queued: Result<(), Error> = async {
-            p.getrange::<(), _>(key, 0, len.max(1) - 1).await?;
-            p.strlen::<(), _>(key).await
+            p.strlen::<(), _>(key).await?;
+            p.getrange::<(), _>(key, 0, prefix_len - 1).await
         }
         .await;
         queued.map_err(|e| self.fail(e))?;
-        let read = self.finish(p).await;
+        let (total, prefix): (u64, Bytes) = self.finish(p).await?;
         self.observe(started);
-        read
+        if prefix[..] != first[..prefix_len] {
+            // Replaced in between: the caller answers a miss rather than trust either read.
+            return Ok((first, 0));
+        }
+        Ok((first, total))
     }
 
     /// Bytes `[start, end)` of a value and then its first `prefix_len` bytes, read in that

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::{body, eventually, TestCluster};
 use fred::prelude::{ClientLike, KeysInterface};
 use fred::types::CustomCommand;
-use mediacache::client::media_key;
+use mediacache::client::{media_key, Client};
 use mediacache::proto::PutOutcome;
 
 /// Finds a media id owned by shard `index`.
@@ -185,8 +185,15 @@ async fn hanging_shard_costs_a_bounded_wait() {
 async fn values_that_are_not_whole_objects_are_misses_and_deleted() {
     let cluster = TestCluster::builder().shards(2).start().await;
     let mut client = cluster.client().await;
-    let good = body(5000, 4);
-    let id = "corrupt";
+    // Small enough to be read whole at once, and larger than the first read of a Get.
+    for size in [5000, 700_000] {
+        corrupt_values_are_misses(&cluster, &mut client, size).await;
+    }
+}
+
+async fn corrupt_values_are_misses(cluster: &TestCluster, client: &mut Client, size: usize) {
+    let good = body(size, 4);
+    let id = &format!("corrupt-{size}");
     let owner = cluster.owner("example.org", id);
     let shard = &cluster.shards[owner];
     let name = format!("mc:1:o:example.org|{id}|");
@@ -232,11 +239,11 @@ async fn values_that_are_not_whole_objects_are_misses_and_deleted() {
                 .await
                 .unwrap()
                 .is_none(),
-            "{what}: must be a miss"
+            "{what} ({size} B): must be a miss"
         );
         assert!(
             shard.raw_get(&name).await.is_none(),
-            "{what}: must be deleted"
+            "{what} ({size} B): must be deleted"
         );
     }
 

@@ -19,11 +19,16 @@ use crate::ring::Ring;
 use crate::shard::{Pinned, Published, Shard, ShardError};
 
 /// Windows fetched ahead of the one being sent, so the next `GETRANGE` overlaps the send.
-const READ_AHEAD: usize = 2;
+const READ_AHEAD: usize = 4;
+/// Bytes of a `GETRANGE` window, at least: each window goes out as `chunk_bytes` slices. Chunks
+/// far smaller than this cost one round trip each; a whole 1 MiB image is one.
+const READ_WINDOW_BYTES: u64 = 256 * 1024;
 
 pub struct RedisStore {
     ring: Arc<ArcSwap<Ring>>,
     chunk_bytes: u64,
+    /// Body bytes per `GETRANGE`: a whole number of chunks.
+    window_bytes: u64,
     temp_key_ttl: Duration,
 }
 
@@ -39,6 +44,7 @@ impl RedisStore {
         Self {
             ring,
             chunk_bytes,
+            window_bytes: READ_WINDOW_BYTES.div_ceil(chunk_bytes).max(1) * chunk_bytes,
             temp_key_ttl,
         }
     }
@@ -70,11 +76,14 @@ impl RedisStore {
         let redis_key = key.redis_key();
         let first_len = MAX_HEADER_LEN
             + if with_body {
-                self.chunk_bytes as usize
+                self.window_bytes as usize
             } else {
                 0
             };
-        let (first, total) = match shard.read_first_shared(&redis_key, first_len).await {
+        let (first, total) = match shard
+            .read_first_shared(&redis_key, first_len, PREFIX_LEN)
+            .await
+        {
             Ok(found) => found,
             Err(e @ ShardError::Reply { .. }) => {
                 // WRONGTYPE and the like: something that is not a string sits under our name.
@@ -137,7 +146,8 @@ impl RedisStore {
         let redis_key: Arc<str> = key.redis_key().into();
         let header_len = header.len as u64;
         let prefix = header.prefix;
-        let windows = body_ranges(range, self.chunk_bytes).map(move |(start, end)| {
+        let chunk_bytes = self.chunk_bytes as usize;
+        let windows = body_ranges(range, self.window_bytes).map(move |(start, end)| {
             let shard = shard.clone();
             let redis_key = redis_key.clone();
             let first = first.clone();
@@ -156,7 +166,19 @@ impl RedisStore {
                 Ok(window)
             }
         });
-        stream::iter(windows).buffered(READ_AHEAD).boxed()
+        stream::iter(windows)
+            .buffered(READ_AHEAD)
+            .flat_map(move |window| {
+                let slices: Vec<Result<Bytes, StoreError>> = match window {
+                    Ok(w) => (0..w.len())
+                        .step_by(chunk_bytes)
+                        .map(|s| Ok(w.slice(s..(s + chunk_bytes).min(w.len()))))
+                        .collect(),
+                    Err(e) => vec![Err(e)],
+                };
+                stream::iter(slices)
+            })
+            .boxed()
     }
 
     /// Starts a Put. `Err(Refusal)` when no shard can take it now, or the media is quarantined.
