@@ -1013,8 +1013,14 @@ async fn rss_phases(rig: &Arc<Rig>, opts: &Opts) -> Vec<RssPhase> {
     } else {
         Duration::from_secs(10)
     };
-    let (one_mib, one_mib_objects) = (MIB, if opts.quick { 16 } else { 64 });
-    load(rig, one_mib, one_mib_objects).await;
+    let (one_mib, one_mib_objects) = match opts.sizes.iter().find(|&&(s, _)| s == MIB) {
+        Some(&loaded) => loaded,
+        None => {
+            let objects = 16;
+            load(rig, MIB, objects).await;
+            (MIB, objects)
+        }
+    };
     let mut rss = vec![RssPhase {
         phase: "idle, after loading".into(),
         peak_rss_mib: idle,

@@ -322,13 +322,13 @@ impl Shard {
         }
     }
 
-    /// Sends a pipeline under the command timeout. A pipeline keeps its commands in order on one
-    /// connection, which the windowed reads rely on.
     /// A pipeline on one connected client, failing fast (not queueing) if its connection drops.
     fn pipeline(&self) -> Result<Pipeline<WithOptions<Client>>, ShardError> {
         Ok(Pipeline::from(self.client()?.with_options(&self.options())))
     }
 
+    /// Sends a pipeline under the command timeout. A pipeline keeps its commands in order on one
+    /// connection, which the windowed reads rely on.
     async fn finish<R: FromValue>(
         &self,
         pipeline: Pipeline<WithOptions<Client>>,
@@ -347,7 +347,7 @@ impl Shard {
         tokio::select! {
             done = tokio::time::timeout(self.command_timeout, command) => match done {
                 Ok(result) => result.map_err(|e| self.fail(e)),
-                Err(_) => Err(self.fail(Error::new(ErrorKind::Timeout, "pipeline timed out"))),
+                Err(_) => Err(self.fail(Error::new(ErrorKind::Timeout, "command timed out"))),
             },
             () = &mut down => Err(ShardError::Down(self.name.clone())),
         }
@@ -434,7 +434,7 @@ impl Shard {
         .await
     }
 
-    /// The first window of a value and the value's total length, read on one connection.
+    /// The first window of a value and the value's total length.
     ///
     /// A value shorter than `len` is read whole by one command, which also gives its length. A
     /// longer one costs a second round trip for its length, with its first `prefix_len` bytes
