@@ -27,7 +27,7 @@ const GET_PATH: &str = "/mediacache.v1.MediaCache/Get";
 /// gRPC's message prefix: a compression flag and a big-endian length.
 const PREFIX: usize = 5;
 /// A `GetRequest` is a key and a few numbers; a bigger request is refused before it is buffered.
-pub const MAX_GET_REQUEST_BYTES: usize = 64 * 1024;
+const MAX_GET_REQUEST_BYTES: usize = 64 * 1024;
 /// Field number of `GetResponse.chunk`.
 const CHUNK_FIELD: u32 = 2;
 
@@ -192,19 +192,23 @@ fn chunk_header(len: usize) -> Bytes {
     let key = u64::from(CHUNK_FIELD << 3 | prost::encoding::WireType::LengthDelimited as u32);
     let fields =
         prost::encoding::encoded_len_varint(key) + prost::encoding::encoded_len_varint(len as u64);
-    let mut header = BytesMut::with_capacity(PREFIX + fields);
-    header.put_u8(0);
-    header.put_u32((fields + len) as u32);
+    let mut header = prefixed(fields + len, fields);
     prost::encoding::encode_varint(key, &mut header);
     prost::encoding::encode_varint(len as u64, &mut header);
     header.freeze()
 }
 
-fn encode(message: &GetResponse) -> Bytes {
-    let len = message.encoded_len();
-    let mut out = BytesMut::with_capacity(PREFIX + len);
+/// A buffer holding the prefix of an uncompressed message of `len` bytes, with room for `more`.
+fn prefixed(len: usize, more: usize) -> BytesMut {
+    let mut out = BytesMut::with_capacity(PREFIX + more);
     out.put_u8(0);
     out.put_u32(len as u32);
+    out
+}
+
+fn encode(message: &GetResponse) -> Bytes {
+    let len = message.encoded_len();
+    let mut out = prefixed(len, len);
     message
         .encode(&mut out)
         .expect("the buffer was sized for the message");
@@ -298,6 +302,13 @@ mod tests {
         read_request(Body::new(http_body_util::Full::new(Bytes::from(bytes)))).await
     }
 
+    /// The message of the status `bytes` are refused with, which must have `code`.
+    async fn refused(bytes: Vec<u8>, code: Code) -> String {
+        let status = request_of(bytes).await.unwrap_err();
+        assert_eq!(status.code(), code, "{}", status.message());
+        status.message().to_owned()
+    }
+
     #[tokio::test]
     async fn bad_request_bodies_are_refused_by_name() {
         let message = GetRequest {
@@ -310,34 +321,23 @@ mod tests {
         good.extend(&message);
         assert_eq!(request_of(good.clone()).await.unwrap().offset, 7);
 
-        let empty = request_of(Vec::new()).await.unwrap_err();
-        assert_eq!(empty.code(), Code::InvalidArgument);
-        assert!(empty.message().contains("got none"), "{}", empty.message());
+        let empty = refused(Vec::new(), Code::InvalidArgument).await;
+        assert!(empty.contains("got none"), "{empty}");
 
         let mut compressed = good.clone();
         compressed[0] = 1;
-        let compressed = request_of(compressed).await.unwrap_err();
-        assert_eq!(compressed.code(), Code::Unimplemented);
+        refused(compressed, Code::Unimplemented).await;
 
-        let short = request_of(good[..good.len() - 1].to_vec())
-            .await
-            .unwrap_err();
-        assert_eq!(short.code(), Code::InvalidArgument);
-        assert!(
-            short.message().starts_with("request:"),
-            "{}",
-            short.message()
-        );
+        let short = refused(good[..good.len() - 1].to_vec(), Code::InvalidArgument).await;
+        assert!(short.starts_with("request:"), "{short}");
 
-        let garbage = request_of(vec![0, 0, 0, 0, 2, 0xff, 0xff])
-            .await
-            .unwrap_err();
-        assert_eq!(garbage.code(), Code::InvalidArgument);
-        assert!(garbage.message().contains("not a GetRequest"));
+        let garbage = refused(vec![0, 0, 0, 0, 2, 0xff, 0xff], Code::InvalidArgument).await;
+        assert!(garbage.contains("not a GetRequest"), "{garbage}");
 
-        let huge = request_of(vec![0; PREFIX + MAX_GET_REQUEST_BYTES + 1])
-            .await
-            .unwrap_err();
-        assert_eq!(huge.code(), Code::ResourceExhausted);
+        refused(
+            vec![0; PREFIX + MAX_GET_REQUEST_BYTES + 1],
+            Code::ResourceExhausted,
+        )
+        .await;
     }
 }

@@ -621,10 +621,13 @@ fn tee(
 }
 
 fn memory_chunks(object: Arc<Object>, range: Range, chunk: u64) -> ChunkStream {
-    stream::iter(
-        body_ranges(range, chunk).map(move |(s, e)| Ok(object.body.slice(s as usize..e as usize))),
-    )
-    .boxed()
+    stream::iter(chunk_slices(&object.body, range, chunk).map(Ok)).boxed()
+}
+
+/// `range` of `bytes` as slices of `chunk` bytes (the last one shorter), sharing its buffer.
+pub fn chunk_slices(bytes: &Bytes, range: Range, chunk: u64) -> impl Iterator<Item = Bytes> {
+    let bytes = bytes.clone();
+    body_ranges(range, chunk).map(move |(s, e)| bytes.slice(s as usize..e as usize))
 }
 
 #[cfg(test)]

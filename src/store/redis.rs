@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{stream, StreamExt};
 use tracing::{debug, warn};
 
-use super::{body_ranges, ChunkStream, LeaseAttempt, Range, Refusal, StoreError};
+use super::{body_ranges, chunk_slices, ChunkStream, LeaseAttempt, Range, Refusal, StoreError};
 use crate::config::Failover;
 use crate::events::Event;
 use crate::key::{origin_pattern, origin_tombstone_key, temp_key, Key};
@@ -146,7 +146,7 @@ impl RedisStore {
         let redis_key: Arc<str> = key.redis_key().into();
         let header_len = header.len as u64;
         let prefix = header.prefix;
-        let chunk_bytes = self.chunk_bytes as usize;
+        let chunk_bytes = self.chunk_bytes;
         let windows = body_ranges(range, self.window_bytes).map(move |(start, end)| {
             let shard = shard.clone();
             let redis_key = redis_key.clone();
@@ -170,10 +170,13 @@ impl RedisStore {
             .buffered(READ_AHEAD)
             .flat_map(move |window| {
                 let slices: Vec<Result<Bytes, StoreError>> = match window {
-                    Ok(w) => (0..w.len())
-                        .step_by(chunk_bytes)
-                        .map(|s| Ok(w.slice(s..(s + chunk_bytes).min(w.len()))))
-                        .collect(),
+                    Ok(w) => {
+                        let whole = Range {
+                            start: 0,
+                            end: w.len() as u64,
+                        };
+                        chunk_slices(&w, whole, chunk_bytes).map(Ok).collect()
+                    }
                     Err(e) => vec![Err(e)],
                 };
                 stream::iter(slices)
