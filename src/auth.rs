@@ -2,7 +2,7 @@
 //! configured. Tokens are read from files (one per file, mounted from Secrets) and re-read while
 //! the service runs, so rotating a Secret needs no restart.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::Status;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::AuthConfig;
 
@@ -40,18 +40,19 @@ const READ_ONLY_METHODS: &[&str] = &[
 /// Paths open to everyone: health checks come from probes and load balancers.
 const PUBLIC_PREFIX: &str = "/grpc.health.v1.Health/";
 
-/// SHA-256 digests of the accepted tokens. Comparing fixed-size digests, every one of them,
-/// without stopping at the first match, keeps the comparison's time independent of the token.
-#[derive(Default)]
+/// SHA-256 digests of the accepted tokens, each with the file it came from. Comparing
+/// fixed-size digests, every one of them, without stopping at the first match, keeps the
+/// comparison's time independent of the token.
+#[derive(Default, PartialEq)]
 struct TokenSet {
-    tokens: Vec<([u8; 32], Access)>,
+    tokens: Vec<(PathBuf, [u8; 32], Access)>,
 }
 
 impl TokenSet {
     fn check(&self, presented: &[u8]) -> Option<Access> {
         let digest: [u8; 32] = Sha256::digest(presented).into();
         let mut found = None;
-        for (token, access) in &self.tokens {
+        for (_, token, access) in &self.tokens {
             let diff = token
                 .iter()
                 .zip(&digest)
@@ -84,37 +85,61 @@ impl Auth {
         self.config.enabled()
     }
 
-    /// Re-reads the files every [`REREAD`]; a file that cannot be read keeps the tokens in use.
+    /// Re-reads the files every [`REREAD`] (see [`Auth::reread`]).
     pub async fn watch(self: Arc<Self>) {
-        let mut last_error = None;
         let mut tick = tokio::time::interval(REREAD);
         tick.tick().await;
+        let mut failing = Vec::new();
         loop {
             tick.tick().await;
-            match read_tokens(&self.config) {
-                Ok(next) => {
-                    last_error = None;
-                    let current = self.tokens.load();
-                    if current.tokens != next.tokens {
-                        info!(tokens = next.tokens.len(), "client tokens reloaded");
-                        self.tokens.store(Arc::new(next));
-                    }
-                }
-                Err(e) => {
-                    let message = e.to_string();
-                    if last_error.as_ref() != Some(&message) {
-                        warn!(error = %message, "cannot re-read client tokens; keeping the ones in use");
-                    }
-                    last_error = Some(message);
-                }
-            }
+            self.reread(&mut failing);
         }
     }
 
-    /// Decides a request from its path and `authorization` header.
-    pub fn authorize(&self, path: &str, authorization: Option<&[u8]>) -> Result<(), Status> {
+    /// Reads every token file again. A file that no longer exists revokes its token; a file
+    /// that cannot be read for another reason (or holds no valid token, as in the middle of a
+    /// rewrite) keeps that file's token in use, logged once while it lasts. `failing` holds the
+    /// errors of the last pass, so that each is logged when it starts, not on every pass.
+    fn reread(&self, failing: &mut Vec<String>) {
+        let current = self.tokens.load();
+        let mut next = TokenSet::default();
+        let mut errors = Vec::new();
+        for (key, i, path, access) in token_files(&self.config) {
+            match read_token(path) {
+                Ok(token) => next.push(path, &token, access),
+                Err(TokenError::Missing(e)) => {
+                    if current.tokens.iter().any(|(p, ..)| p == path) {
+                        info!(file = %path.display(), "token file removed; its token is revoked");
+                    }
+                    debug!(key, i, error = %e, "token file missing");
+                }
+                Err(TokenError::Unreadable(e)) => {
+                    let message = format!("{key}[{i}]: {e}");
+                    if !failing.contains(&message) {
+                        warn!(error = %message, "cannot re-read a token file; keeping its token in use");
+                    }
+                    errors.push(message);
+                    next.tokens
+                        .extend(current.tokens.iter().filter(|(p, ..)| p == path).cloned());
+                }
+            }
+        }
+        *failing = errors;
+        if **current != next {
+            info!(tokens = next.tokens.len(), "client tokens reloaded");
+            self.tokens.store(Arc::new(next));
+        }
+    }
+
+    /// Decides a request from its path and `authorization` header; returns the token's access
+    /// (`None` for a public path).
+    pub fn authorize(
+        &self,
+        path: &str,
+        authorization: Option<&[u8]>,
+    ) -> Result<Option<Access>, Status> {
         if path.starts_with(PUBLIC_PREFIX) {
-            return Ok(());
+            return Ok(None);
         }
         let Some(header) = authorization else {
             return Err(Status::unauthenticated(
@@ -126,8 +151,10 @@ impl Auth {
             .or_else(|| header.strip_prefix(b"bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization: expected \"Bearer TOKEN\""))?;
         match self.tokens.load().check(token.trim_ascii()) {
-            Some(Access::Full) => Ok(()),
-            Some(Access::ReadOnly) if READ_ONLY_METHODS.contains(&path) => Ok(()),
+            Some(Access::Full) => Ok(Some(Access::Full)),
+            Some(Access::ReadOnly) if READ_ONLY_METHODS.contains(&path) => {
+                Ok(Some(Access::ReadOnly))
+            }
             Some(Access::ReadOnly) => Err(Status::permission_denied(format!(
                 "authorization: a read-only token may not call {path}"
             ))),
@@ -138,41 +165,80 @@ impl Auth {
     }
 }
 
+impl TokenSet {
+    fn push(&mut self, path: &Path, token: &str, access: Access) {
+        self.tokens.push((
+            path.to_owned(),
+            Sha256::digest(token.as_bytes()).into(),
+            access,
+        ));
+    }
+}
+
+/// Every configured token file: its config key, index, path and the access it grants.
+fn token_files(config: &AuthConfig) -> impl Iterator<Item = (&'static str, usize, &Path, Access)> {
+    let full = config
+        .token_files
+        .iter()
+        .enumerate()
+        .map(|(i, p)| ("auth.token_files", i, p.as_path(), Access::Full));
+    let read_only = config
+        .read_only_token_files
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                "auth.read_only_token_files",
+                i,
+                p.as_path(),
+                Access::ReadOnly,
+            )
+        });
+    full.chain(read_only)
+}
+
+/// At start every file must hold a valid token.
 fn read_tokens(config: &AuthConfig) -> anyhow::Result<TokenSet> {
     let mut set = TokenSet::default();
-    let files = [
-        ("auth.token_files", &config.token_files, Access::Full),
-        (
-            "auth.read_only_token_files",
-            &config.read_only_token_files,
-            Access::ReadOnly,
-        ),
-    ];
-    for (key, paths, access) in files {
-        for (i, path) in paths.iter().enumerate() {
-            let token = read_token(path).map_err(|e| anyhow::anyhow!("{key}[{i}]: {e}"))?;
-            set.tokens
-                .push((Sha256::digest(token.as_bytes()).into(), access));
-        }
+    for (key, i, path, access) in token_files(config) {
+        let token = read_token(path).map_err(|e| anyhow::anyhow!("{key}[{i}]: {e}"))?;
+        set.push(path, &token, access);
     }
     Ok(set)
 }
 
-fn read_token(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+/// Why a token file gave no token.
+#[derive(Debug, thiserror::Error)]
+enum TokenError {
+    /// The file is gone: its token is revoked.
+    #[error("{0}")]
+    Missing(String),
+    /// Anything else, perhaps passing (a rewrite under way, a permission being fixed).
+    #[error("{0}")]
+    Unreadable(String),
+}
+
+fn read_token(path: &Path) -> Result<String, TokenError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let message = format!("cannot read {}: {e}", path.display());
+        if e.kind() == std::io::ErrorKind::NotFound {
+            TokenError::Missing(message)
+        } else {
+            TokenError::Unreadable(message)
+        }
+    })?;
     let token = text.trim();
     if token.len() < 16 {
-        return Err(format!(
+        return Err(TokenError::Unreadable(format!(
             "{}: a token must have at least 16 characters",
             path.display()
-        ));
+        )));
     }
     if token.bytes().any(|b| !b.is_ascii_graphic()) {
-        return Err(format!(
+        return Err(TokenError::Unreadable(format!(
             "{}: a token must be printable ASCII without spaces",
             path.display()
-        ));
+        )));
     }
     Ok(token.to_owned())
 }
@@ -213,7 +279,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         if !self.auth.enabled() {
             return futures_util::future::Either::Left(self.inner.call(request));
         }
@@ -222,7 +288,14 @@ where
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
         match self.auth.authorize(request.uri().path(), header) {
-            Ok(()) => futures_util::future::Either::Left(self.inner.call(request)),
+            Ok(access) => {
+                // The handlers see what the caller may do: a read-only caller is never handed
+                // a fill lease it could not fulfil.
+                if let Some(access) = access {
+                    request.extensions_mut().insert(access);
+                }
+                futures_util::future::Either::Left(self.inner.call(request))
+            }
             Err(status) => {
                 // The token itself is never logged.
                 warn!(path = request.uri().path(), code = ?status.code(), reason = status.message(), "request refused");
@@ -292,6 +365,46 @@ mod tests {
             assert!(err.message().starts_with("authorization:"));
         }
         assert!(auth.authorize("/grpc.health.v1.Health/Check", None).is_ok());
+    }
+
+    #[test]
+    fn a_removed_file_revokes_its_token_and_an_unreadable_one_keeps_it() {
+        let (dir, auth) = auth(
+            &["full-token-aaaaaaaaaaaa", "full-token-bbbbbbbbbbbb"],
+            &["read-token-cccccccccccc"],
+        );
+        let get = "/mediacache.v1.MediaCache/Get";
+        let ok = |t: &str| {
+            auth.authorize(get, Some(format!("Bearer {t}").as_bytes()))
+                .is_ok()
+        };
+        // full0 goes away; ro0 turns into something unreadable (a directory); full1 is rewritten.
+        std::fs::remove_file(dir.path().join("full0")).unwrap();
+        std::fs::remove_file(dir.path().join("ro0")).unwrap();
+        std::fs::create_dir(dir.path().join("ro0")).unwrap();
+        write_token_file(dir.path(), "full1", "full-token-dddddddddddd").unwrap();
+        let mut failing = Vec::new();
+        auth.reread(&mut failing);
+        assert!(
+            !ok("full-token-aaaaaaaaaaaa"),
+            "a deleted file revokes its token"
+        );
+        assert!(
+            ok("read-token-cccccccccccc"),
+            "an unreadable file keeps its token"
+        );
+        assert!(!ok("full-token-bbbbbbbbbbbb") && ok("full-token-dddddddddddd"));
+        assert_eq!(failing.len(), 1, "{failing:?}");
+        assert!(
+            failing[0].starts_with("auth.read_only_token_files[0]"),
+            "{failing:?}"
+        );
+        // Once the file is back, it is read again, and the failure is over.
+        std::fs::remove_dir(dir.path().join("ro0")).unwrap();
+        write_token_file(dir.path(), "ro0", "read-token-eeeeeeeeeeee").unwrap();
+        auth.reread(&mut failing);
+        assert!(failing.is_empty());
+        assert!(!ok("read-token-cccccccccccc") && ok("read-token-eeeeeeeeeeee"));
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub struct Config {
     /// How long a quarantined media's Puts are refused.
     #[serde(default = "default_quarantine_ttl", with = "humantime_serde")]
     pub quarantine_ttl: Duration,
+    /// How often each replica merges its quarantines with every shard's, writing back those a
+    /// shard lost (eviction, restart, or joining the ring) and learning those made elsewhere.
+    #[serde(default = "default_quarantine_sync", with = "humantime_serde")]
+    pub quarantine_sync: Duration,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
@@ -324,6 +328,9 @@ fn default_lease_ttl() -> Duration {
 fn default_quarantine_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
 }
+fn default_quarantine_sync() -> Duration {
+    Duration::from_secs(2)
+}
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(20)
 }
@@ -361,6 +368,7 @@ impl Default for Config {
             reload: ReloadConfig::default(),
             lease_ttl: default_lease_ttl(),
             quarantine_ttl: default_quarantine_ttl(),
+            quarantine_sync: default_quarantine_sync(),
             shutdown_grace: default_shutdown_grace(),
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
@@ -502,6 +510,9 @@ impl Config {
         }
         if self.quarantine_ttl != running.quarantine_ttl {
             changed.push("quarantine_ttl");
+        }
+        if self.quarantine_sync != running.quarantine_sync {
+            changed.push("quarantine_sync");
         }
         if self.shutdown_grace != running.shutdown_grace {
             changed.push("shutdown_grace");
@@ -652,6 +663,17 @@ impl Config {
                 format!("must be at least 1s, got {:?}", self.quarantine_ttl),
             );
         }
+        if self.quarantine_sync < Duration::from_millis(100)
+            || self.quarantine_sync > Duration::from_secs(60)
+        {
+            problem(
+                "quarantine_sync".into(),
+                format!(
+                    "must be between 100ms and 60s, got {:?}",
+                    self.quarantine_sync
+                ),
+            );
+        }
 
         let r = &self.redis;
         let timeouts = [
@@ -735,6 +757,17 @@ impl Config {
                 format!(
                     "must be between 100ms and limits.request_timeout, got {:?}",
                     l.idle_timeout
+                ),
+            );
+        }
+        // A Put's temporary key is renewed as its chunks arrive; a client may pause up to
+        // `idle_timeout` between two, so a shorter TTL would let the key expire under a live Put.
+        if r.temp_key_ttl <= l.idle_timeout {
+            problem(
+                "redis.temp_key_ttl".into(),
+                format!(
+                    "must be longer than limits.idle_timeout ({:?}), got {:?}",
+                    l.idle_timeout, r.temp_key_ttl
                 ),
             );
         }
@@ -876,6 +909,25 @@ redis: { pool_size: 0 }
             ],
             "{problems:#?}"
         );
+    }
+
+    #[test]
+    fn a_temp_key_ttl_must_outlast_a_client_pause() {
+        let text =
+            "redis: { temp_key_ttl: 20s }\nlimits: { idle_timeout: 30s }\nquarantine_sync: 10ms\n";
+        let problems = Config::from_yaml(text).unwrap_err().problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p
+                    .starts_with("redis.temp_key_ttl: must be longer than limits.idle_timeout")),
+            "{problems:#?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.starts_with("quarantine_sync:")),
+            "{problems:#?}"
+        );
+        Config::from_yaml("redis: { temp_key_ttl: 31s }\nlimits: { idle_timeout: 30s }\n").unwrap();
     }
 
     #[test]

@@ -1,17 +1,22 @@
 //! Cluster-wide events over Redis pub/sub: every replica subscribes to one channel on every shard.
 //!
 //! - `filled` / `released`: an object was published or a fill lease was given up, so callers
-//!   waiting for that key (on any replica) look again instead of polling Redis.
+//!   waiting for that key (on any replica) look again instead of polling Redis. A `filled`
+//!   carries the publish's nonce: a memory-tier copy of any other publish of the key is dropped.
 //! - `purge`: drop a key (or every variant of a media) from this replica's memory tier.
 //!
 //! Messages are published on the shard that owns the key (fills, leases) or on every shard
-//! (purges); a replica may get a purge once per shard, which is harmless.
+//! (purges); a replica may get a purge once per shard, which is harmless. A subscription that
+//! lagged behind or reconnected may have missed some: [`Events::lost`] then drops the whole
+//! memory tier and wakes every waiter, since nothing in it can be proven fresh.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::sync::Notify;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::key::{Key, SCHEMA_MAJOR};
 use crate::store::memory::MemoryStore;
@@ -26,8 +31,12 @@ const SEP: char = '\u{1f}';
 /// One event, as carried in a pub/sub message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The object under this Redis key was published.
-    Filled(String),
+    /// The object under this Redis key was published, with this nonce (absent from replicas
+    /// that predate it: those only wake waiters).
+    Filled {
+        key: String,
+        version: Option<u64>,
+    },
     /// The fill lease of this Redis key was released without an object.
     Released(String),
     Purge {
@@ -41,7 +50,11 @@ pub enum Event {
 impl Event {
     pub fn encode(&self) -> String {
         match self {
-            Event::Filled(k) => format!("filled{SEP}{k}"),
+            Event::Filled {
+                key,
+                version: Some(v),
+            } => format!("filled{SEP}{key}{SEP}{v:016x}"),
+            Event::Filled { key, version: None } => format!("filled{SEP}{key}"),
             Event::Released(k) => format!("released{SEP}{k}"),
             Event::Purge { key, all_variants } => format!(
                 "purge{SEP}{}{SEP}{}{SEP}{}{SEP}{}",
@@ -58,7 +71,14 @@ impl Event {
     pub fn decode(text: &str) -> Option<Event> {
         let parts: Vec<&str> = text.split(SEP).collect();
         match parts.as_slice() {
-            ["filled", k] => Some(Event::Filled((*k).to_owned())),
+            ["filled", k] => Some(Event::Filled {
+                key: (*k).to_owned(),
+                version: None,
+            }),
+            ["filled", k, v] => Some(Event::Filled {
+                key: (*k).to_owned(),
+                version: Some(u64::from_str_radix(v, 16).ok()?),
+            }),
             ["released", k] => Some(Event::Released((*k).to_owned())),
             ["purge_origin", origin] => {
                 crate::key::check_origin(origin).ok()?;
@@ -73,11 +93,22 @@ impl Event {
     }
 }
 
+/// Labels of the lost-events counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct LostLabels {
+    pub shard: String,
+    /// `lagged` (the subscription fell behind a burst) or `reconnected`.
+    pub reason: String,
+}
+
 /// Dispatches events to local waiters and to the memory tier.
 pub struct Events {
     memory: Arc<MemoryStore>,
     /// Waiters per Redis key; entries go away with their last waiter.
     waiters: Mutex<HashMap<String, Weak<Notify>>>,
+    /// Times a subscription may have missed events, by shard and reason; exported as
+    /// `mediacache_events_lost_total`.
+    lost: Family<LostLabels, Counter>,
 }
 
 impl Events {
@@ -85,7 +116,34 @@ impl Events {
         Arc::new(Self {
             memory,
             waiters: Mutex::new(HashMap::new()),
+            lost: Family::default(),
         })
+    }
+
+    /// The lost-events counter, for the metrics registry.
+    pub fn lost_counter(&self) -> Family<LostLabels, Counter> {
+        self.lost.clone()
+    }
+
+    /// A subscription on `shard` may have missed events (it lagged behind or reconnected): a
+    /// purge may be among them, so the memory tier is dropped whole and copies in flight are
+    /// refused, and every waiter looks again.
+    pub fn lost(&self, shard: &str, reason: &'static str) {
+        let dropped = self.memory.clear();
+        warn!(
+            shard,
+            reason, dropped, "events may have been missed; memory tier dropped"
+        );
+        self.lost
+            .get_or_create(&LostLabels {
+                shard: shard.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        for n in waiters.values().filter_map(Weak::upgrade) {
+            n.notify_waiters();
+        }
     }
 
     /// A handle that is notified when the key is filled or its lease released. Register before
@@ -101,7 +159,8 @@ impl Events {
         notify
     }
 
-    fn wake(&self, redis_key: &str) {
+    /// Wakes the waiters of a key (a local fill or release in memory-only mode).
+    pub fn wake(&self, redis_key: &str) {
         let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = waiters.get(redis_key).and_then(Weak::upgrade) {
             n.notify_waiters();
@@ -112,7 +171,13 @@ impl Events {
     pub fn handle(&self, event: Event) {
         debug!(?event, "event");
         match event {
-            Event::Filled(k) | Event::Released(k) => self.wake(&k),
+            Event::Filled { key, version } => {
+                if let (Some(version), Some(k)) = (version, Key::from_redis_key(&key)) {
+                    self.memory.invalidate_except(&k, version);
+                }
+                self.wake(&key);
+            }
+            Event::Released(k) => self.wake(&k),
             Event::Purge { key, all_variants } => {
                 if all_variants {
                     self.memory.remove_variants(&key);
@@ -141,7 +206,14 @@ mod tests {
     fn events_round_trip_and_junk_is_ignored() {
         let key = Key::new("example.org:8448", "m_1", "thumb/1x1/crop").unwrap();
         for e in [
-            Event::Filled(key.redis_key()),
+            Event::Filled {
+                key: key.redis_key(),
+                version: Some(7),
+            },
+            Event::Filled {
+                key: key.redis_key(),
+                version: None,
+            },
             Event::Released(key.redis_key()),
             Event::Purge {
                 key: key.clone(),
@@ -163,8 +235,8 @@ mod tests {
         let events = Events::new(Arc::new(MemoryStore::new(&Default::default())));
         let n = events.watch("k");
         let woken = n.notified();
-        events.handle(Event::Filled("other".into()));
-        events.handle(Event::Filled("k".into()));
+        events.handle(Event::Released("other".into()));
+        events.handle(Event::Released("k".into()));
         tokio::time::timeout(std::time::Duration::from_secs(1), woken)
             .await
             .expect("woken");

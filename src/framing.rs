@@ -19,7 +19,7 @@ use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
-use crate::proto::media_cache_server::{MediaCache, MediaCacheServer};
+use crate::proto::media_cache_server::MediaCacheServer;
 use crate::proto::{get_response, GetRequest, GetResponse};
 use crate::service::MediaCacheService;
 
@@ -73,13 +73,27 @@ impl tower_service::Service<http::Request<Body>> for MediaCacheRoutes {
 }
 
 async fn get(service: &MediaCacheService, request: http::Request<Body>) -> http::Response<Body> {
-    let (parts, body) = request.into_parts();
-    let message = match read_request(body).await {
-        Ok(message) => message,
+    // The request's place among the streams in flight is taken before its body is read, and
+    // the body must arrive within the idle timeout: a client that opens Gets and never sends
+    // them holds neither memory nor a place for long.
+    let active = match service.enter() {
+        Ok(active) => active,
         Err(status) => return status.into_http(),
     };
+    let (parts, body) = request.into_parts();
+    let idle = service.limits().idle_timeout;
+    let message = match tokio::time::timeout(idle, read_request(body)).await {
+        Ok(Ok(message)) => message,
+        Ok(Err(status)) => return status.into_http(),
+        Err(_) => {
+            return Status::deadline_exceeded(format!(
+                "limits.idle_timeout: the GetRequest did not arrive within {idle:?}"
+            ))
+            .into_http()
+        }
+    };
     let request = tonic::Request::from_http(http::Request::from_parts(parts, message));
-    match MediaCache::get(service, request).await {
+    match service.get_entered(request, active).await {
         Err(status) => status.into_http(),
         Ok(response) => {
             let (metadata, stream, extensions) = response.into_parts();

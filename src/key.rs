@@ -87,9 +87,17 @@ pub fn origin_pattern(origin: &str) -> String {
     format!("mc:{SCHEMA_MAJOR}:o:{}|*", glob_escape(origin))
 }
 
-/// The Redis key of the quarantine tombstone of a whole origin.
-pub fn origin_tombstone_key(origin: &str) -> String {
-    format!("mc:{SCHEMA_MAJOR}:qo:{origin}")
+/// The hash of quarantined media on every shard (see `store::quarantine`).
+pub const QUARANTINE_KEY: &str = "mc:1:quarantine";
+
+/// The quarantine field of one media: `origin|media_id`.
+pub fn quarantine_field(origin: &str, media_id: &str) -> String {
+    format!("{origin}|{media_id}")
+}
+
+/// The quarantine field of a whole origin: `origin|*` (`*` is never part of a media id).
+pub fn origin_quarantine_field(origin: &str) -> String {
+    format!("{origin}|*")
 }
 
 impl Key {
@@ -142,6 +150,17 @@ impl Key {
         )
     }
 
+    /// The key a Redis object key names, if it is one of ours.
+    pub fn from_redis_key(name: &str) -> Option<Self> {
+        let rest = name.strip_prefix(&format!("mc:{SCHEMA_MAJOR}:o:"))?;
+        let mut parts = rest.split('|');
+        let (origin, media_id, variant) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        Key::new(origin, media_id, variant).ok()
+    }
+
     /// The Redis key of this object's fill lease (on the same shard as the object).
     pub fn lease_key(&self) -> String {
         format!(
@@ -150,18 +169,11 @@ impl Key {
         )
     }
 
-    /// The Redis key of the quarantine tombstone of this key's media (every variant).
-    pub fn tombstone_key(&self) -> String {
-        format!("mc:{SCHEMA_MAJOR}:q:{}|{}", self.origin, self.media_id)
-    }
-
-    /// A `SCAN MATCH` pattern for every variant of this key's media.
-    pub fn variants_pattern(&self) -> String {
-        format!(
-            "mc:{SCHEMA_MAJOR}:o:{}|{}|*",
-            glob_escape(&self.origin),
-            glob_escape(&self.media_id)
-        )
+    /// The Redis key of the set of this media's published variants (their object keys), kept
+    /// by the publish script on the media's shard, so that a purge of every variant touches only
+    /// those keys instead of scanning the shard.
+    pub fn variants_key(&self) -> String {
+        format!("mc:{SCHEMA_MAJOR}:v:{}|{}", self.origin, self.media_id)
     }
 }
 
@@ -276,12 +288,20 @@ mod tests {
         let k = Key::new("example.org", "abc", "thumb/1x1/crop").unwrap();
         assert_eq!(k.redis_key(), "mc:1:o:example.org|abc|thumb/1x1/crop");
         assert_eq!(k.route_key(), "example.org/abc");
+        assert_eq!(Key::from_redis_key(&k.redis_key()), Some(k.clone()));
+        assert_eq!(Key::from_redis_key("mc:1:o:a|b"), None);
+        assert_eq!(Key::from_redis_key("mc:1:lease:a|b|"), None);
         assert_eq!(
             Key::new("example.org", "abc", "").unwrap().route_key(),
             k.route_key()
         );
-        let ip6 = Key::new("[::1]", "abc", "").unwrap();
-        assert_eq!(ip6.variants_pattern(), "mc:1:o:\\[::1\\]|abc|*");
+        assert_eq!(k.variants_key(), "mc:1:v:example.org|abc");
+        assert_eq!(
+            origin_pattern("[::1]"),
+            "mc:1:o:\\[::1\\]|*",
+            "glob characters are escaped"
+        );
+        assert!(QUARANTINE_KEY.starts_with(&format!("mc:{SCHEMA_MAJOR}:")));
     }
 
     #[test]

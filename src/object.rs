@@ -56,6 +56,11 @@ pub struct Header {
 }
 
 impl Header {
+    /// The nonce of the publish this header belongs to.
+    pub fn nonce(&self) -> u64 {
+        u64::from_be_bytes(self.prefix[5..13].try_into().expect("8 bytes"))
+    }
+
     /// Total length of the stored value.
     pub fn value_len(&self) -> u64 {
         (self.len as u64).saturating_add(self.info.size)

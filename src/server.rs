@@ -106,7 +106,15 @@ pub async fn run(
     reloads
         .last_applied_unix
         .store(telemetry::unix_now(), std::sync::atomic::Ordering::Relaxed);
-    let metrics = Arc::new(Metrics::new(ring.clone()));
+    let metrics = Arc::new(Metrics::new(
+        ring.clone(),
+        events.lost_counter(),
+        store.quarantines().restored_counter(),
+    ));
+    // Dropped (and so stopped) when `run` returns.
+    let _quarantines = AbortOnDrop(tokio::spawn(
+        store.clone().keep_quarantines(config.quarantine_sync),
+    ));
     let ready = Arc::new(AtomicBool::new(true));
     // Dropped (and so stopped) when `run` returns.
     let _http = match config.metrics_listen {

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{error, Instrument};
 
+use crate::auth::Access;
 use crate::config::LimitsConfig;
 use crate::key::{check_info, FieldError, Key};
 use crate::proto::{
@@ -41,7 +42,7 @@ pub fn to_status(e: ServiceError) -> Status {
         ServiceError::PurgeIncomplete { .. } => Status::unavailable(e.to_string()),
         ServiceError::Store(s) => match s {
             StoreError::OutOfRange { .. } => Status::out_of_range(e.to_string()),
-            StoreError::Shard(_) => Status::unavailable(e.to_string()),
+            StoreError::Shard(_) | StoreError::Lost => Status::unavailable(e.to_string()),
             StoreError::Changed => Status::aborted(e.to_string()),
             StoreError::Layout(_) | StoreError::Internal(_) => {
                 error!(error = %e, "internal error");
@@ -231,8 +232,44 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
     type GetStream = GetStream;
 
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetStream>, Status> {
+        let active = self.enter()?;
+        self.get_entered(req, active).await
+    }
+
+    async fn put(
+        &self,
+        req: Request<Streaming<PutRequest>>,
+    ) -> Result<Response<PutResponse>, Status> {
+        self.serve_put(req).await
+    }
+
+    async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
+        self.serve_stat(req).await
+    }
+
+    async fn purge(&self, req: Request<PurgeRequest>) -> Result<Response<PurgeResponse>, Status> {
+        self.serve_purge(req).await
+    }
+}
+
+impl MediaCacheService {
+    /// Takes a place among the requests in flight (`limits.max_streams`); refused while
+    /// draining. A Get takes it before its request body is read.
+    pub(crate) fn enter(&self) -> Result<Active, Status> {
+        self.drain.enter()
+    }
+
+    pub(crate) fn limits(&self) -> &LimitsConfig {
+        &self.limits
+    }
+
+    /// A Get whose place is already taken.
+    pub(crate) async fn get_entered(
+        &self,
+        req: Request<GetRequest>,
+        active: Active,
+    ) -> Result<Response<GetStream>, Status> {
         let started = Instant::now();
-        let active = self.drain.enter()?;
         let span = request_span("get");
         let answer = self
             .handle_get(req, started, &active)
@@ -245,7 +282,7 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
         answer
     }
 
-    async fn put(
+    async fn serve_put(
         &self,
         req: Request<Streaming<PutRequest>>,
     ) -> Result<Response<PutResponse>, Status> {
@@ -270,7 +307,10 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
         answer
     }
 
-    async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
+    async fn serve_stat(
+        &self,
+        req: Request<StatRequest>,
+    ) -> Result<Response<StatResponse>, Status> {
         let started = Instant::now();
         let _active = self.drain.enter()?;
         let span = request_span("stat");
@@ -285,7 +325,10 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
         answer
     }
 
-    async fn purge(&self, req: Request<PurgeRequest>) -> Result<Response<PurgeResponse>, Status> {
+    async fn serve_purge(
+        &self,
+        req: Request<PurgeRequest>,
+    ) -> Result<Response<PurgeResponse>, Status> {
         let started = Instant::now();
         let _active = self.drain.enter()?;
         let span = request_span("purge");
@@ -315,7 +358,8 @@ async fn next_message<T>(incoming: &mut Streaming<T>, idle: Duration) -> Result<
 /// Runs a Get's response stream in its own task, one message ahead of the client. A client
 /// that reads nothing for `idle`, or a stream still running at `deadline`, is cut off: the task
 /// ends (freeing its buffers and its place in `limits.max_streams`), and the client receives
-/// `DEADLINE_EXCEEDED` after what it was already sent, never a silently short body.
+/// `DEADLINE_EXCEEDED` after what it was already sent, never a silently short body. A task that
+/// ends any other way before the body's end (a panic, an abort) ends the stream with `INTERNAL`.
 fn paced(
     mut body: GetStream,
     idle: Duration,
@@ -325,6 +369,8 @@ fn paced(
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let cut: Arc<std::sync::OnceLock<Status>> = Arc::default();
     let cut_by_task = cut.clone();
+    let complete = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let completed_by_task = complete.clone();
     tokio::spawn(async move {
         loop {
             let next = tokio::select! {
@@ -337,7 +383,10 @@ fn paced(
                 }
                 () = tx.closed() => return,
             };
-            let Some(item) = next else { return };
+            let Some(item) = next else {
+                completed_by_task.store(true, Ordering::Release);
+                return;
+            };
             match tokio::time::timeout(idle, tx.send(item)).await {
                 Ok(Ok(())) => {}
                 // The client went away.
@@ -352,8 +401,20 @@ fn paced(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
-        .chain(stream::poll_fn(move |_| {
-            std::task::Poll::Ready(cut.get().cloned().map(Err))
+        .chain(stream::poll_fn({
+            let mut ended = false;
+            move |_| {
+                if std::mem::replace(&mut ended, true) {
+                    return std::task::Poll::Ready(None);
+                }
+                std::task::Poll::Ready(match cut.get() {
+                    Some(status) => Some(Err(status.clone())),
+                    None if complete.load(Ordering::Acquire) => None,
+                    None => Some(Err(Status::internal(
+                        "the Get ended before its last message; retry",
+                    ))),
+                })
+            }
         }))
         .boxed()
 }
@@ -372,13 +433,16 @@ impl MediaCacheService {
         started: Instant,
         active: &Active,
     ) -> Result<Response<GetStream>, Status> {
+        // A read-only caller may wait for a fill but never takes the lease: it could not Put.
+        let read_only = req.extensions().get::<Access>() == Some(&Access::ReadOnly);
         let req = req.into_inner();
         let key = Key::from_proto(req.key.as_ref()).map_err(ServiceError::from)?;
         tracing::Span::current().record("key", tracing::field::display(&key));
         let wait = Duration::from_millis(u64::from(req.wait_ms)).min(MAX_WAIT);
+        let want_lease = req.want_lease && !read_only;
         let (found, waited) = self
             .store
-            .lookup(&key, req.offset, req.limit, req.want_lease, wait)
+            .lookup(&key, req.offset, req.limit, want_lease, wait)
             .await
             .map_err(ServiceError::from)?;
         let m = &self.metrics;
@@ -500,6 +564,7 @@ impl MediaCacheService {
             Err(Refusal::TooLarge) => return Ok(put_answer(PutOutcome::TooLarge)),
             Err(Refusal::Unavailable) => return Ok(put_answer(PutOutcome::Unavailable)),
             Err(Refusal::Quarantined) => return Ok(put_answer(PutOutcome::Quarantined)),
+            Err(Refusal::NotAdmitted) => return Ok(put_answer(PutOutcome::NotAdmitted)),
         };
         span.record("shard", writer.target().1);
 
@@ -524,7 +589,9 @@ impl MediaCacheService {
             self.metrics.bytes_received.inc_by(chunk.len() as u64);
             if let Err(e) = writer.write(chunk).await {
                 return match e {
-                    StoreError::Shard(_) => Ok(put_answer(PutOutcome::Unavailable)),
+                    StoreError::Shard(_) | StoreError::Lost => {
+                        Ok(put_answer(PutOutcome::Unavailable))
+                    }
                     other => Err(ServiceError::from(other).into()),
                 };
             }
@@ -552,7 +619,7 @@ impl MediaCacheService {
             Ok(Committed::NotAdmitted) => Ok(put_answer(PutOutcome::NotAdmitted)),
             Ok(Committed::TooLarge) => Ok(put_answer(PutOutcome::TooLarge)),
             Ok(Committed::Quarantined) => Ok(put_answer(PutOutcome::Quarantined)),
-            Ok(Committed::Lost) | Err(StoreError::Shard(_)) => {
+            Ok(Committed::Lost) | Err(StoreError::Shard(_) | StoreError::Lost) => {
                 Ok(put_answer(PutOutcome::Unavailable))
             }
             Err(e) => Err(ServiceError::from(e).into()),
@@ -717,5 +784,43 @@ impl proto::cache_admin_server::CacheAdmin for CacheAdminService {
             last_reload_error: self.reloads.last_error(),
             reloads_applied: self.reloads.applied.load(Ordering::Relaxed),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: u8) -> Result<GetResponse, Status> {
+        Ok(GetResponse {
+            kind: Some(get_response::Kind::Chunk(Bytes::from(vec![n; 3]))),
+        })
+    }
+
+    async fn run(body: GetStream) -> Vec<Result<GetResponse, Status>> {
+        let far = tokio::time::Instant::now() + Duration::from_secs(60);
+        paced(body, Duration::from_secs(60), far, Duration::from_secs(60))
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_complete_body_ends_without_an_error() {
+        let out = run(stream::iter([chunk(1), chunk(2)]).boxed()).await;
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(Result::is_ok));
+    }
+
+    #[tokio::test]
+    async fn a_body_whose_task_dies_ends_with_an_error() {
+        let dying = stream::iter([chunk(1)])
+            .chain(stream::poll_fn(|_| -> std::task::Poll<Option<_>> {
+                panic!("the body's producer failed")
+            }))
+            .boxed();
+        let out = run(dying).await;
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(out[0].is_ok());
+        assert_eq!(out[1].as_ref().unwrap_err().code(), tonic::Code::Internal);
     }
 }

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{redact_url, RedisConfig, ShardConfig};
 use crate::events::{channel, Event, Events};
+use crate::key::{origin_quarantine_field, quarantine_field, Key, QUARANTINE_KEY};
 
 /// Why a shard operation did not return a value.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -34,15 +35,86 @@ pub enum ShardError {
     Reply { shard: String, source: Error },
 }
 
+/// Pub/sub messages buffered per shard between the connection and the task that applies them: a
+/// burst of Puts from many replicas arrives faster than it is applied for a moment. Should the
+/// buffer still overflow, the replica treats it as lost events (see [`Events::lost`]).
+const EVENT_BUFFER: usize = 64 * 1024;
+
+/// Applies the events of one shard's subscription until the shard's client is closed. It never
+/// ends on a lag or a reconnect: both mean events may have been missed, which is reported to
+/// [`Events::lost`] before going on.
+async fn listen(
+    subscriber: SubscriberClient,
+    shard: String,
+    mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+    mut reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+    events: std::sync::Weak<Events>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    // Recorded even while the shard is down, and sent again on every reconnect.
+    let _ = subscriber.subscribe(channel()).await;
+    drop(subscriber);
+    let mut connected_before = false;
+    loop {
+        let lost = tokio::select! {
+            message = messages.recv() => match message {
+                Ok(message) => {
+                    let Some(events) = events.upgrade() else { return };
+                    if let Some(text) = message.value.as_str() {
+                        events.handle_message(&text);
+                    }
+                    None
+                }
+                Err(RecvError::Lagged(n)) => {
+                    debug!(shard = %shard, missed = n, "event subscription lagged");
+                    Some("lagged")
+                }
+                Err(RecvError::Closed) => return,
+            },
+            reconnect = reconnects.recv() => match reconnect {
+                // The first connection missed nothing: nothing was cached from events before it.
+                Ok(_) if !connected_before => {
+                    connected_before = true;
+                    None
+                }
+                Ok(_) => Some("reconnected"),
+                // Several reconnects at once: still one loss.
+                Err(RecvError::Lagged(_)) => Some("reconnected"),
+                Err(RecvError::Closed) => return,
+            },
+        };
+        if let Some(reason) = lost {
+            let Some(events) = events.upgrade() else {
+                return;
+            };
+            events.lost(&shard, reason);
+        }
+    }
+}
+
+/// Lua that sets `now` to the shard's clock in unix ms: quarantines end by it.
+macro_rules! lua_now {
+    () => {
+        "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    };
+}
+
 /// Publishes a temporary key under its final name, only when it holds exactly the expected
 /// number of bytes and the media is not quarantined: writes the final header over the draft one,
-/// renames, clears the TTL and announces the fill, all in one atomic step.
-/// KEYS: temporary, final, media tombstone, origin tombstone. ARGV: expected length, header,
-/// channel, event. Returns 1 published, 0 lost (temporary key missing or short), 2 quarantined.
-const PUBLISH_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[3], KEYS[4]) > 0 then
-  redis.call('DEL', KEYS[1])
-  return 2
+/// renames, clears the TTL, adds the key to its media's variant index and announces the fill,
+/// all in one atomic step.
+/// KEYS: temporary, final, quarantine hash, variant index. ARGV: expected length, header,
+/// channel, event, media field, origin field.
+/// Returns 1 published, 0 lost (temporary key missing or short), 2 quarantined.
+const PUBLISH_SCRIPT: &str = concat!(
+    lua_now!(),
+    r#"
+local q = redis.call('HMGET', KEYS[3], ARGV[5], ARGV[6])
+for i = 1, 2 do
+  if q[i] and (tonumber(q[i]) or 0) > now then
+    redis.call('DEL', KEYS[1])
+    return 2
+  end
 end
 if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[1]) then
   redis.call('DEL', KEYS[1])
@@ -51,9 +123,81 @@ end
 redis.call('SETRANGE', KEYS[1], 0, ARGV[2])
 redis.call('RENAME', KEYS[1], KEYS[2])
 redis.call('PERSIST', KEYS[2])
+redis.call('SADD', KEYS[4], KEYS[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
+"#
+);
+
+/// Appends to a temporary key and renews its TTL in one step, only while the key exists: a key
+/// that expired is not recreated without its header (and never lives on without a TTL).
+/// KEYS: temporary. ARGV: bytes, TTL in ms. Returns the new length, 0 when the key was gone.
+const APPEND_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+local n = redis.call('APPEND', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return n
 "#;
+
+/// Purges one object, or with ARGV[1] = '1' every variant in its media's index, optionally
+/// quarantining first, then announces the purge; one round trip, one atomic step.
+/// KEYS: object, variant index, quarantine hash. ARGV: all variants ('1'/'0'), quarantine field
+/// ('' for none), its end (unix ms), channel, event. Returns the objects deleted.
+const PURGE_SCRIPT: &str = r#"
+if ARGV[2] ~= '' then
+  local current = tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '0') or 0
+  if tonumber(ARGV[3]) > current then
+    redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+  end
+end
+local n = 0
+if ARGV[1] == '1' then
+  for _, k in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    n = n + redis.call('DEL', k)
+  end
+  n = n + redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[2])
+else
+  n = redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], KEYS[1])
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return n
+"#;
+
+/// Merges a replica's quarantines into the shard's hash and returns the shard's: fields the
+/// shard lacked (or held shorter) are written, ended ones deleted.
+/// KEYS: quarantine hash. ARGV: field, end, field, end, ...
+/// Returns {fields the shard lacked, field, end, field, end, ...}.
+const QUARANTINE_SYNC_SCRIPT: &str = concat!(
+    lua_now!(),
+    r#"
+local lacked = 0
+for i = 1, #ARGV, 2 do
+  local want = tonumber(ARGV[i + 1])
+  local current = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') or 0
+  if want > now and want > current then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    if current <= now then
+      lacked = lacked + 1
+    end
+  end
+end
+local out = {lacked}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if (tonumber(all[i + 1]) or 0) <= now then
+    redis.call('HDEL', KEYS[1], all[i])
+  else
+    table.insert(out, all[i])
+    table.insert(out, all[i + 1])
+  end
+end
+return out
+"#
+);
 
 /// Deletes a lease only if it is still the caller's, and announces that it is free.
 /// KEYS: lease. ARGV: token, channel, event.
@@ -163,27 +307,23 @@ impl Shard {
                 c.connection_timeout = redis.connect_timeout;
                 c.internal_command_timeout = redis.command_timeout;
             })
+            .with_performance_config(|p| {
+                p.broadcast_channel_capacity = EVENT_BUFFER;
+            })
             .set_policy(reconnect_policy())
             .build_subscriber_client()?;
+        // Taken before connecting, so that the first connection is seen too.
+        let messages = subscriber.message_rx();
+        let reconnects = subscriber.reconnect_rx();
         let _connection = subscriber.connect();
         let _resubscriber = subscriber.manage_subscriptions();
-        {
-            let subscriber = subscriber.clone();
-            let events = Arc::downgrade(events);
-            let mut messages = subscriber.message_rx();
-            tokio::spawn(async move {
-                // Recorded even while the shard is down, and sent again on every reconnect.
-                let _ = subscriber.subscribe(channel()).await;
-                while let Ok(message) = messages.recv().await {
-                    let Some(events) = events.upgrade() else {
-                        return;
-                    };
-                    if let Some(text) = message.value.as_str() {
-                        events.handle_message(&text);
-                    }
-                }
-            });
-        }
+        tokio::spawn(listen(
+            subscriber.clone(),
+            cfg.name.clone(),
+            messages,
+            reconnects,
+            Arc::downgrade(events),
+        ));
         let pool = Builder::from_config(config)
             .with_connection_config(|c| {
                 c.connection_timeout = redis.connect_timeout;
@@ -549,32 +689,66 @@ impl Shard {
         Ok(done == 1)
     }
 
-    /// Writes a tombstone with a TTL.
-    pub async fn set_tombstone(&self, tombstone: &str, ttl: Duration) -> Result<(), ShardError> {
+    /// Merges `quarantines` (field, end in unix ms) into this shard's quarantine hash; returns
+    /// how many the shard lacked and every quarantine it holds now.
+    pub async fn sync_quarantine(
+        &self,
+        quarantines: &[(String, i64)],
+    ) -> Result<(u64, Vec<(String, i64)>), ShardError> {
         self.check_up()?;
+        let args: Vec<Value> = quarantines
+            .iter()
+            .flat_map(|(field, until)| [Value::from(field.as_str()), Value::from(*until)])
+            .collect();
+        let reply: Vec<Value> = self
+            .pool
+            .with_options(&self.options())
+            .eval(QUARANTINE_SYNC_SCRIPT, vec![QUARANTINE_KEY], args)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let mut reply = reply.into_iter();
+        let lacked = reply.next().and_then(|v| v.as_u64()).unwrap_or(0);
+        let mut held = Vec::new();
+        while let (Some(field), Some(until)) = (reply.next(), reply.next()) {
+            if let (Some(field), Some(until)) = (field.as_string(), until.as_i64()) {
+                held.push((field, until));
+            }
+        }
+        Ok((lacked, held))
+    }
+
+    /// Deletes `key` (with `all_variants`, every object in its media's variant index), first
+    /// quarantining `quarantine` (field, end in unix ms) if given, then announces `event`; one
+    /// atomic step. Returns the objects deleted.
+    pub async fn purge(
+        &self,
+        key: &Key,
+        all_variants: bool,
+        quarantine: Option<(String, i64)>,
+        event: String,
+    ) -> Result<u64, ShardError> {
+        self.check_up()?;
+        let (field, until) = quarantine.unwrap_or_default();
+        let args: Vec<Value> = vec![
+            Value::from(if all_variants { "1" } else { "0" }),
+            Value::from(field),
+            Value::from(until),
+            Value::from(channel()),
+            Value::from(event),
+        ];
         self.pool
             .with_options(&self.options())
-            .set::<(), _, _>(
-                tombstone,
-                1,
-                Some(Expiration::PX(ttl.as_millis() as i64)),
-                None,
-                false,
+            .eval(
+                PURGE_SCRIPT,
+                vec![
+                    key.redis_key(),
+                    key.variants_key(),
+                    QUARANTINE_KEY.to_owned(),
+                ],
+                args,
             )
             .await
             .map_err(|e| self.fail(e))
-    }
-
-    /// Whether any of `keys` exists.
-    pub async fn exists(&self, keys: Vec<String>) -> Result<bool, ShardError> {
-        self.check_up()?;
-        let n: u64 = self
-            .pool
-            .with_options(&self.options())
-            .exists(keys)
-            .await
-            .map_err(|e| self.fail(e))?;
-        Ok(n > 0)
     }
 
     /// Publishes an event on this shard's channel.
@@ -612,24 +786,35 @@ impl Shard {
     }
 
     /// Like [`Shard::delete_matching`], calling `progress` with the running count after each page.
+    ///
+    /// A walk over a large shard is long and one of its pages may be slow; that fails the walk
+    /// (the caller reports the shard as not reached) but never marks the shard down, which would
+    /// fail every other request on it. The health check alone decides that.
     pub async fn delete_matching_with(
         &self,
         pattern: &str,
         mut progress: impl FnMut(u64) + Send,
     ) -> Result<u64, ShardError> {
         self.check_up()?;
+        let walk_failed = |e: Error| {
+            warn!(shard = %self.name, error = %e, "scan walk failed");
+            ShardError::Fault {
+                shard: self.name.clone(),
+                source: e,
+            }
+        };
         let client = self.pool.next_connected().clone();
         let mut pages = client.scan(pattern, Some(500), None);
         let mut removed = 0;
         while let Some(page) = pages.next().await {
-            let mut page = page.map_err(|e| self.fail(e))?;
+            let mut page = page.map_err(walk_failed)?;
             if let Some(keys) = page.take_results() {
                 if !keys.is_empty() {
                     removed += client
                         .with_options(&self.options())
                         .del::<u64, _>(keys)
                         .await
-                        .map_err(|e| self.fail(e))?;
+                        .map_err(walk_failed)?;
                 }
             }
             progress(removed);
@@ -778,26 +963,27 @@ impl Pinned {
             .map_err(|e| self.shard.fail(e))
     }
 
-    /// Appends to a temporary key and renews its TTL in the same pipeline: should the key have
-    /// expired meanwhile, the APPEND recreates it, and it must not live on without a TTL.
+    /// Appends to a temporary key and renews its TTL in one atomic step. False when the key was
+    /// gone (it expired, or the shard restarted): the write is lost.
     pub async fn append_temp(
         &self,
         key: &str,
         data: Bytes,
         ttl: Duration,
-    ) -> Result<(), ShardError> {
+    ) -> Result<bool, ShardError> {
         let started = std::time::Instant::now();
         self.shard.check_up()?;
-        let p = Pipeline::from(self.client.with_options(&self.shard.options()));
-        let queued: Result<(), Error> = async {
-            p.append::<(), _, _>(key, data).await?;
-            p.pexpire::<(), _>(key, ttl.as_millis() as i64, None).await
-        }
-        .await;
-        queued.map_err(|e| self.shard.fail(e))?;
-        let _: Vec<Value> = self.shard.finish(p).await?;
+        let client = self.client.with_options(&self.shard.options());
+        let length: u64 = self
+            .shard
+            .bounded(client.eval(
+                APPEND_SCRIPT,
+                vec![key],
+                vec![Value::from(data), Value::from(ttl.as_millis() as i64)],
+            ))
+            .await?;
         self.shard.observe(started);
-        Ok(())
+        Ok(length > 0)
     }
 
     /// Atomically writes `header` at the start of a complete temporary key and renames it to its
@@ -806,26 +992,35 @@ impl Pinned {
     pub async fn publish(
         &self,
         temp: &str,
-        key: &str,
-        tombstones: [&str; 2],
+        key: &Key,
         header: Bytes,
         expected_len: u64,
+        version: u64,
     ) -> Result<Published, ShardError> {
         self.shard.check_up()?;
+        let redis_key = key.redis_key();
+        let filled = Event::Filled {
+            key: redis_key.clone(),
+            version: Some(version),
+        };
         let args: Vec<Value> = vec![
             Value::from(expected_len as i64),
             Value::from(header),
             Value::from(channel()),
-            Value::from(Event::Filled(key.to_owned()).encode()),
+            Value::from(filled.encode()),
+            Value::from(quarantine_field(key.origin(), key.media_id())),
+            Value::from(origin_quarantine_field(key.origin())),
+        ];
+        let keys = vec![
+            temp.to_owned(),
+            redis_key,
+            QUARANTINE_KEY.to_owned(),
+            key.variants_key(),
         ];
         let done: i64 = self
             .client
             .with_options(&self.shard.options())
-            .eval(
-                PUBLISH_SCRIPT,
-                vec![temp, key, tombstones[0], tombstones[1]],
-                args,
-            )
+            .eval(PUBLISH_SCRIPT, keys, args)
             .await
             .map_err(|e| self.shard.fail(e))?;
         Ok(match done {

@@ -296,6 +296,7 @@ impl Policy for SeedPolicy {
                     ..Default::default()
                 },
                 body: Bytes::from_static(&self.zeros[..a.size as usize]),
+                version: 0,
             };
             self.store.admit(key.clone(), object);
         }

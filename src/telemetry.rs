@@ -115,8 +115,23 @@ impl Collector for ShardLatency {
 }
 
 impl Metrics {
-    pub fn new(ring: Arc<ArcSwap<Ring>>) -> Self {
+    /// `events_lost` is the events' own counter (see [`crate::events::Events::lost`]).
+    pub fn new(
+        ring: Arc<ArcSwap<Ring>>,
+        events_lost: Family<crate::events::LostLabels, Counter>,
+        quarantine_restored: Family<crate::store::quarantine::ShardLabel, Counter>,
+    ) -> Self {
         let mut registry = Registry::with_prefix("mediacache");
+        registry.register(
+            "events_lost",
+            "Times a shard's event subscription lagged or reconnected, so events may have been missed and the memory tier was dropped",
+            events_lost,
+        );
+        registry.register(
+            "quarantine_restored",
+            "Quarantines written back to a shard that had lost them (eviction, restart, or joining the ring)",
+            quarantine_restored,
+        );
         registry.register_collector(Box::new(ShardLatency(ring)));
         let requests = Family::<RpcOutcome, Counter>::default();
         registry.register("requests", "Requests by RPC and outcome", requests.clone());
@@ -303,6 +318,7 @@ impl Metrics {
             ("excluded", m.refused_excluded),
             ("no_room", m.refused_no_room),
             ("too_large", m.refused_too_large),
+            ("invalidated", m.refused_invalidated),
         ] {
             self.memory_refusals.get_or_create(&reason(r)).set(n as i64);
         }

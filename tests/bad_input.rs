@@ -203,7 +203,7 @@ async fn bad_puts_are_errors_and_store_nothing() {
         .unwrap()
         .into_inner();
     assert!(r.stored);
-    assert_eq!(cluster.all_keys().await.len(), 1);
+    assert_eq!(cluster.all_objects().await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -135,7 +135,7 @@ async fn killed_shard_gives_fast_misses_and_comes_back() {
         .unwrap()
         .expect("hit after restart");
     assert_eq!(got, body(500, 3));
-    assert_eq!(cluster.shards[dead].keys().await.len(), 1);
+    assert_eq!(cluster.shards[dead].objects().await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -360,3 +360,60 @@ async fn one_connection_may_open_only_so_many_streams() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_get_whose_request_never_arrives_holds_a_place_only_until_the_idle_timeout() {
+    let cluster = TestCluster::builder()
+        .configure(|c| {
+            c.limits.idle_timeout = Duration::from_secs(1);
+            c.limits.max_streams = 1;
+        })
+        .start()
+        .await;
+    // A Get whose request message is never sent: headers only, the body stays open.
+    let channel = tonic::transport::Endpoint::from_shared(cluster.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let silent = tokio::spawn(async move {
+        grpc.streaming::<_, _, mediacache::proto::GetResponse, _>(
+            tonic::Request::new(futures_util::stream::pending::<GetRequest>()),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/mediacache.v1.MediaCache/Get"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+    });
+    // While its body is awaited it holds the one place: another request is refused.
+    let mut client = cluster.client().await;
+    let key = media_key("example.org", "anything", "");
+    eventually(
+        "the silent Get holds the place",
+        Duration::from_secs(5),
+        || {
+            let mut client = client.clone();
+            let key = key.clone();
+            async move {
+                match client.stat(key).await {
+                    Err(mediacache::client::ClientError::Status(s))
+                        if s.code() == Code::ResourceExhausted =>
+                    {
+                        Some(())
+                    }
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    let err = silent.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().contains("limits.idle_timeout"),
+        "{}",
+        err.message()
+    );
+    assert!(client.stat(key).await.is_ok(), "its place is free again");
+}

@@ -308,7 +308,7 @@ async fn adding_a_shard_misses_only_the_keys_that_move() {
             );
         }
     }
-    assert_eq!(spare.keys().await.len(), moved);
+    assert_eq!(spare.objects().await.len(), moved);
     for id in &ids {
         assert!(client
             .get(media_key("example.org", id, ""), 0, 0)

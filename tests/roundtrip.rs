@@ -209,12 +209,13 @@ async fn one_redis_key_per_object_on_its_owner() {
         );
         let shard = cluster.owner("example.org", &id);
         expected.push((shard, format!("mc:1:o:example.org|{id}|{variant}")));
+        expected.push((shard, format!("mc:1:v:example.org|{id}")));
     }
     expected.sort();
     assert_eq!(
         cluster.all_keys().await,
         expected,
-        "exactly one key per object, on its owner, no temporary keys left"
+        "exactly one key per object and its media's variant index, on its owner, no temporary keys left"
     );
 
     // Stat names the owner shard, and variants share it.
@@ -227,7 +228,8 @@ async fn one_redis_key_per_object_on_its_owner() {
         cluster.shards[cluster.owner("example.org", "m3")].name
     );
     let ring = client.ring_status().await.unwrap();
-    assert_eq!(ring.shards.iter().map(|s| s.keys).sum::<u64>(), 30);
+    // 30 objects and a variant index for each media.
+    assert_eq!(ring.shards.iter().map(|s| s.keys).sum::<u64>(), 60);
     assert!(ring.shards.iter().all(|s| s.up && s.used_memory_bytes > 0));
     assert!((ring.shards.iter().map(|s| s.share).sum::<f64>() - 1.0).abs() < 1e-9);
 }
@@ -266,10 +268,14 @@ async fn purge_reaches_copies_on_every_shard() {
         for (i, shard) in cluster.shards.iter().enumerate() {
             if i != owner {
                 shard.raw_set(name, value.clone()).await;
+                let index = "mc:1:v:example.org|spread".to_owned();
+                shard
+                    .raw_command("SADD", vec![index, name.to_owned()])
+                    .await;
             }
         }
     }
-    assert_eq!(cluster.all_keys().await.len(), 6);
+    assert_eq!(cluster.all_objects().await.len(), 6);
     assert_eq!(
         client
             .purge(key.clone(), false, false)
@@ -278,7 +284,7 @@ async fn purge_reaches_copies_on_every_shard() {
             .removed,
         3
     );
-    assert_eq!(cluster.all_keys().await.len(), 3);
+    assert_eq!(cluster.all_objects().await.len(), 3);
     assert_eq!(client.purge(key, true, false).await.unwrap().removed, 3);
     assert!(cluster.all_keys().await.is_empty());
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{body, eventually, serve, shards_up, RedisShard};
-use mediacache::client::{media_key, Client, ClientError, ConnectOptions};
+use mediacache::client::{media_key, Client, ClientError, ConnectOptions, Fetched};
 use mediacache::config::{AuthConfig, Config, ShardConfig, TlsConfig};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tonic::Code;
@@ -144,10 +144,56 @@ async fn tokens_gate_every_rpc_but_health_and_rotate_without_restart() {
     );
     assert!(next.purge(key.clone(), false, false).await.is_ok());
 
-    // A token file that turns unreadable keeps the tokens in use.
+    // A token file that turns unreadable keeps its token in use; one that is deleted revokes
+    // its token. Both change before one re-read, so seeing the revocation proves that the
+    // re-read that kept the other token has run.
+    let ro = dir.path().join("reader");
+    assert!(ro.exists(), "the read-only token's file");
+    std::fs::remove_file(&ro).unwrap();
+    std::fs::create_dir(&ro).unwrap();
     std::fs::remove_file(dir.path().join("full")).unwrap();
-    tokio::time::sleep(mediacache::auth::REREAD * 2).await;
-    assert!(next.stat(key).await.is_ok());
+    eventually(
+        "the deleted file's token revoked",
+        Duration::from_secs(10),
+        || {
+            let mut next = next.clone();
+            let key = key.clone();
+            async move { (code(next.stat(key).await) == Some(Code::Unauthenticated)).then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        reader.stat(key).await.is_ok(),
+        "the unreadable file's token kept"
+    );
+}
+
+#[tokio::test]
+async fn a_read_only_caller_waits_for_fills_but_never_takes_a_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        auth: AuthConfig {
+            token_files: vec![write(dir.path(), "full", FULL)],
+            read_only_token_files: vec![write(dir.path(), "reader", READER)],
+        },
+        ..Default::default()
+    };
+    let (addr, _stop, _server) = serve(&config).await;
+    let endpoint = format!("http://{addr}");
+    let key = media_key("example.org", "leased", "");
+    let mut reader = connect(&endpoint, Some(READER)).await;
+    match reader.get_or_lease(key.clone(), true, 0).await.unwrap() {
+        Fetched::Miss { lease_token } => {
+            assert!(lease_token.is_empty(), "a read-only caller got a lease")
+        }
+        Fetched::Hit(_) => panic!("nothing was stored"),
+    }
+    // The lease is still free for a caller that can fill it.
+    let mut full = connect(&endpoint, Some(FULL)).await;
+    match full.get_or_lease(key.clone(), true, 0).await.unwrap() {
+        Fetched::Miss { lease_token } => assert!(!lease_token.is_empty()),
+        Fetched::Hit(_) => panic!("nothing was stored"),
+    }
 }
 
 #[test]
@@ -485,7 +531,12 @@ async fn rediss_shards_are_verified_against_the_configured_ca() {
     let (_, got) = client.get_bytes(key.clone()).await.unwrap().expect("hit");
     assert_eq!(got, body(700_000, 7));
     // It really went over TLS to that shard: the object is there.
-    assert_eq!(shard.keys().await.len(), 1);
+    let objects = shard.keys().await;
+    assert_eq!(
+        objects.iter().filter(|k| k.starts_with("mc:1:o:")).count(),
+        1,
+        "{objects:?}"
+    );
 
     // A CA that did not sign the shard's certificate: the shard is never used.
     let other = Pki::new("other");

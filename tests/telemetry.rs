@@ -132,7 +132,8 @@ async fn metrics_follow_traffic_shards_and_reloads() {
             .iter()
             .filter_map(|shard| value(&s, "mediacache_shard_keys", &[("shard", shard)]))
             .sum();
-        (keys == 1.0).then_some(())
+        // The object and its media's variant index.
+        (keys == 2.0).then_some(())
     })
     .await;
 

@@ -111,7 +111,7 @@ async fn a_put_of_a_key_already_popular_fills_memory_too() {
     assert_eq!(stat.tier, "memory");
     let owner = cluster.owner("example.org", "wanted");
     assert_eq!(
-        cluster.shards[owner].keys().await.len(),
+        cluster.shards[owner].objects().await.len(),
         1,
         "and it is in Redis as well"
     );

@@ -78,6 +78,9 @@ impl Clock for ManualClock {
 pub struct Object {
     pub info: MediaInfo,
     pub body: Bytes,
+    /// Which publish of the key this is (the nonce of its Redis header; 0 for memory-only Puts):
+    /// an event announcing another publish of the key drops this copy, one for this publish not.
+    pub version: u64,
 }
 
 /// The answer to an offer of an object to the tier.
@@ -91,6 +94,8 @@ pub enum Admission {
     Excluded,
     /// Full, and the evictable entries would not free enough room.
     NoRoom,
+    /// A purge or another publish covering the key came after the copy was started.
+    Invalidated,
 }
 
 /// Counters since start, for metrics and the simulator.
@@ -105,6 +110,9 @@ pub struct MemoryStats {
     pub refused_excluded: u64,
     pub refused_no_room: u64,
     pub refused_too_large: u64,
+    pub refused_invalidated: u64,
+    /// Bytes reserved by copies being gathered (fills, Puts), counted against `max_bytes`.
+    pub reserved: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -120,8 +128,44 @@ struct Policy {
 pub struct MemoryStore {
     policy: Policy,
     clock: Arc<dyn Clock>,
+    /// The key's identity for the maps; entries also keep the key, which is compared on every
+    /// lookup, so two keys that share a hash never see each other's bytes.
+    hasher: fn(&Key) -> u64,
     inner: Mutex<Inner>,
 }
+
+/// What an invalidation covers.
+#[derive(Debug, Clone)]
+enum Scope {
+    /// One key; a copy of the publish `keep` (when set) is still current.
+    Key {
+        key: Key,
+        keep: Option<u64>,
+    },
+    Media {
+        origin: String,
+        media_id: String,
+    },
+    Origin(String),
+    /// Everything: events may have been missed.
+    All,
+}
+
+impl Scope {
+    fn covers(&self, key: &Key, version: u64) -> bool {
+        match self {
+            Scope::Key { key: k, keep } => k == key && *keep != Some(version),
+            Scope::Media { origin, media_id } => {
+                key.origin() == origin && key.media_id() == media_id
+            }
+            Scope::Origin(origin) => key.origin() == origin,
+            Scope::All => true,
+        }
+    }
+}
+
+/// Invalidations remembered for copies in flight; a copy older than all of them is refused.
+const INVALIDATION_LOG: usize = 4096;
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -141,7 +185,7 @@ struct Tracker {
 
 impl Tracker {
     fn popularity(&self, h: u64) -> u32 {
-        self.totals.get(&h).copied().unwrap_or(0)
+        capped(self.totals.get(&h).copied().unwrap_or(0))
     }
 
     /// Drops the oldest bucket; returns the keys whose totals fell, with their new totals.
@@ -150,7 +194,7 @@ impl Tracker {
             for (h, n) in counts {
                 if let Some(total) = self.totals.get_mut(&h) {
                     *total -= n;
-                    changed.push((h, *total));
+                    changed.push((h, capped(*total)));
                     if *total == 0 {
                         self.totals.remove(&h);
                     }
@@ -188,9 +232,15 @@ impl Tracker {
         let (_, current) = self.buckets.back_mut().expect("advance made a bucket");
         *current.entry(h).or_default() += 1;
         let total = self.totals.entry(h).or_default();
-        *total += 1;
-        Some(*total)
+        *total = total.saturating_add(1);
+        Some(capped(*total))
     }
+}
+
+/// Every popularity value is capped here once, so the eviction index, the Fenwick tree and the
+/// admission check agree on it (a count above the cap must not outrank a capped victim).
+fn capped(pop: u32) -> u32 {
+    pop.min(MAX_POPULARITY)
 }
 
 /// Bytes of mature entries per popularity value, with prefix sums in O(log n).
@@ -245,10 +295,39 @@ struct Inner {
     excluded: HashMap<u64, u64>,
     excluded_order: VecDeque<(u64, u64)>,
     bytes: u64,
+    /// Bytes promised to copies being gathered; `bytes + reserved` never exceeds `max_bytes`.
+    reserved: u64,
+    /// Bumped by every invalidation; a copy records it when it starts.
+    epoch: u64,
+    /// The latest invalidations with the epoch each one made, oldest first.
+    invalidations: VecDeque<(u64, Scope)>,
     stats: MemoryStats,
 }
 
 impl Inner {
+    fn invalidate(&mut self, scope: Scope) {
+        self.epoch += 1;
+        if self.invalidations.len() == INVALIDATION_LOG {
+            self.invalidations.pop_front();
+        }
+        self.invalidations.push_back((self.epoch, scope));
+    }
+
+    /// Whether a copy of `key` at `version` started at epoch `since` is still current.
+    fn current(&self, key: &Key, version: u64, since: u64) -> bool {
+        if since == self.epoch {
+            return true;
+        }
+        match self.invalidations.front() {
+            // Older than everything remembered: it cannot be proven current.
+            Some((oldest, _)) if *oldest > since + 1 => false,
+            _ => !self
+                .invalidations
+                .iter()
+                .any(|(e, scope)| *e > since && scope.covers(key, version)),
+        }
+    }
+
     fn unindex(&mut self, h: u64) {
         if let Some(entry) = self.entries.get_mut(&h) {
             if let Some(pop) = entry.indexed.take() {
@@ -260,6 +339,7 @@ impl Inner {
     }
 
     fn index_at(&mut self, h: u64, pop: u32) {
+        let pop = capped(pop);
         if let Some(entry) = self.entries.get_mut(&h) {
             let size = entry.object.body.len() as u64;
             entry.indexed = Some(pop);
@@ -334,7 +414,7 @@ impl Inner {
             let as_victim = e.indexed.filter(|p| *p < pop).map_or(0, |_| e.size());
             (e.size(), as_victim)
         });
-        let need = (self.bytes - old + size).saturating_sub(policy.max_bytes);
+        let need = (self.bytes + self.reserved - old + size).saturating_sub(policy.max_bytes);
         if need > 0 && self.mature_bytes.below(pop) - old_victim < need {
             return Err(Admission::NoRoom);
         }
@@ -344,7 +424,7 @@ impl Inner {
     /// Evicts the least popular, then smallest, mature entries below `pop` until `size` fits.
     /// Only called after [`Inner::check`] proved that these victims make enough room.
     fn make_room(&mut self, size: u64, pop: u32, now: u64, policy: &Policy) {
-        while self.bytes + size > policy.max_bytes {
+        while self.bytes + self.reserved + size > policy.max_bytes {
             let Some(&(victim_pop, _, h)) = self.index.first() else {
                 break;
             };
@@ -381,6 +461,7 @@ impl Inner {
             Admission::NotPopular => self.stats.refused_not_popular += 1,
             Admission::Excluded => self.stats.refused_excluded += 1,
             Admission::NoRoom => self.stats.refused_no_room += 1,
+            Admission::Invalidated => self.stats.refused_invalidated += 1,
             Admission::Stored => {}
         }
     }
@@ -404,6 +485,10 @@ impl MemoryStore {
     }
 
     pub fn with_clock(config: &MemoryConfig, clock: Arc<dyn Clock>) -> Self {
+        Self::with_hasher(config, clock, hash)
+    }
+
+    fn with_hasher(config: &MemoryConfig, clock: Arc<dyn Clock>, hasher: fn(&Key) -> u64) -> Self {
         let window_ms = config.tracked_window.as_millis() as u64;
         Self {
             policy: Policy {
@@ -415,6 +500,7 @@ impl MemoryStore {
                 min_evicted_ms: config.min_evicted_time.as_millis() as u64,
             },
             clock,
+            hasher,
             inner: Mutex::new(Inner {
                 tracker: Tracker::default(),
                 entries: HashMap::new(),
@@ -424,6 +510,9 @@ impl MemoryStore {
                 excluded: HashMap::new(),
                 excluded_order: VecDeque::new(),
                 bytes: 0,
+                reserved: 0,
+                epoch: 0,
+                invalidations: VecDeque::new(),
                 stats: MemoryStats::default(),
             }),
         }
@@ -445,7 +534,7 @@ impl MemoryStore {
 
     /// Counts one download of `key`; returns its downloads in the window.
     pub fn record_download(&self, key: &Key) -> u32 {
-        let h = hash(key);
+        let h = (self.hasher)(key);
         let (mut inner, _) = self.lock();
         let mut changed = Vec::new();
         let total = inner.tracker.record(h, &mut changed);
@@ -463,39 +552,96 @@ impl MemoryStore {
 
     /// Downloads of `key` in the window.
     pub fn popularity(&self, key: &Key) -> u32 {
-        self.lock().0.tracker.popularity(hash(key))
+        self.lock().0.tracker.popularity((self.hasher)(key))
     }
 
     pub fn get(&self, key: &Key) -> Option<Arc<Object>> {
-        let h = hash(key);
+        let h = (self.hasher)(key);
         let (inner, _) = self.lock();
-        inner.entries.get(&h).map(|e| e.object.clone())
+        inner
+            .entries
+            .get(&h)
+            .filter(|e| e.key == *key)
+            .map(|e| e.object.clone())
     }
 
-    /// Whether an object of `size` would be admitted now by popularity: checked before a fill
-    /// starts, so that no bytes are gathered for nothing.
-    pub fn would_admit(&self, key: &Key, size: u64) -> bool {
-        let h = hash(key);
+    /// The current invalidation epoch: taken before a copy starts (before its source is read),
+    /// and handed back when the copy is offered, so that a purge in between refuses it.
+    pub fn epoch(&self) -> u64 {
+        self.lock().0.epoch
+    }
+
+    /// Reserves room for a copy of `key` of `size` bytes that is about to be gathered: checked
+    /// by the same policy as an admission (by popularity unless `is_put`), victims evicted now,
+    /// and the bytes counted against `max_bytes` until the reservation is used or dropped.
+    /// An error (why not) when the policy would not admit it: the copy is then skipped, never
+    /// waited for.
+    pub fn reserve(
+        self: &Arc<Self>,
+        key: &Key,
+        size: u64,
+        is_put: bool,
+    ) -> Result<Reservation, Admission> {
+        let h = (self.hasher)(key);
         let (mut inner, now) = self.lock();
-        let pop = inner.tracker.popularity(h);
-        pop >= self.policy.min_downloads && inner.check(h, size, pop, now, &self.policy).is_ok()
+        let tracked = inner.tracker.popularity(h);
+        if !is_put && tracked < self.policy.min_downloads {
+            return Err(Admission::NotPopular);
+        }
+        let pop = if is_put { tracked.max(1) } else { tracked };
+        if let Err(why) = inner.check(h, size, pop, now, &self.policy) {
+            if is_put {
+                inner.count_refusal(why);
+            }
+            return Err(why);
+        }
+        // The key's own old copy is not freed yet (it is still served), so room is made as if
+        // the newcomer came on top of it.
+        inner.make_room(size, pop, now, &self.policy);
+        if inner.bytes + inner.reserved + size > self.policy.max_bytes {
+            if is_put {
+                inner.count_refusal(Admission::NoRoom);
+            }
+            return Err(Admission::NoRoom);
+        }
+        inner.reserved += size;
+        Ok(Reservation {
+            store: self.clone(),
+            size,
+            is_put,
+            used: false,
+        })
     }
 
     /// Offers an object the way the tiered store does: admitted only by popularity.
     pub fn admit(&self, key: Key, object: Object) -> Admission {
-        self.offer(key, object, false)
+        self.offer(key, object, false, None, 0)
     }
 
     /// Stores a Put when the memory tier is the only store: no download count is needed, and the
     /// newcomer counts as popular enough to replace entries nobody downloaded in the window.
     pub fn put(&self, key: Key, object: Object) -> Admission {
-        self.offer(key, object, true)
+        self.offer(key, object, true, None, 0)
     }
 
-    fn offer(&self, key: Key, object: Object, is_put: bool) -> Admission {
-        let h = hash(&key);
+    /// `since` is the epoch the copy started at (`None` for an object known current);
+    /// `reserved` the bytes its reservation held, given back under the same lock.
+    fn offer(
+        &self,
+        key: Key,
+        object: Object,
+        is_put: bool,
+        since: Option<u64>,
+        reserved: u64,
+    ) -> Admission {
+        let h = (self.hasher)(&key);
         let size = object.body.len() as u64;
         let (mut inner, now) = self.lock();
+        inner.reserved -= reserved;
+        if since.is_some_and(|since| !inner.current(&key, object.version, since)) {
+            inner.count_refusal(Admission::Invalidated);
+            return Admission::Invalidated;
+        }
         let tracked = inner.tracker.popularity(h);
         if !is_put && tracked < self.policy.min_downloads {
             inner.count_refusal(Admission::NotPopular);
@@ -509,29 +655,65 @@ impl MemoryStore {
         inner.remove(h);
         inner.make_room(size, pop, now, &self.policy);
         debug_assert!(
-            inner.bytes + size <= self.policy.max_bytes,
+            inner.bytes + inner.reserved + size <= self.policy.max_bytes,
             "check proved the room"
         );
         inner.insert(h, key, object, now);
         Admission::Stored
     }
 
+    /// Removes `key`'s copy; a copy of it being gathered is refused when offered.
     pub fn remove(&self, key: &Key) -> bool {
-        self.lock().0.remove(hash(key)).is_some()
+        let h = (self.hasher)(key);
+        let (mut inner, _) = self.lock();
+        inner.invalidate(Scope::Key {
+            key: key.clone(),
+            keep: None,
+        });
+        let mine = inner.entries.get(&h).is_some_and(|e| e.key == *key);
+        mine && inner.remove(h).is_some()
+    }
+
+    /// Another publish of `key` (`version`) happened: a copy of any other publish is stale.
+    pub fn invalidate_except(&self, key: &Key, version: u64) -> bool {
+        let h = (self.hasher)(key);
+        let (mut inner, _) = self.lock();
+        inner.invalidate(Scope::Key {
+            key: key.clone(),
+            keep: Some(version),
+        });
+        let stale = inner
+            .entries
+            .get(&h)
+            .is_some_and(|e| e.key == *key && e.object.version != version);
+        stale && inner.remove(h).is_some()
     }
 
     /// Removes every variant of `key`'s media; returns how many.
     pub fn remove_variants(&self, key: &Key) -> u64 {
-        self.remove_where(|k| k.origin() == key.origin() && k.media_id() == key.media_id())
+        self.remove_where(
+            Scope::Media {
+                origin: key.origin().to_owned(),
+                media_id: key.media_id().to_owned(),
+            },
+            |k| k.origin() == key.origin() && k.media_id() == key.media_id(),
+        )
     }
 
     /// Removes every media of `origin`; returns how many objects.
     pub fn remove_origin(&self, origin: &str) -> u64 {
-        self.remove_where(|k| k.origin() == origin)
+        self.remove_where(Scope::Origin(origin.to_owned()), |k| k.origin() == origin)
     }
 
-    fn remove_where(&self, doomed: impl Fn(&Key) -> bool) -> u64 {
+    /// Drops every entry and refuses every copy in flight: for when this replica may have
+    /// missed invalidations. Returns how many objects were dropped.
+    pub fn clear(&self) -> u64 {
+        self.remove_where(Scope::All, |_| true)
+    }
+
+    fn remove_where(&self, scope: Scope, doomed: impl Fn(&Key) -> bool) -> u64 {
         let (mut inner, _) = self.lock();
+        inner.invalidate(scope);
         let hashes: Vec<u64> = inner
             .entries
             .iter()
@@ -556,8 +738,18 @@ impl MemoryStore {
             bytes: inner.bytes,
             entries: inner.entries.len() as u64,
             tracked_keys: inner.tracker.totals.len() as u64,
+            reserved: inner.reserved,
             ..inner.stats.clone()
         }
+    }
+
+    /// Whether an object of `size` would be admitted now by popularity (tests).
+    #[cfg(test)]
+    fn would_admit(&self, key: &Key, size: u64) -> bool {
+        let h = (self.hasher)(key);
+        let (mut inner, now) = self.lock();
+        let pop = inner.tracker.popularity(h);
+        pop >= self.policy.min_downloads && inner.check(h, size, pop, now, &self.policy).is_ok()
     }
 
     /// Recomputes what the counters claim from the entries themselves (tests).
@@ -578,29 +770,62 @@ impl MemoryStore {
             mature,
             "mature bytes"
         );
-        assert!(inner.bytes <= self.policy.max_bytes, "over budget");
+        assert!(
+            inner.bytes + inner.reserved <= self.policy.max_bytes,
+            "over budget: {} held, {} reserved",
+            inner.bytes,
+            inner.reserved
+        );
     }
 }
 
-/// Collects a Put's body for the memory tier; nothing is visible until it is offered.
-#[derive(Debug)]
-pub struct MemoryWriter {
-    buf: BytesMut,
+/// Room in the memory tier promised to one copy being gathered. Dropped unused (the read or
+/// the Put failed), it gives the room back.
+pub struct Reservation {
+    store: Arc<MemoryStore>,
+    size: u64,
+    is_put: bool,
+    used: bool,
 }
 
-impl MemoryWriter {
-    pub fn new(size: u64) -> Self {
-        Self {
-            buf: BytesMut::with_capacity(size as usize),
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl Reservation {
+    /// A buffer for the copy, allocated only now that its room is reserved.
+    pub fn buffer(&self) -> BytesMut {
+        BytesMut::with_capacity(self.size as usize)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Offers the gathered copy, started at epoch `since`: refused when a purge or another
+    /// publish covering it came in between. The reserved room is given back either way.
+    pub fn offer(mut self, key: Key, object: Object, since: u64) -> Admission {
+        self.used = true;
+        self.store
+            .offer(key, object, self.is_put, Some(since), self.size)
+    }
+
+    fn release(&mut self) {
+        if !self.used {
+            self.used = true;
+            let (mut inner, _) = self.store.lock();
+            inner.reserved -= self.size;
         }
     }
+}
 
-    pub fn write(&mut self, chunk: &[u8]) {
-        self.buf.extend_from_slice(chunk);
-    }
-
-    pub fn body(self) -> Bytes {
-        self.buf.freeze()
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -637,6 +862,7 @@ mod tests {
                 ..Default::default()
             },
             body: Bytes::from(vec![1; n]),
+            version: 0,
         }
     }
 
@@ -857,6 +1083,214 @@ mod tests {
         m.put(Key::new("o", "n", "").unwrap(), obj(1));
         assert_eq!(m.remove_variants(&Key::new("o", "m", "x").unwrap()), 2);
         assert_eq!(m.usage(), (1, 1));
+    }
+
+    #[test]
+    fn keys_that_share_a_hash_never_see_each_other() {
+        let clock = Arc::new(ManualClock::default());
+        let m = MemoryStore::with_hasher(&config(1000), clock, |_| 42);
+        let (a, b) = (key(1), key(2));
+        assert_eq!(m.put(a.clone(), obj(10)), Admission::Stored);
+        assert!(m.get(&a).is_some());
+        assert!(m.get(&b).is_none(), "b shares a's hash but is not a");
+        assert!(!m.remove(&b), "removing b leaves a alone");
+        assert!(m.get(&a).is_some());
+        assert_eq!(m.put(b.clone(), obj(20)), Admission::Stored);
+        assert!(m.get(&a).is_none(), "one slot per hash: b replaced a");
+        assert_eq!(m.get(&b).unwrap().body.len(), 20);
+        m.check_invariants();
+    }
+
+    /// Counts `n` downloads under one lock (popularity far above the cap, quickly).
+    fn bulk_download(m: &MemoryStore, k: &Key, n: u32) {
+        let h = (m.hasher)(k);
+        let (mut inner, _) = m.lock();
+        let mut changed = Vec::new();
+        let mut last = 0;
+        for _ in 0..n {
+            last = inner.tracker.record(h, &mut changed).unwrap_or(0);
+        }
+        inner.repopularize(h, last);
+    }
+
+    #[test]
+    fn popularity_above_the_cap_never_overfills_the_tier() {
+        let (m, clock) = store(100);
+        bulk_download(&m, &key(1), 70_000);
+        assert_eq!(m.admit(key(1), obj(50)), Admission::Stored);
+        bulk_download(&m, &key(2), 66_000);
+        assert_eq!(m.admit(key(2), obj(50)), Admission::Stored);
+        clock.advance(6 * MIN);
+        // As popular as the most popular entry once capped: neither is a victim.
+        bulk_download(&m, &key(3), 70_000);
+        assert_eq!(m.admit(key(3), obj(100)), Admission::NoRoom);
+        m.check_invariants();
+        assert_eq!(m.usage(), (100, 2));
+    }
+
+    #[test]
+    fn reservations_count_against_the_budget_until_used_or_dropped() {
+        let (m, _) = store(100);
+        let m = Arc::new(m);
+        download(&m, &key(1), 3);
+        download(&m, &key(2), 3);
+        let r1 = m.reserve(&key(1), 60, false).expect("room for 60");
+        assert_eq!(m.stats().reserved, 60);
+        assert_eq!(
+            m.reserve(&key(2), 60, false).unwrap_err(),
+            Admission::NoRoom,
+            "60 + 60 > 100"
+        );
+        assert_eq!(
+            m.reserve(&key(3), 10, false).unwrap_err(),
+            Admission::NotPopular
+        );
+        let since = m.epoch();
+        assert_eq!(
+            r1.offer(
+                key(1),
+                Object {
+                    version: 5,
+                    ..obj(60)
+                },
+                since
+            ),
+            Admission::Stored
+        );
+        assert_eq!(m.stats().reserved, 0);
+        let r2 = m.reserve(&key(2), 40, false).expect("room for 40");
+        drop(r2);
+        assert_eq!(
+            m.stats().reserved,
+            0,
+            "a dropped reservation gives its room back"
+        );
+        m.check_invariants();
+    }
+
+    #[test]
+    fn a_copy_started_before_an_invalidation_is_refused() {
+        let (m, _) = store(1000);
+        let m = Arc::new(m);
+        let k = Key::new("o", "m", "thumb/1x1/crop").unwrap();
+        download(&m, &k, 3);
+        let copy = |version: u64| Object { version, ..obj(10) };
+        // A purge of the media, after the copy started: refused.
+        let since = m.epoch();
+        let r = m.reserve(&k, 10, false).unwrap();
+        m.remove_variants(&Key::new("o", "m", "").unwrap());
+        assert_eq!(r.offer(k.clone(), copy(1), since), Admission::Invalidated);
+        // Another publish of the key: refused, unless the copy is of that very publish.
+        let since = m.epoch();
+        let r = m.reserve(&k, 10, false).unwrap();
+        m.invalidate_except(&k, 2);
+        assert_eq!(r.offer(k.clone(), copy(1), since), Admission::Invalidated);
+        let since = m.epoch();
+        let r = m.reserve(&k, 10, false).unwrap();
+        m.invalidate_except(&k, 2);
+        assert_eq!(r.offer(k.clone(), copy(2), since), Admission::Stored);
+        // An event of this same publish keeps the copy; one of another drops it.
+        assert!(!m.invalidate_except(&k, 2));
+        assert!(m.get(&k).is_some());
+        assert!(m.invalidate_except(&k, 3));
+        assert!(m.get(&k).is_none());
+        // Unrelated purges do not refuse it; a purge of its origin or a clear does.
+        for (purge, refused) in [(0, false), (1, true), (2, true)] {
+            let since = m.epoch();
+            let r = m.reserve(&k, 10, false).unwrap();
+            match purge {
+                0 => {
+                    m.remove_origin("other");
+                }
+                1 => {
+                    m.remove_origin("o");
+                }
+                _ => {
+                    m.clear();
+                }
+            }
+            let answer = r.offer(k.clone(), copy(4), since);
+            assert_eq!(
+                answer == Admission::Invalidated,
+                refused,
+                "{purge}: {answer:?}"
+            );
+            m.remove(&k);
+        }
+        // Older than every invalidation remembered: refused, it cannot be proven current.
+        let since = m.epoch();
+        let r = m.reserve(&k, 10, false).unwrap();
+        for i in 0..INVALIDATION_LOG + 1 {
+            m.remove(&key(i as u32 + 10));
+        }
+        assert_eq!(r.offer(k.clone(), copy(5), since), Admission::Invalidated);
+        m.check_invariants();
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Download(u8, u32),
+            Admit(u8, u16),
+            Put(u8, u16),
+            Reserve(u8, u16),
+            Release,
+            Remove(u8),
+            Advance(u16),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (any::<u8>(), prop_oneof![1u32..5, Just(70_000u32)])
+                    .prop_map(|(k, n)| Op::Download(k % 16, n)),
+                (any::<u8>(), 1u16..400).prop_map(|(k, s)| Op::Admit(k % 16, s)),
+                (any::<u8>(), 1u16..400).prop_map(|(k, s)| Op::Put(k % 16, s)),
+                (any::<u8>(), 1u16..400).prop_map(|(k, s)| Op::Reserve(k % 16, s)),
+                Just(Op::Release),
+                any::<u8>().prop_map(|k| Op::Remove(k % 16)),
+                (0u16..600).prop_map(Op::Advance),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+            #[test]
+            fn random_operations_never_exceed_max_bytes(ops in proptest::collection::vec(op(), 1..60)) {
+                let clock = Arc::new(ManualClock::default());
+                let m = Arc::new(MemoryStore::with_clock(&config(1000), clock.clone()));
+                let mut held = Vec::new();
+                for op in ops {
+                    match op {
+                        Op::Download(k, n) => bulk_download(&m, &key(k.into()), n),
+                        Op::Admit(k, s) => {
+                            m.admit(key(k.into()), obj(s.into()));
+                        }
+                        Op::Put(k, s) => {
+                            m.put(key(k.into()), obj(s.into()));
+                        }
+                        Op::Reserve(k, s) => {
+                            if let Ok(r) = m.reserve(&key(k.into()), s.into(), k % 2 == 0) {
+                                held.push((k, r));
+                            }
+                        }
+                        Op::Release => {
+                            if let Some((k, r)) = held.pop() {
+                                let size = r.size() as usize;
+                                r.offer(key(k.into()), obj(size), m.epoch());
+                            }
+                        }
+                        Op::Remove(k) => {
+                            m.remove(&key(k.into()));
+                        }
+                        Op::Advance(s) => clock.advance(Duration::from_secs(s.into())),
+                    }
+                    m.check_invariants();
+                }
+            }
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! memory tier is the store and takes every Put its policy can make room for.
 
 pub mod memory;
+pub mod quarantine;
 pub mod redis;
 
 use std::collections::{HashMap, HashSet};
@@ -23,7 +24,8 @@ use crate::key::Key;
 use crate::object::LayoutError;
 use crate::proto::MediaInfo;
 use crate::shard::{Published, ShardError};
-use memory::{Admission, MemoryStore, MemoryWriter, Object};
+use memory::{Admission, MemoryStore, Object, Reservation};
+use quarantine::Quarantine;
 use redis::{RedisStore, RedisWriter};
 
 /// Body chunks of a read, in order.
@@ -37,6 +39,8 @@ pub enum StoreError {
     Shard(#[from] ShardError),
     #[error("the object was replaced while it was being read")]
     Changed,
+    #[error("the write was lost on the way (its temporary key expired or its shard restarted)")]
+    Lost,
     #[error(transparent)]
     Layout(#[from] LayoutError),
     #[error("{0}")]
@@ -113,9 +117,10 @@ pub struct Store {
     events: Arc<Events>,
     lease_ttl: Duration,
     quarantine_ttl: Duration,
-    /// Memory-only mode: fill leases (Redis key → token and expiry) and quarantined media.
+    /// Memory-only mode: fill leases (Redis key → token and expiry).
     local_leases: Mutex<HashMap<String, (String, Instant)>>,
-    local_quarantine: Mutex<HashMap<(String, String), Instant>>,
+    /// The quarantines this replica knows, in both modes (see [`quarantine`]).
+    quarantine: Quarantine,
 }
 
 /// The answer to a request for a fill lease.
@@ -137,9 +142,6 @@ pub enum Lookup {
     },
 }
 
-/// Stands for "every media" in the local quarantine (never a valid media id).
-const WHOLE_ORIGIN: &str = "*";
-
 /// How often a waiter looks again even without an event, in case one was missed.
 const RECHECK: Duration = Duration::from_millis(250);
 
@@ -147,28 +149,77 @@ fn new_token() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
 
+/// A copy of an object being gathered for the memory tier: its room is reserved from the
+/// tier's budget before any byte is buffered, and it remembers the invalidation epoch it started
+/// at, so that a purge (or another publish of the key) that comes in between refuses it.
+struct Copy {
+    reservation: Reservation,
+    buf: BytesMut,
+    since: u64,
+}
+
+impl Copy {
+    /// `since` must be taken before the source of the copy is read.
+    fn start(
+        memory: &Arc<MemoryStore>,
+        key: &Key,
+        size: u64,
+        is_put: bool,
+        since: u64,
+    ) -> Result<Self, Admission> {
+        let reservation = memory.reserve(key, size, is_put)?;
+        Ok(Copy {
+            buf: reservation.buffer(),
+            reservation,
+            since,
+        })
+    }
+
+    fn write(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// Offers the copy when it holds the whole object (and its digest matches).
+    fn offer(self, key: Key, info: MediaInfo, version: u64) -> Admission {
+        let whole = self.buf.len() as u64 == info.size
+            && (info.sha256.is_empty() || Sha256::digest(&self.buf)[..] == info.sha256[..]);
+        if !whole {
+            return Admission::Invalidated;
+        }
+        let object = Object {
+            info,
+            body: self.buf.freeze(),
+            version,
+        };
+        self.reservation.offer(key, object, self.since)
+    }
+}
+
 /// Where a Put's bytes go until it is committed.
-pub enum Writer {
+pub struct Writer(WriterTo);
+
+enum WriterTo {
     /// Memory-only mode: the memory tier is the store.
-    Memory { key: Key, buf: MemoryWriter },
-    /// To the ring, and to memory as well when the key is already popular enough.
+    Memory { key: Key, copy: Copy },
+    /// To the ring, and to memory as well when the key is already popular enough and the tier
+    /// has room for the copy.
     Redis {
         key: Key,
-        redis: RedisWriter,
-        memory: Option<MemoryWriter>,
+        redis: Box<RedisWriter>,
+        memory: Option<Copy>,
     },
 }
 
 impl Writer {
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
-        match self {
-            Writer::Memory { buf, .. } => {
-                buf.write(&chunk);
+        match &mut self.0 {
+            WriterTo::Memory { copy, .. } => {
+                copy.write(&chunk);
                 Ok(())
             }
-            Writer::Redis { redis, memory, .. } => {
-                if let Some(buf) = memory {
-                    buf.write(&chunk);
+            WriterTo::Redis { redis, memory, .. } => {
+                if let Some(copy) = memory {
+                    copy.write(&chunk);
                 }
                 redis.write(chunk).await
             }
@@ -177,9 +228,9 @@ impl Writer {
 
     /// Which tier and shard the object is going to.
     pub fn target(&self) -> (Tier, &str) {
-        match self {
-            Writer::Memory { .. } => (Tier::Memory, ""),
-            Writer::Redis { redis, .. } => (Tier::Redis, redis.shard_name()),
+        match &self.0 {
+            WriterTo::Memory { .. } => (Tier::Memory, ""),
+            WriterTo::Redis { redis, .. } => (Tier::Redis, redis.shard_name()),
         }
     }
 }
@@ -190,6 +241,8 @@ pub enum Refusal {
     TooLarge,
     Unavailable,
     Quarantined,
+    /// Memory-only mode: the policy has no room for it now.
+    NotAdmitted,
 }
 
 /// How a complete Put ended.
@@ -234,7 +287,7 @@ impl Store {
             lease_ttl: settings.lease_ttl,
             quarantine_ttl: settings.quarantine_ttl,
             local_leases: Mutex::default(),
-            local_quarantine: Mutex::default(),
+            quarantine: Quarantine::default(),
         }
     }
 
@@ -347,28 +400,56 @@ impl Store {
         }
     }
 
-    fn locally_quarantined(&self, key: &Key) -> bool {
-        let mut q = self
-            .local_quarantine
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        q.retain(|_, until| *until > now);
-        let origin = key.origin().to_owned();
-        q.contains_key(&(origin.clone(), key.media_id().to_owned()))
-            || q.contains_key(&(origin, WHOLE_ORIGIN.to_owned()))
+    fn quarantined(&self, key: &Key) -> bool {
+        self.quarantine.covers(key, now_unix_ms())
     }
 
-    /// Memory-only mode's quarantine (with shards, tombstones on the shards do this).
-    fn quarantine_locally(&self, origin: &str, media_id: &str) {
-        let mut q = self
-            .local_quarantine
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        q.insert(
-            (origin.to_owned(), media_id.to_owned()),
-            Instant::now() + self.quarantine_ttl,
-        );
+    /// Records a quarantine here and returns when it ends (unix ms), for the shards.
+    fn quarantine(&self, field: String) -> i64 {
+        let until = now_unix_ms().saturating_add(self.quarantine_ttl.as_millis() as i64);
+        self.quarantine.add(field, until);
+        until
+    }
+
+    /// The quarantine registry (its metrics).
+    pub fn quarantines(&self) -> &Quarantine {
+        &self.quarantine
+    }
+
+    /// Merges this replica's quarantines with every shard's, every `interval`, so that a shard
+    /// that lost them (eviction, restart, or joining the ring) gets them back and this replica
+    /// learns those made elsewhere.
+    pub async fn keep_quarantines(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.sync_quarantine().await;
+        }
+    }
+
+    /// One merge of [`Store::keep_quarantines`].
+    pub async fn sync_quarantine(&self) {
+        if self.redis.is_empty() {
+            return;
+        }
+        let live = self.quarantine.live(now_unix_ms());
+        for (shard, result) in self.redis.sync_quarantine(&live).await {
+            match result {
+                Ok((lacked, held)) => {
+                    if lacked > 0 {
+                        tracing::warn!(
+                            shard = %shard,
+                            restored = lacked,
+                            "shard had lost quarantines; written back"
+                        );
+                        self.quarantine.count_restored(&shard, lacked);
+                    }
+                    self.quarantine.learn(held);
+                }
+                Err(e) => tracing::debug!(shard = %shard, error = %e, "quarantine sync skipped"),
+            }
+        }
     }
 
     /// Removes every media of `origin` from every shard and every replica's memory tier,
@@ -379,14 +460,10 @@ impl Store {
         quarantine: bool,
         progress: impl FnMut(&str, u64, usize, usize) + Send,
     ) -> (u64, Vec<String>) {
-        if quarantine {
-            self.quarantine_locally(origin, WHOLE_ORIGIN);
-        }
+        let until =
+            quarantine.then(|| self.quarantine(crate::key::origin_quarantine_field(origin)));
         let from_memory = self.memory.remove_origin(origin);
-        let (from_redis, failed) = self
-            .redis
-            .purge_origin(origin, quarantine.then_some(self.quarantine_ttl), progress)
-            .await;
+        let (from_redis, failed) = self.redis.purge_origin(origin, until, progress).await;
         (from_memory + from_redis, failed)
     }
 
@@ -418,16 +495,21 @@ impl Store {
         if self.redis.is_empty() {
             return Ok(None);
         }
+        // Before the read: a purge after this point refuses the copy the read may fill.
+        let since = self.memory.epoch();
         let Some(located) = self.redis.locate(key, true).await else {
             return Ok(None);
         };
         let info = located.header.info.clone();
+        let version = located.header.nonce();
         let range = Range::new(offset, limit, info.size)?;
         let mut body = self.redis.stream(key, located, range);
         let whole = range.start == 0 && range.end == info.size;
-        if whole && self.memory.would_admit(key, info.size) {
+        if whole {
             if let Some(fill) = FillGuard::start(&self.filling, key) {
-                body = tee(body, fill, info.clone(), self.memory.clone());
+                if let Ok(copy) = Copy::start(&self.memory, key, info.size, false, since) {
+                    body = tee(body, fill, copy, info.clone(), version);
+                }
             }
         }
         Ok(Some(Hit {
@@ -463,66 +545,68 @@ impl Store {
         key: &Key,
         info: &MediaInfo,
     ) -> Result<Result<Writer, Refusal>, StoreError> {
+        let since = self.memory.epoch();
+        if self.quarantined(key) {
+            return Ok(Err(Refusal::Quarantined));
+        }
         if self.redis.is_empty() {
-            if self.locally_quarantined(key) {
-                return Ok(Err(Refusal::Quarantined));
-            }
             if info.size > self.memory.max_object_bytes() {
                 return Ok(Err(Refusal::TooLarge));
             }
-            return Ok(Ok(Writer::Memory {
-                key: key.clone(),
-                buf: MemoryWriter::new(info.size),
-            }));
+            return Ok(
+                match Copy::start(&self.memory, key, info.size, true, since) {
+                    Ok(copy) => Ok(Writer(WriterTo::Memory {
+                        key: key.clone(),
+                        copy,
+                    })),
+                    Err(Admission::TooLarge) => Err(Refusal::TooLarge),
+                    Err(_) => Err(Refusal::NotAdmitted),
+                },
+            );
         }
         let redis = match self.redis.begin_put(key, info).await? {
             Ok(w) => w,
             Err(refusal) => return Ok(Err(refusal)),
         };
-        let memory = self
-            .memory
-            .would_admit(key, info.size)
-            .then(|| MemoryWriter::new(info.size));
-        Ok(Ok(Writer::Redis {
+        let memory = Copy::start(&self.memory, key, info.size, false, since).ok();
+        Ok(Ok(Writer(WriterTo::Redis {
             key: key.clone(),
-            redis,
+            redis: Box::new(redis),
             memory,
-        }))
+        })))
     }
 
     /// Publishes a complete, verified body.
     pub async fn commit(&self, writer: Writer, info: MediaInfo) -> Result<Committed, StoreError> {
-        match writer {
-            Writer::Memory { key, buf } => {
-                if self.locally_quarantined(&key) {
+        match writer.0 {
+            WriterTo::Memory { key, copy } => {
+                if self.quarantined(&key) {
                     return Ok(Committed::Quarantined);
                 }
-                let object = Object {
-                    info,
-                    body: buf.body(),
-                };
                 let redis_key = key.redis_key();
-                Ok(match self.memory.put(key, object) {
+                Ok(match copy.offer(key, info, 0) {
                     Admission::Stored => {
-                        self.events.handle(Event::Filled(redis_key));
+                        self.events.wake(&redis_key);
                         Committed::Stored
                     }
                     Admission::TooLarge => Committed::TooLarge,
                     _ => Committed::NotAdmitted,
                 })
             }
-            Writer::Redis { key, redis, memory } => {
+            WriterTo::Redis { key, redis, memory } => {
+                // The shard checks its own record atomically; this one holds even if the shard
+                // lost it.
+                if self.quarantined(&key) {
+                    return Ok(Committed::Quarantined);
+                }
+                let version = redis.version();
                 match redis.commit(&info).await? {
                     Published::Stored => {}
                     Published::Lost => return Ok(Committed::Lost),
                     Published::Quarantined => return Ok(Committed::Quarantined),
                 }
-                if let Some(buf) = memory {
-                    let object = Object {
-                        info,
-                        body: buf.body(),
-                    };
-                    self.memory.admit(key, object);
+                if let Some(copy) = memory {
+                    copy.offer(key, info, version);
                 }
                 Ok(Committed::Stored)
             }
@@ -538,18 +622,16 @@ impl Store {
         all_variants: bool,
         quarantine: bool,
     ) -> (u64, Vec<String>) {
-        if quarantine {
-            self.quarantine_locally(key.origin(), key.media_id());
-        }
+        let until = quarantine
+            .then(|| self.quarantine(crate::key::quarantine_field(key.origin(), key.media_id())));
+        // A quarantine refuses every variant of the media, so it removes every variant too.
+        let all_variants = all_variants || quarantine;
         let from_memory = if all_variants {
             self.memory.remove_variants(key)
         } else {
             u64::from(self.memory.remove(key))
         };
-        let (from_redis, failed) = self
-            .redis
-            .purge(key, all_variants, quarantine.then_some(self.quarantine_ttl))
-            .await;
+        let (from_redis, failed) = self.redis.purge(key, all_variants, until).await;
         (from_memory + from_redis, failed)
     }
 }
@@ -577,41 +659,30 @@ impl Drop for FillGuard {
     }
 }
 
-/// Passes a whole-object read through to the client while gathering a copy (bounded by the
-/// memory tier's object size limit, checked before the tee starts); once the read completes and
-/// the digest matches, the copy is offered to the memory tier. A read that fails or is dropped
-/// fills nothing.
+/// Passes a whole-object read through to the client while gathering a copy into room reserved
+/// for it; once the read completes and the digest matches, the copy is offered to the memory
+/// tier, which refuses it if a purge or another publish of the key came meanwhile. A read that
+/// fails or is dropped fills nothing and gives its room back.
 fn tee(
     body: ChunkStream,
     fill: FillGuard,
+    copy: Copy,
     info: MediaInfo,
-    memory: Arc<MemoryStore>,
+    version: u64,
 ) -> ChunkStream {
-    let buf = BytesMut::with_capacity(info.size as usize);
-    let state = (body, Some((fill, buf, info, memory)));
-    stream::unfold(state, |(mut body, mut pending)| async move {
+    let state = (body, Some((fill, copy, info)));
+    stream::unfold(state, move |(mut body, mut pending)| async move {
         match body.next().await {
             Some(Ok(chunk)) => {
-                if let Some((_, buf, _, _)) = pending.as_mut() {
-                    buf.extend_from_slice(&chunk);
+                if let Some((_, copy, _)) = pending.as_mut() {
+                    copy.write(&chunk);
                 }
                 Some((Ok(chunk), (body, pending)))
             }
             Some(Err(e)) => Some((Err(e), (body, None))),
             None => {
-                if let Some((fill, buf, info, memory)) = pending.take() {
-                    let whole = buf.len() as u64 == info.size
-                        && (info.sha256.is_empty() || Sha256::digest(&buf)[..] == info.sha256[..]);
-                    if whole {
-                        let key = fill.key.clone();
-                        memory.admit(
-                            key,
-                            Object {
-                                info,
-                                body: buf.freeze(),
-                            },
-                        );
-                    }
+                if let Some((fill, copy, info)) = pending.take() {
+                    copy.offer(fill.key.clone(), info, version);
                 }
                 None
             }

@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use super::{body_ranges, chunk_slices, ChunkStream, LeaseAttempt, Range, Refusal, StoreError};
 use crate::config::Failover;
 use crate::events::Event;
-use crate::key::{origin_pattern, origin_tombstone_key, temp_key, Key};
+use crate::key::{origin_pattern, origin_quarantine_field, quarantine_field, temp_key, Key};
 use crate::object::{self, Header, MAX_HEADER_LEN, PREFIX_LEN};
 use crate::proto::MediaInfo;
 use crate::ring::Ring;
@@ -184,7 +184,8 @@ impl RedisStore {
             .boxed()
     }
 
-    /// Starts a Put. `Err(Refusal)` when no shard can take it now, or the media is quarantined.
+    /// Starts a Put. `Err(Refusal)` when no shard can take it now. Quarantine is checked by
+    /// the caller against the replica's own set, and atomically by the publish.
     pub async fn begin_put(
         &self,
         key: &Key,
@@ -194,13 +195,6 @@ impl RedisStore {
         let Some(shard) = Self::pick(&ring, key) else {
             return Ok(Err(Refusal::Unavailable));
         };
-        // Checked again, atomically, at publish time; this only saves streaming for nothing.
-        let tombstones = vec![key.tombstone_key(), origin_tombstone_key(key.origin())];
-        match shard.exists(tombstones).await {
-            Ok(true) => return Ok(Err(Refusal::Quarantined)),
-            Ok(false) => {}
-            Err(_) => return Ok(Err(Refusal::Unavailable)),
-        }
         let nonce = object::new_nonce();
         // The digest is patched in at publish time when the client did not send one, so the
         // header has its final length from the start.
@@ -236,6 +230,7 @@ impl RedisStore {
             chunk_bytes: self.chunk_bytes as usize,
             written: 0,
             ttl: self.temp_key_ttl,
+            refreshed: std::time::Instant::now(),
         }))
     }
 
@@ -246,7 +241,7 @@ impl RedisStore {
     pub async fn purge_origin(
         &self,
         origin: &str,
-        quarantine: Option<Duration>,
+        quarantine: Option<i64>,
         mut progress: impl FnMut(&str, u64, usize, usize) + Send,
     ) -> (u64, Vec<String>) {
         let ring = self.ring.load_full();
@@ -257,9 +252,9 @@ impl RedisStore {
         for (done, shard) in ring.shards().iter().enumerate() {
             let before = removed;
             let r = async {
-                if let Some(ttl) = quarantine {
+                if let Some(until) = quarantine {
                     shard
-                        .set_tombstone(&origin_tombstone_key(origin), ttl)
+                        .sync_quarantine(&[(origin_quarantine_field(origin), until)])
                         .await?;
                 }
                 let n = shard
@@ -280,6 +275,22 @@ impl RedisStore {
             }
         }
         (removed, failed)
+    }
+
+    /// Merges `quarantines` with every shard of the ring; per shard, how many it lacked and what
+    /// it holds, or why it could not be reached.
+    pub async fn sync_quarantine(
+        &self,
+        quarantines: &[(String, i64)],
+    ) -> Vec<(String, Result<(u64, Vec<(String, i64)>), ShardError>)> {
+        let ring = self.ring.load_full();
+        futures_util::future::join_all(ring.shards().iter().map(|shard| async move {
+            (
+                shard.name().to_owned(),
+                shard.sync_quarantine(quarantines).await,
+            )
+        }))
+        .await
     }
 
     /// Takes the fill lease of `key` on the shard it would be written to.
@@ -314,15 +325,16 @@ impl RedisStore {
         }
     }
 
-    /// Deletes the key (or every variant) on every shard of the ring, since a ring change leaves
-    /// copies on former owners, and tells every replica to drop it from memory. With
-    /// `quarantine`, a tombstone is written on every shard first, so a Put publishing meanwhile
-    /// is refused. Shards that could not be reached are returned by name.
+    /// Deletes the key (or every variant, found in the media's variant index) on every shard of
+    /// the ring, since a ring change leaves copies on former owners, and tells every replica to
+    /// drop it from memory. With `quarantine` (its end, unix ms), the media is quarantined on
+    /// every shard in the same step, so a Put publishing meanwhile is refused. Shards that could
+    /// not be reached are returned by name.
     pub async fn purge(
         &self,
         key: &Key,
         all_variants: bool,
-        quarantine: Option<Duration>,
+        quarantine: Option<i64>,
     ) -> (u64, Vec<String>) {
         let ring = self.ring.load_full();
         let event = Event::Purge {
@@ -333,19 +345,9 @@ impl RedisStore {
         let results = futures_util::future::join_all(ring.shards().iter().map(|shard| {
             let event = event.clone();
             async move {
-                let r = async {
-                    if let Some(ttl) = quarantine {
-                        shard.set_tombstone(&key.tombstone_key(), ttl).await?;
-                    }
-                    let n = if all_variants {
-                        shard.delete_matching(&key.variants_pattern()).await?
-                    } else {
-                        shard.del(vec![key.redis_key()]).await?
-                    };
-                    shard.announce(event).await?;
-                    Ok::<u64, ShardError>(n)
-                }
-                .await;
+                let quarantine =
+                    quarantine.map(|until| (quarantine_field(key.origin(), key.media_id()), until));
+                let r = shard.purge(key, all_variants, quarantine, event).await;
                 (shard.name().to_owned(), r)
             }
         }))
@@ -400,9 +402,16 @@ pub struct RedisWriter {
     chunk_bytes: usize,
     written: u64,
     ttl: Duration,
+    /// When the temporary key's TTL was last renewed.
+    refreshed: std::time::Instant,
 }
 
 impl RedisWriter {
+    /// The nonce this write publishes under: the version of a memory-tier copy of it.
+    pub fn version(&self) -> u64 {
+        self.nonce
+    }
+
     pub fn shard_name(&self) -> &str {
         self.guard.conn.as_ref().map_or("", |c| c.shard().name())
     }
@@ -419,7 +428,8 @@ impl RedisWriter {
             return self.append(chunk).await;
         }
         self.pending.extend_from_slice(&chunk);
-        if self.pending.len() >= self.chunk_bytes {
+        // A writer trickling small chunks still renews its TTL well before it runs out.
+        if self.pending.len() >= self.chunk_bytes || self.refreshed.elapsed() > self.ttl / 3 {
             let data = self.pending.split().freeze();
             self.append(data).await?;
         }
@@ -428,10 +438,15 @@ impl RedisWriter {
 
     async fn append(&mut self, data: Bytes) -> Result<(), StoreError> {
         let len = data.len() as u64;
-        self.conn()
+        let kept = self
+            .conn()
             .append_temp(&self.guard.temp, data, self.ttl)
             .await
             .map_err(StoreError::Shard)?;
+        if !kept {
+            return Err(StoreError::Lost);
+        }
+        self.refreshed = std::time::Instant::now();
         self.written += len;
         Ok(())
     }
@@ -453,13 +468,10 @@ impl RedisWriter {
             .conn()
             .publish(
                 &self.guard.temp,
-                &self.key.redis_key(),
-                [
-                    &self.key.tombstone_key(),
-                    &origin_tombstone_key(self.key.origin()),
-                ],
+                &self.key,
                 header,
                 self.header_len + self.written,
+                self.nonce,
             )
             .await
             .map_err(StoreError::Shard)?;

@@ -170,11 +170,31 @@ impl RedisShard {
         keys
     }
 
+    /// The stored objects on the shard (not leases, indexes or quarantines).
+    pub async fn objects(&self) -> Vec<String> {
+        let mut keys = self.keys().await;
+        keys.retain(|k| k.starts_with("mc:1:o:"));
+        keys
+    }
+
     pub async fn raw_get(&self, key: &str) -> Option<Vec<u8>> {
         let c = self.client().await;
         let v: Option<Vec<u8>> = c.get(key).await.unwrap();
         let _ = c.quit().await;
         v
+    }
+
+    /// Any command, for state the service's own writes would leave (e.g. `SADD`).
+    pub async fn raw_command(&self, command: &'static str, args: Vec<String>) {
+        let c = self.client().await;
+        let _: Value = c
+            .custom(
+                fred::types::CustomCommand::new_static(command, None, false),
+                args,
+            )
+            .await
+            .unwrap();
+        let _ = c.quit().await;
     }
 
     pub async fn raw_set(&self, key: &str, value: Vec<u8>) {
@@ -261,6 +281,7 @@ pub struct TestClusterBuilder {
     shards: usize,
     config: Config,
     config_file: bool,
+    redis_args: Vec<String>,
 }
 
 impl TestClusterBuilder {
@@ -274,6 +295,12 @@ impl TestClusterBuilder {
         self
     }
 
+    /// More `redis-server` arguments for every shard, e.g. `["--maxmemory", "24mb"]`.
+    pub fn redis_args(mut self, args: &[&str]) -> Self {
+        self.redis_args = args.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
     /// Serve from a config file (watched for changes) instead of an in-memory config.
     pub fn config_file(mut self) -> Self {
         self.config_file = true;
@@ -281,8 +308,9 @@ impl TestClusterBuilder {
     }
 
     pub async fn start(self) -> TestCluster {
+        let args: Vec<&str> = self.redis_args.iter().map(String::as_str).collect();
         let shards: Vec<RedisShard> = (0..self.shards)
-            .map(|i| RedisShard::start(&format!("shard-{i}")))
+            .map(|i| RedisShard::start_with(&format!("shard-{i}"), &args))
             .collect();
         let mut config = self.config;
         config.shards = shards
@@ -334,6 +362,7 @@ impl TestCluster {
             shards: 0,
             config: Config::default(),
             config_file: false,
+            redis_args: Vec::new(),
         }
     }
 
@@ -442,6 +471,14 @@ impl TestCluster {
         }
         out.sort();
         out
+    }
+
+    /// Every stored object on every shard, as (shard index, key): what `all_keys` holds but
+    /// leases, variant indexes and quarantines.
+    pub async fn all_objects(&self) -> Vec<(usize, String)> {
+        let mut keys = self.all_keys().await;
+        keys.retain(|(_, k)| k.starts_with("mc:1:o:"));
+        keys
     }
 
     /// Stops the service and waits for it to exit.

@@ -1,0 +1,258 @@
+//! Purges and publishes reach every replica's memory tier, on real Redis with two replicas: a
+//! burst of events or a reconnect never silences a replica, a copy being gathered when a purge
+//! arrives is never admitted, and a new publish or a quarantine leaves no stale copy behind.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{body, eventually, free_port, TestCluster};
+use fred::interfaces::PubsubInterface;
+use mediacache::client::{media_key, Client};
+use mediacache::proto::{get_response, GetRequest, MediaKey};
+
+/// Reads `key` through `client` until its replica serves it from memory.
+async fn fill_memory(client: &mut Client, key: &MediaKey) {
+    for _ in 0..10 {
+        client
+            .get_bytes(key.clone())
+            .await
+            .unwrap()
+            .expect("stored");
+        if client.stat(key.clone()).await.unwrap().tier == "memory" {
+            return;
+        }
+    }
+    panic!("{key:?} never reached the memory tier");
+}
+
+async fn tier(client: &mut Client, key: &MediaKey) -> String {
+    client.stat(key.clone()).await.unwrap().tier
+}
+
+async fn two_replicas(shards: usize, min_downloads: u32) -> (TestCluster, Client, Client) {
+    let mut cluster = TestCluster::builder()
+        .shards(shards)
+        .configure(|c| c.memory.min_downloads = min_downloads)
+        .start()
+        .await;
+    let a = cluster.client().await;
+    let b = Client::connect(cluster.add_replica().await).await.unwrap();
+    (cluster, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_events_does_not_silence_a_replica() {
+    let (cluster, mut a, mut b) = two_replicas(1, 1).await;
+    let key = media_key("example.org", "burst", "");
+    let data = body(10_000, 1);
+    assert!(
+        b.put_bytes(key.clone(), Default::default(), data)
+            .await
+            .unwrap()
+            .stored
+    );
+    fill_memory(&mut a, &key).await;
+
+    // Far more messages than any buffer holds, as fast as the shard takes them.
+    let shard = cluster.shards[0].client().await;
+    for _ in 0..20 {
+        let pipeline = shard.pipeline();
+        for i in 0..10_000u32 {
+            let _: () = pipeline
+                .publish("mc:1:events", format!("noise {i}"))
+                .await
+                .unwrap();
+        }
+        let _: Vec<fred::prelude::Value> = pipeline.all().await.unwrap();
+    }
+
+    let purged = b.purge(key.clone(), false, false).await.unwrap();
+    assert_eq!(purged.removed, 1, "{purged:?}");
+    // Whether A heard the purge or found it lagged behind, it must stop serving the object.
+    eventually("A drops the purged object", Duration::from_secs(10), || {
+        let mut a = a.clone();
+        let key = key.clone();
+        async move { (a.get_bytes(key).await.unwrap().is_none()).then_some(()) }
+    })
+    .await;
+}
+
+/// Scrapes `/metrics` and sums the samples of `name`.
+async fn metric_sum(addr: SocketAddr, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnected_subscription_drops_the_memory_tier_and_is_counted() {
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cluster = TestCluster::builder()
+        .shards(2)
+        .configure(|c| {
+            c.memory.min_downloads = 1;
+            c.metrics_listen = Some(metrics);
+        })
+        .start()
+        .await;
+    let mut client = cluster.client().await;
+    let key = media_key("example.org", "reconnect", "");
+    assert!(
+        client
+            .put_bytes(key.clone(), Default::default(), body(5000, 2))
+            .await
+            .unwrap()
+            .stored
+    );
+    fill_memory(&mut client, &key).await;
+    assert_eq!(
+        metric_sum(metrics, "mediacache_events_lost_total").await,
+        0.0
+    );
+
+    // The shard that does not hold the object: what it may have announced while its
+    // subscription was down is unknown, so nothing in memory can be proven fresh.
+    let other = 1 - cluster.owner("example.org", "reconnect");
+    cluster.shards[other].restart();
+    eventually(
+        "the reconnect is counted",
+        Duration::from_secs(10),
+        || async {
+            (metric_sum(metrics, "mediacache_events_lost_total").await >= 1.0).then_some(())
+        },
+    )
+    .await;
+    assert_ne!(tier(&mut client, &key).await, "memory");
+    assert!(
+        client.get_bytes(key.clone()).await.unwrap().is_some(),
+        "still in Redis"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_in_flight_does_not_bring_purged_media_back() {
+    let (_cluster, mut a, mut b) = two_replicas(1, 2).await;
+    let key = media_key("example.org", "inflight", "");
+    let data = body(1024 * 1024, 3);
+    assert!(
+        b.put_bytes(key.clone(), Default::default(), data)
+            .await
+            .unwrap()
+            .stored
+    );
+    a.get_bytes(key.clone()).await.unwrap().expect("first read");
+
+    // The second read fills A's memory as it streams; its client reads one message, then waits.
+    let mut raw =
+        mediacache::proto::media_cache_client::MediaCacheClient::connect(_cluster.endpoint())
+            .await
+            .unwrap();
+    let mut stream = raw
+        .get(GetRequest {
+            key: Some(key.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(matches!(first.kind, Some(get_response::Kind::Info(_))));
+
+    let purged = b.purge(key.clone(), false, true).await.unwrap();
+    assert_eq!(purged.removed, 1);
+    let mut read = 0;
+    while let Some(m) = stream.message().await.unwrap() {
+        if let Some(get_response::Kind::Chunk(c)) = m.kind {
+            read += c.len();
+        }
+    }
+    assert_eq!(read, 1024 * 1024, "the read already under way completes");
+    assert_ne!(
+        tier(&mut a, &key).await,
+        "memory",
+        "the purged copy was admitted"
+    );
+    assert!(a.get_bytes(key.clone()).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_of_one_key_drops_every_variant_everywhere() {
+    let (_cluster, mut a, mut b) = two_replicas(2, 1).await;
+    let original = media_key("example.org", "quarantined", "");
+    let thumb = media_key("example.org", "quarantined", "thumb/32x32/crop");
+    for (i, key) in [&original, &thumb].into_iter().enumerate() {
+        assert!(
+            b.put_bytes(key.clone(), Default::default(), body(3000, i as u64))
+                .await
+                .unwrap()
+                .stored
+        );
+        fill_memory(&mut a, key).await;
+    }
+    let purged = b.purge(original.clone(), false, true).await.unwrap();
+    assert_eq!(purged.removed, 2, "both variants from the shard");
+    eventually("A drops the thumbnail", Duration::from_secs(10), || {
+        let mut a = a.clone();
+        let thumb = thumb.clone();
+        async move { a.get_bytes(thumb).await.unwrap().is_none().then_some(()) }
+    })
+    .await;
+    assert!(a.get_bytes(original.clone()).await.unwrap().is_none());
+    let again = a
+        .put_bytes(thumb.clone(), Default::default(), body(3000, 9))
+        .await
+        .unwrap();
+    assert!(
+        !again.stored,
+        "a quarantine covers every variant: {again:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_publish_drops_other_replicas_stale_copies() {
+    let (_cluster, mut a, mut b) = two_replicas(2, 1).await;
+    let key = media_key("example.org", "replaced", "");
+    let old = body(4000, 1);
+    let new = body(4000, 2);
+    assert!(
+        b.put_bytes(key.clone(), Default::default(), old.clone())
+            .await
+            .unwrap()
+            .stored
+    );
+    fill_memory(&mut a, &key).await;
+    assert!(
+        b.put_bytes(key.clone(), Default::default(), new.clone())
+            .await
+            .unwrap()
+            .stored
+    );
+    eventually("A serves the new bytes", Duration::from_secs(10), || {
+        let mut a = a.clone();
+        let key = key.clone();
+        let new = new.clone();
+        async move {
+            let (_, got) = a.get_bytes(key).await.unwrap()?;
+            (got == new).then_some(())
+        }
+    })
+    .await;
+    // The replica that published keeps serving its own copy: its own event does not drop it.
+    fill_memory(&mut b, &key).await;
+    b.put_bytes(
+        media_key("example.org", "other", ""),
+        Default::default(),
+        old,
+    )
+    .await
+    .unwrap();
+    assert_eq!(tier(&mut b, &key).await, "memory");
+}

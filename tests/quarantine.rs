@@ -1,0 +1,189 @@
+//! A quarantine holds for its whole TTL whatever the shards do: under eviction pressure, after
+//! the ring grows, and after a shard restarts empty. Real `redis-server` shards, real service.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{body, eventually, free_port, RedisShard, TestCluster};
+use mediacache::client::{media_key, Client};
+use mediacache::config::ShardConfig;
+use mediacache::proto::{MediaKey, PutOutcome};
+
+const FIELD_OF: fn(&str, &str) -> String = mediacache::key::quarantine_field;
+
+async fn put_outcome(client: &mut Client, key: &MediaKey, seed: u64) -> PutOutcome {
+    let answer = client
+        .put_bytes(key.clone(), Default::default(), body(2000, seed))
+        .await
+        .unwrap();
+    PutOutcome::try_from(answer.outcome).unwrap()
+}
+
+/// The end of `field`'s quarantine in `shard`'s quarantine hash, if it holds it.
+async fn held(shard: &RedisShard, field: &str) -> Option<i64> {
+    let c = shard.client().await;
+    let v: Option<i64> = fred::prelude::ClientLike::custom(
+        &c,
+        fred::types::CustomCommand::new_static("HGET", None, false),
+        vec![mediacache::key::QUARANTINE_KEY, field],
+    )
+    .await
+    .unwrap();
+    let _ = fred::prelude::ClientLike::quit(&c).await;
+    v
+}
+
+async fn quarantine(client: &mut Client, key: &MediaKey) {
+    client.purge(key.clone(), false, true).await.unwrap();
+    assert_eq!(put_outcome(client, key, 0).await, PutOutcome::Quarantined);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_survives_a_shard_that_evicts_under_pressure() {
+    let mut cluster = TestCluster::builder()
+        .shards(1)
+        .redis_args(&["--maxmemory", "24mb", "--maxmemory-policy", "allkeys-lfu"])
+        .start()
+        .await;
+    let mut client = cluster.client().await;
+    let bad = media_key("example.org", "quarantined", "");
+    quarantine(&mut client, &bad).await;
+
+    let mut stored = 0;
+    for i in 0..90 {
+        let key = media_key("example.org", &format!("filler{i}"), "");
+        let answer = client
+            .put_bytes(key, Default::default(), body(1_000_000, i))
+            .await
+            .unwrap();
+        stored += u32::from(answer.stored);
+    }
+    assert!(
+        stored > 40,
+        "the shard took the fillers by evicting ({stored})"
+    );
+    assert_eq!(
+        put_outcome(&mut client, &bad, 1).await,
+        PutOutcome::Quarantined,
+        "a Put after the evictions"
+    );
+    // Whatever the shard evicted, the replicas write the quarantine back.
+    let field = FIELD_OF("example.org", "quarantined");
+    eventually(
+        "the shard holds the quarantine",
+        Duration::from_secs(10),
+        || async { held(&cluster.shards[0], &field).await.map(|_| ()) },
+    )
+    .await;
+    // A replica started now learns it from the shard, and the shard refuses the publish too.
+    let mut fresh = Client::connect(cluster.add_replica().await).await.unwrap();
+    assert_eq!(
+        put_outcome(&mut fresh, &bad, 2).await,
+        PutOutcome::Quarantined
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_reaches_a_shard_that_joins_the_ring() {
+    let mut cluster = TestCluster::builder().shards(1).config_file().start().await;
+    let joining = RedisShard::start("shard-new");
+    let mut grown = cluster.config.clone();
+    grown.shards.push(ShardConfig {
+        name: joining.name.clone(),
+        url: joining.url(),
+        weight: 1,
+    });
+    // A media the grown ring places on the new shard.
+    let placement =
+        mediacache::ring::Placement::new(grown.shards.iter().map(|s| (s.name.as_str(), s.weight)));
+    let id = (0..)
+        .map(|i| format!("moves{i}"))
+        .find(|id| placement.owner(&format!("example.org/{id}")) == Some(1))
+        .unwrap();
+    let bad = media_key("example.org", &id, "");
+    let mut client = cluster.client().await;
+    quarantine(&mut client, &bad).await;
+
+    cluster.apply(grown).await;
+    assert_eq!(
+        put_outcome(&mut client, &bad, 1).await,
+        PutOutcome::Quarantined,
+        "a Put to the new owner"
+    );
+    let field = FIELD_OF("example.org", &id);
+    cluster.shards.push(joining);
+    eventually(
+        "the new shard holds the quarantine",
+        Duration::from_secs(10),
+        || async { held(&cluster.shards[1], &field).await.map(|_| ()) },
+    )
+    .await;
+    let mut fresh = Client::connect(cluster.add_replica().await).await.unwrap();
+    assert_eq!(
+        put_outcome(&mut fresh, &bad, 2).await,
+        PutOutcome::Quarantined
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_is_written_back_to_a_shard_restarted_empty() {
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cluster = TestCluster::builder()
+        .shards(2)
+        .configure(|c| c.metrics_listen = Some(metrics))
+        .start()
+        .await;
+    let mut client = cluster.client().await;
+    let bad = media_key("example.org", "restarted", "");
+    quarantine(&mut client, &bad).await;
+    let field = FIELD_OF("example.org", "restarted");
+    let owner = cluster.owner("example.org", "restarted");
+    let before = held(&cluster.shards[owner], &field)
+        .await
+        .expect("quarantined on its shard");
+
+    cluster.shards[owner].restart();
+    assert_eq!(
+        held(&cluster.shards[owner], &field).await,
+        None,
+        "restarted empty"
+    );
+    eventually(
+        "the shard is back in the ring",
+        Duration::from_secs(10),
+        || async {
+            let ring = cluster.ring_status().await;
+            ring.shards.iter().all(|s| s.up).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        put_outcome(&mut client, &bad, 1).await,
+        PutOutcome::Quarantined,
+        "a Put to the emptied shard"
+    );
+    let after = eventually(
+        "the quarantine written back",
+        Duration::from_secs(10),
+        || async { held(&cluster.shards[owner], &field).await },
+    )
+    .await;
+    assert_eq!(after, before, "with its original end");
+    let text = reqwest_metrics(metrics).await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("mediacache_quarantine_restored_total{") && !l.ends_with(" 0")),
+        "{text}"
+    );
+}
+
+async fn reqwest_metrics(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text
+}
