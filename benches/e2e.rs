@@ -858,7 +858,7 @@ fn main() {
 async fn run(opts: Opts) {
     let started = Instant::now();
     let shards: Vec<RedisShard> = (0..SHARDS)
-        .map(|i| RedisShard::start_with(&format!("shard-{i}"), &["--maxmemory", "0"]))
+        .map(|i| RedisShard::start_with_blocking(&format!("shard-{i}"), &["--maxmemory", "0"]))
         .collect();
     let mut direct = Vec::new();
     for s in &shards {

@@ -494,6 +494,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     "fill leases granted".to_owned(),
                     s.leases_granted.to_string(),
                 ],
+                [
+                    "gets waiting for a fill".to_owned(),
+                    s.lease_waiters.to_string(),
+                ],
                 ["memory tier bytes".to_owned(), s.memory_bytes.to_string()],
                 [
                     "memory tier entries".to_owned(),

@@ -751,6 +751,7 @@ impl proto::cache_admin_server::CacheAdmin for CacheAdminService {
             memory_bytes,
             memory_entries,
             leases_granted: m.leases_granted.get(),
+            lease_waiters: self.store.lease_waiters(),
         }))
     }
 

@@ -37,8 +37,10 @@ pub enum ShardError {
 
 /// Pub/sub messages buffered per shard between the connection and the task that applies them: a
 /// burst of Puts from many replicas arrives faster than it is applied for a moment. Should the
-/// buffer still overflow, the replica treats it as lost events (see [`Events::lost`]).
-const EVENT_BUFFER: usize = 64 * 1024;
+/// buffer still overflow, the replica treats it as lost events (see [`Events::lost`]). fred sizes
+/// every notification channel of the client with it, preallocated: 8192 costs about 6 MiB per
+/// shard (65536 cost 47 MiB).
+const EVENT_BUFFER: usize = 8 * 1024;
 
 /// Applies the events of one shard's subscription until the shard's client is closed. It never
 /// ends on a lag or a reconnect: both mean events may have been missed, which is reported to

@@ -123,9 +123,10 @@ fn run(args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_subcommands_against_a_served_ring() {
-    let shards: Vec<RedisShard> = (0..3)
-        .map(|i| RedisShard::start(&format!("s{i}")))
-        .collect();
+    let mut shards = Vec::new();
+    for i in 0..3 {
+        shards.push(RedisShard::start(&format!("s{i}")).await);
+    }
     let port = free_port();
     let mut config = format!("listen: 127.0.0.1:{port}\nshards:\n");
     for s in &shards {

@@ -111,7 +111,7 @@ async fn killed_shard_gives_fast_misses_and_comes_back() {
     assert!(err.to_string().contains("shard-1"), "{err}");
 
     // Restarted (empty): used again once the health check sees it.
-    cluster.shards[dead].restart();
+    cluster.shards[dead].restart().await;
     let key = media_key("example.org", &on_dead, "");
     eventually(
         "puts to the restarted shard",
@@ -398,7 +398,7 @@ async fn shard_closing_connections_mid_reply_gives_clean_errors_and_recovers() {
     use mediacache::config::{Config, ShardConfig};
     use sha2::{Digest, Sha256};
 
-    let shard = RedisShard::start("cut");
+    let shard = RedisShard::start("cut").await;
     let proxy = CuttingProxy::start(shard.port).await;
     let mut config = Config {
         chunk_bytes: 64 * 1024,

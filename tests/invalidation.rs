@@ -121,7 +121,7 @@ async fn a_reconnected_subscription_drops_the_memory_tier_and_is_counted() {
     // The shard that does not hold the object: what it may have announced while its
     // subscription was down is unknown, so nothing in memory can be proven fresh.
     let other = 1 - cluster.owner("example.org", "reconnect");
-    cluster.shards[other].restart();
+    cluster.shards[other].restart().await;
     eventually(
         "the reconnect is counted",
         Duration::from_secs(10),

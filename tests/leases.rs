@@ -12,13 +12,40 @@ use common::{body, eventually, TestCluster};
 use mediacache::client::{media_key, Client, Fetched};
 use mediacache::proto::{put_request, MediaInfo, MediaKey, PutHeader, PutOutcome, PutRequest};
 
+/// Gets waiting for a fill right now, over every replica.
+async fn waiters(endpoints: &[String]) -> u64 {
+    let mut n = 0;
+    for e in endpoints {
+        n += Client::connect(e.clone())
+            .await
+            .unwrap()
+            .stats()
+            .await
+            .unwrap()
+            .lease_waiters;
+    }
+    n
+}
+
+/// Waits until `n` Gets wait for a fill over `endpoints`.
+async fn waiting(endpoints: &[String], n: u64) {
+    eventually(
+        "the other callers waiting",
+        Duration::from_secs(20),
+        || async { (waiters(endpoints).await == n).then_some(()) },
+    )
+    .await;
+}
+
 /// What one media repo does on a user's request: ask the cache, and on a miss that carries the
-/// lease fetch from the origin and Put; returns the bytes it serves.
+/// lease fetch from the origin and Put; returns the bytes it serves. The origin fetch of a
+/// lease holder lasts until `others` callers wait for it, so that every caller has asked before
+/// the object exists.
 async fn serve_media(
+    endpoints: Vec<String>,
     endpoint: String,
     key: MediaKey,
-    want_lease: bool,
-    wait_ms: u32,
+    (want_lease, wait_ms, others): (bool, u32, u64),
     origin_fetches: Arc<AtomicU64>,
     content: Bytes,
 ) -> Bytes {
@@ -36,9 +63,10 @@ async fn serve_media(
             got.into()
         }
         Fetched::Miss { lease_token } => {
-            // The origin is slow: the other callers are all waiting meanwhile.
             origin_fetches.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            if !lease_token.is_empty() {
+                waiting(&endpoints, others).await;
+            }
             let r = client
                 .put_with_lease(key, MediaInfo::default(), content.clone(), &lease_token)
                 .await
@@ -56,12 +84,12 @@ async fn simultaneous_misses(endpoints: &[String], id: &str, n: usize, leases: b
     let fetches = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..n)
         .map(|i| {
-            let (wait, lease) = if leases { (10_000, true) } else { (0, false) };
+            let (wait, lease) = if leases { (30_000, true) } else { (0, false) };
             tokio::spawn(serve_media(
+                endpoints.to_vec(),
                 endpoints[i % endpoints.len()].clone(),
                 key.clone(),
-                lease,
-                wait,
+                (lease, wait, n as u64 - 1),
                 fetches.clone(),
                 content.clone(),
             ))
@@ -119,24 +147,24 @@ async fn an_abandoned_lease_passes_to_a_waiter_after_its_ttl() {
     let second = cluster.add_replica().await;
     let key = media_key("remote.example", "abandoned", "");
     let mut a = cluster.client().await;
+    let asked = Instant::now();
     let Fetched::Miss { lease_token } = a.get_or_lease(key.clone(), true, 0).await.unwrap() else {
         panic!("expected a miss");
     };
     assert!(!lease_token.is_empty());
     // Its holder never comes back; a waiter on the other replica inherits the lease.
     let mut b = Client::connect(second).await.unwrap();
-    let started = Instant::now();
     let Fetched::Miss { lease_token: next } =
-        b.get_or_lease(key.clone(), true, 5_000).await.unwrap()
+        b.get_or_lease(key.clone(), true, 60_000).await.unwrap()
     else {
         panic!("expected a miss");
     };
-    let waited = started.elapsed();
+    let since_first = asked.elapsed();
     assert!(!next.is_empty() && next != lease_token);
-    assert!(
-        waited >= Duration::from_millis(700) && waited < Duration::from_secs(4),
-        "{waited:?}"
-    );
+    // The first lease was set after `asked`, so it cannot have run out sooner than this.
+    assert!(since_first >= Duration::from_millis(995), "{since_first:?}");
+    // The waiter looked again when the lease ran out, not at the end of its 60 s wait.
+    assert!(since_first < Duration::from_secs(30), "{since_first:?}");
     // A caller that does not want a lease and does not wait gets a plain miss.
     let Fetched::Miss { lease_token: none } = a.get_or_lease(key.clone(), false, 0).await.unwrap()
     else {
@@ -166,7 +194,7 @@ async fn a_failed_put_releases_its_lease_at_once_and_a_foreign_token_breaks_noth
             (got, started.elapsed())
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    waiting(&[cluster.endpoint()], 1).await;
     // The holder's Put fails (its body does not match the declared digest).
     let mut raw = cluster.raw().await;
     let header = PutRequest {

@@ -88,7 +88,7 @@ async fn a_quarantine_survives_a_shard_that_evicts_under_pressure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quarantine_reaches_a_shard_that_joins_the_ring() {
     let mut cluster = TestCluster::builder().shards(1).config_file().start().await;
-    let joining = RedisShard::start("shard-new");
+    let joining = RedisShard::start("shard-new").await;
     let mut grown = cluster.config.clone();
     grown.shards.push(ShardConfig {
         name: joining.name.clone(),
@@ -144,7 +144,7 @@ async fn a_quarantine_is_written_back_to_a_shard_restarted_empty() {
         .await
         .expect("quarantined on its shard");
 
-    cluster.shards[owner].restart();
+    cluster.shards[owner].restart().await;
     assert_eq!(
         held(&cluster.shards[owner], &field).await,
         None,

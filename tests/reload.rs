@@ -126,9 +126,10 @@ async fn edit_in_place_and_rename_over_are_seen_within_two_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configmap_symlink_swap_is_seen_within_two_seconds() {
-    let shards: Vec<RedisShard> = (0..2)
-        .map(|i| RedisShard::start(&format!("s{i}")))
-        .collect();
+    let mut shards = Vec::new();
+    for i in 0..2 {
+        shards.push(RedisShard::start(&format!("s{i}")).await);
+    }
     let mut config = Config {
         shards: shards.iter().map(shard_cfg).collect(),
         ..Config::default()
@@ -240,7 +241,7 @@ async fn bad_configs_keep_the_running_ring_and_the_next_good_one_applies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adding_a_shard_misses_only_the_keys_that_move() {
     let mut cluster = TestCluster::builder().shards(3).config_file().start().await;
-    let spare = RedisShard::start("shard-3");
+    let spare = RedisShard::start("shard-3").await;
     let mut client = cluster.client().await;
     let ids: Vec<String> = (0..400).map(|i| format!("k{i}")).collect();
     for id in &ids {
@@ -455,7 +456,7 @@ async fn unchanged_shards_keep_their_connections_and_unchanged_content_does_noth
     let path = cluster.config_path().unwrap();
     let same = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, &same).unwrap();
-    let extra = RedisShard::start("extra");
+    let extra = RedisShard::start("extra").await;
     let mut next = cluster.config.clone();
     next.shards.push(shard_cfg(&extra));
     next.shards[1].weight = 4;
@@ -515,7 +516,7 @@ async fn fifty_ring_changes_under_load_fail_no_request() {
         })
         .start()
         .await;
-    let spare = RedisShard::start("shard-3");
+    let spare = RedisShard::start("shard-3").await;
     let base = cluster.config.clone();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -626,7 +627,7 @@ async fn fifty_ring_changes_under_load_fail_no_request() {
 #[test]
 fn sighup_reloads_when_watching_is_off() {
     use std::process::{Command, Stdio};
-    let shard = RedisShard::start("a");
+    let shard = RedisShard::start_blocking("a");
     let dir = tempfile::tempdir().unwrap();
     let path: &Path = &dir.path().join("config.yaml");
     let port = common::free_port();

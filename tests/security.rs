@@ -429,9 +429,10 @@ async fn shards_with_an_acl_user_and_a_password_file() {
         "&*",
         "+@all",
     ];
-    let shards: Vec<RedisShard> = (0..2)
-        .map(|i| RedisShard::start_with(&format!("auth-{i}"), &acl))
-        .collect();
+    let mut shards = Vec::new();
+    for i in 0..2 {
+        shards.push(RedisShard::start_with(&format!("auth-{i}"), &acl).await);
+    }
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.redis.username = Some("mediacache".into());
@@ -510,7 +511,8 @@ async fn rediss_shards_are_verified_against_the_configured_ca() {
             "--tls-auth-clients",
             "no",
         ],
-    );
+    )
+    .await;
     let mut config = Config::default();
     config.redis.tls_ca_file = Some(ca.clone());
     config.shards = vec![ShardConfig {
@@ -542,9 +544,19 @@ async fn rediss_shards_are_verified_against_the_configured_ca() {
     let other = Pki::new("other");
     let mut wrong = config.clone();
     wrong.redis.tls_ca_file = Some(write(dir.path(), "other-ca.crt", &other.ca_pem));
+    // The service dials the shard through a proxy that counts its connections.
+    let proxy = common::CuttingProxy::start(tls_port).await;
+    wrong.shards[0].url = format!("rediss://127.0.0.1:{}", proxy.port);
     let (addr, _stop2, _server2) = serve(&wrong).await;
     let mut client = Client::connect(format!("http://{addr}")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // It keeps dialling the shard again, as every handshake fails: verified connections would
+    // be kept, and the count would stop at the pool's size.
+    eventually(
+        "repeated failed handshakes with the shard",
+        Duration::from_secs(10),
+        || async { (proxy.accepted() >= 20).then_some(()) },
+    )
+    .await;
     assert!(client
         .ring_status()
         .await

@@ -167,7 +167,7 @@ async fn soak_with_shard_chaos_and_ring_changes() {
             0 => {
                 cluster.shards[victim].kill();
                 tokio::time::sleep(Duration::from_millis(rng.u64(300..1500))).await;
-                cluster.shards[victim].restart();
+                cluster.shards[victim].restart().await;
                 events.push("kill+restart");
             }
             1 => {

@@ -71,7 +71,7 @@ async fn a_popular_key_is_served_from_memory_with_its_shard_dead() {
         .unwrap()
         .is_none());
 
-    cluster.shards[owner].restart();
+    cluster.shards[owner].restart().await;
     // Purge reaches the memory tier too.
     common::eventually(
         "purge with the shard back",

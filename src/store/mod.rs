@@ -121,6 +121,8 @@ pub struct Store {
     local_leases: Mutex<HashMap<String, (String, Instant)>>,
     /// The quarantines this replica knows, in both modes (see [`quarantine`]).
     quarantine: Quarantine,
+    /// Gets waiting for another caller's fill right now.
+    waiting: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The answer to a request for a fill lease.
@@ -288,6 +290,7 @@ impl Store {
             quarantine_ttl: settings.quarantine_ttl,
             local_leases: Mutex::default(),
             quarantine: Quarantine::default(),
+            waiting: Arc::default(),
         }
     }
 
@@ -319,6 +322,7 @@ impl Store {
             return Ok((Lookup::Hit(hit), false));
         }
         let mut waited = false;
+        let mut _waiting = None;
         let deadline = Instant::now() + wait;
         loop {
             if want_lease {
@@ -343,6 +347,7 @@ impl Store {
                 nap = nap.min(left + Duration::from_millis(5));
             }
             waited = true;
+            _waiting.get_or_insert_with(|| Waiting::new(&self.waiting));
             tokio::select! {
                 () = &mut notified => {}
                 () = tokio::time::sleep(nap) => {}
@@ -409,6 +414,11 @@ impl Store {
         let until = now_unix_ms().saturating_add(self.quarantine_ttl.as_millis() as i64);
         self.quarantine.add(field, until);
         until
+    }
+
+    /// Gets waiting for another caller's fill right now.
+    pub fn lease_waiters(&self) -> u64 {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The quarantine registry (its metrics).
@@ -633,6 +643,22 @@ impl Store {
         };
         let (from_redis, failed) = self.redis.purge(key, all_variants, until).await;
         (from_memory + from_redis, failed)
+    }
+}
+
+/// Counts one Get among the waiters while it waits, however its wait ends.
+struct Waiting(Arc<std::sync::atomic::AtomicU64>);
+
+impl Waiting {
+    fn new(count: &Arc<std::sync::atomic::AtomicU64>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -20,11 +20,52 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
+/// Ports handed out by [`free_port`] lie below the kernel's ephemeral range (32768 and up), so
+/// no socket bound to port 0, and no outgoing connection, ever takes one; each process starts at
+/// its own offset in it and never hands out a port twice.
+const PORTS: std::ops::Range<u32> = 16_384..32_768;
+static NEXT_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A loopback port for a server a test starts itself (a shard, a metrics listener). Unique in
+/// this process; a port another process holds right now is skipped. A server that still finds
+/// its port taken (another test process bound it in between) fails to start, which
+/// [`RedisShard`] detects and retries.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    use std::sync::atomic::Ordering;
+    let span = PORTS.end - PORTS.start;
+    let offset = std::process::id().wrapping_mul(2_654_435_761) % span;
+    loop {
+        let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let port = (PORTS.start + (offset + n) % span) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Whether process `pid` holds the listening socket of loopback `port`: an answer on the port
+/// could come from another process, never from this one's child unless it is listening.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // Field 3 is the state: 0A is LISTEN; field 9 the socket's inode.
+            let listening = fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A");
+            listening.then(|| format!("socket:[{}]", fields.get(9).unwrap_or(&"?")))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(Result::ok)
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
@@ -56,25 +97,67 @@ pub struct RedisShard {
     extra: Vec<String>,
 }
 
+/// Where a starting `redis-server` is.
+enum Launch {
+    Ready,
+    Starting,
+    /// It exited: its port was taken.
+    Failed,
+}
+
 impl RedisShard {
-    pub fn start(name: &str) -> Self {
-        Self::start_with(name, &[])
+    pub async fn start(name: &str) -> Self {
+        Self::start_with(name, &[]).await
     }
 
     /// Starts with more `redis-server` arguments, e.g. `["--requirepass", "secret"]`.
-    pub fn start_with(name: &str, extra: &[&str]) -> Self {
-        let mut shard = Self {
+    pub async fn start_with(name: &str, extra: &[&str]) -> Self {
+        let mut shard = Self::new(name, extra);
+        loop {
+            shard.launch();
+            if shard.wait_async().await {
+                return shard;
+            }
+            shard.port = free_port();
+        }
+    }
+
+    /// [`RedisShard::start`] outside async code.
+    pub fn start_blocking(name: &str) -> Self {
+        Self::start_with_blocking(name, &[])
+    }
+
+    /// [`RedisShard::start_with`] outside async code.
+    pub fn start_with_blocking(name: &str, extra: &[&str]) -> Self {
+        let mut shard = Self::new(name, extra);
+        loop {
+            shard.launch();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match shard.poll_launch() {
+                    Launch::Ready => return shard,
+                    Launch::Failed => break,
+                    Launch::Starting => {
+                        assert!(Instant::now() < deadline, "redis-server did not start");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+            shard.port = free_port();
+        }
+    }
+
+    fn new(name: &str, extra: &[&str]) -> Self {
+        Self {
             name: name.to_owned(),
             port: free_port(),
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        shard.spawn();
-        shard
+        }
     }
 
-    fn spawn(&mut self) {
+    fn launch(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
@@ -91,14 +174,40 @@ impl RedisShard {
             .spawn()
             .expect("redis-server must be installed (scripts/test.sh installs it)");
         self.child = Some(child);
+    }
+
+    /// Ready once our own child listens on the port and answers there.
+    fn poll_launch(&mut self) -> Launch {
+        let Some(child) = self.child.as_mut() else {
+            return Launch::Failed;
+        };
+        if !matches!(child.try_wait(), Ok(None)) {
+            self.child = None;
+            return Launch::Failed;
+        }
+        if listens_on(child.id(), self.port) && self.answers_ping() {
+            Launch::Ready
+        } else {
+            Launch::Starting
+        }
+    }
+
+    /// Waits for the launch without blocking the runtime; false when it failed.
+    async fn wait_async(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.answers_ping() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {} did not start",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(10));
+        loop {
+            match self.poll_launch() {
+                Launch::Ready => return true,
+                Launch::Failed => return false,
+                Launch::Starting => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "redis-server on {} did not start",
+                        self.port
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
         }
     }
 
@@ -142,9 +251,14 @@ impl RedisShard {
     }
 
     /// Starts again on the same port, empty.
-    pub fn restart(&mut self) {
+    pub async fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        self.launch();
+        assert!(
+            self.wait_async().await,
+            "redis-server could not take its port {} again",
+            self.port
+        );
     }
 
     /// A direct client, for looking at and tampering with what the service stored.
@@ -309,9 +423,10 @@ impl TestClusterBuilder {
 
     pub async fn start(self) -> TestCluster {
         let args: Vec<&str> = self.redis_args.iter().map(String::as_str).collect();
-        let shards: Vec<RedisShard> = (0..self.shards)
-            .map(|i| RedisShard::start_with(&format!("shard-{i}"), &args))
-            .collect();
+        let mut shards = Vec::new();
+        for i in 0..self.shards {
+            shards.push(RedisShard::start_with(&format!("shard-{i}"), &args).await);
+        }
         let mut config = self.config;
         config.shards = shards
             .iter()
@@ -519,6 +634,8 @@ pub fn body(len: usize, seed: u64) -> bytes::Bytes {
 pub struct CuttingProxy {
     pub port: u16,
     cut_after: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections accepted so far.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     accept: JoinHandle<()>,
 }
 
@@ -530,8 +647,11 @@ impl CuttingProxy {
         let port = listener.local_addr().unwrap().port();
         let cut_after = std::sync::Arc::new(AtomicUsize::new(0));
         let limit = cut_after.clone();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::Relaxed);
                 let Ok(upstream) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
                 else {
                     continue;
@@ -567,8 +687,14 @@ impl CuttingProxy {
         Self {
             port,
             cut_after,
+            accepted,
             accept,
         }
+    }
+
+    /// Connections accepted since the proxy started.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn url(&self) -> String {
