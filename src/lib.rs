@@ -4,14 +4,16 @@
 //! # Layout
 //! - [`auth`]: client tokens, checked by a tower layer in front of every gRPC service.
 //! - [`config`]: the YAML model, defaults and the one validation step.
-//! - [`events`]: cluster events over Redis pub/sub (fills, lease releases, purges).
+//! - [`events`]: cluster events over Redis pub/sub (fills, lease releases, purges), and what a
+//!   replica does when it may have missed some.
+//! - [`framing`]: `MediaCache.Get` framed by hand, so body chunks reach the transport uncopied.
 //! - [`key`]: media key validation and the Redis key names derived from it.
 //! - [`object`]: the layout of one stored object (header + body) in a Redis string.
 //! - [`reload`]: watches the config, validates it, and swaps in the next ring.
 //! - [`ring`]: weighted rendezvous hashing over shard names; an immutable ring of shards.
 //! - [`shard`]: one Redis shard: a fred pool with timeouts and a health state.
 //! - [`sim`]: the cache policy simulator behind `mediacache simulate`.
-//! - [`store`]: the memory tier, the Redis tier, and the store that chooses between them.
+//! - [`store`]: the memory tier, the Redis tier, quarantines, and the store over them.
 //! - [`service`]: the tonic services `MediaCache` and `CacheAdmin`.
 //! - [`server`]: wires config, ring, store and services together and serves until shutdown.
 //! - [`tls`]: TLS on the gRPC port, with certificates reloaded when their files change.
