@@ -262,6 +262,10 @@ pub struct RedisConfig {
     /// How often a shard is pinged to learn whether it is up.
     #[serde(default = "default_health_interval", with = "humantime_serde")]
     pub health_interval: Duration,
+    /// Event messages buffered per shard before the replica counts them as lost (and drops its
+    /// memory tier). Preallocated: about 0.7 MiB per 1024 per shard.
+    #[serde(default = "default_event_buffer")]
+    pub event_buffer: usize,
     /// TTL of the temporary key a Put writes to; refreshed while the Put is alive, so a writer
     /// that crashed leaks nothing for longer than this.
     #[serde(default = "default_temp_key_ttl", with = "humantime_serde")]
@@ -315,6 +319,9 @@ fn default_command_timeout() -> Duration {
 }
 fn default_pool_size() -> usize {
     4
+}
+fn default_event_buffer() -> usize {
+    8192
 }
 fn default_health_interval() -> Duration {
     Duration::from_millis(500)
@@ -398,6 +405,7 @@ impl Default for RedisConfig {
             command_timeout: default_command_timeout(),
             pool_size: default_pool_size(),
             health_interval: default_health_interval(),
+            event_buffer: default_event_buffer(),
             temp_key_ttl: default_temp_key_ttl(),
             username: None,
             password_file: None,
@@ -760,15 +768,22 @@ impl Config {
                 ),
             );
         }
-        // A Put's temporary key is renewed as its chunks arrive; a client may pause up to
-        // `idle_timeout` between two, so a shorter TTL would let the key expire under a live Put.
-        if r.temp_key_ttl <= l.idle_timeout {
+        // A Put's temporary key is renewed by the first chunk that arrives a third of its TTL
+        // after the last renewal, and a client may pause up to `idle_timeout` between chunks:
+        // the TTL must outlast a third of itself plus one pause, so twice the pause is asked.
+        if r.temp_key_ttl < 2 * l.idle_timeout {
             problem(
                 "redis.temp_key_ttl".into(),
                 format!(
-                    "must be longer than limits.idle_timeout ({:?}), got {:?}",
+                    "must be at least twice limits.idle_timeout ({:?}), got {:?}",
                     l.idle_timeout, r.temp_key_ttl
                 ),
+            );
+        }
+        if !(16..=1 << 20).contains(&r.event_buffer) {
+            problem(
+                "redis.event_buffer".into(),
+                format!("must be between 16 and 1048576, got {}", r.event_buffer),
             );
         }
         if r.pool_size == 0 || r.pool_size > 64 {
@@ -914,20 +929,20 @@ redis: { pool_size: 0 }
     #[test]
     fn a_temp_key_ttl_must_outlast_a_client_pause() {
         let text =
-            "redis: { temp_key_ttl: 20s }\nlimits: { idle_timeout: 30s }\nquarantine_sync: 10ms\n";
+            "redis: { temp_key_ttl: 59s }\nlimits: { idle_timeout: 30s }\nquarantine_sync: 10ms\n";
         let problems = Config::from_yaml(text).unwrap_err().problems();
         assert!(
             problems
                 .iter()
                 .any(|p| p
-                    .starts_with("redis.temp_key_ttl: must be longer than limits.idle_timeout")),
+                    .starts_with("redis.temp_key_ttl: must be at least twice limits.idle_timeout")),
             "{problems:#?}"
         );
         assert!(
             problems.iter().any(|p| p.starts_with("quarantine_sync:")),
             "{problems:#?}"
         );
-        Config::from_yaml("redis: { temp_key_ttl: 31s }\nlimits: { idle_timeout: 30s }\n").unwrap();
+        Config::from_yaml("redis: { temp_key_ttl: 60s }\nlimits: { idle_timeout: 30s }\n").unwrap();
     }
 
     #[test]

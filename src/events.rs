@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 
 use crate::key::{Key, SCHEMA_MAJOR};
 use crate::store::memory::MemoryStore;
+use crate::store::quarantine::Quarantine;
 
 /// The pub/sub channel, versioned like the keys.
 pub fn channel() -> String {
@@ -45,6 +46,13 @@ pub enum Event {
     },
     /// Drop every media of an origin.
     PurgeOrigin(String),
+    /// A quarantine (field `origin|media_id` or `origin|*`) ending at `until` (unix ms): sent
+    /// with the purge that makes it, so every replica refuses the media at once, whatever the
+    /// shards later lose.
+    Quarantine {
+        field: String,
+        until: i64,
+    },
 }
 
 impl Event {
@@ -64,6 +72,7 @@ impl Event {
                 u8::from(*all_variants)
             ),
             Event::PurgeOrigin(origin) => format!("purge_origin{SEP}{origin}"),
+            Event::Quarantine { field, until } => format!("quarantine{SEP}{field}{SEP}{until}"),
         }
     }
 
@@ -83,6 +92,17 @@ impl Event {
             ["purge_origin", origin] => {
                 crate::key::check_origin(origin).ok()?;
                 Some(Event::PurgeOrigin((*origin).to_owned()))
+            }
+            ["quarantine", field, until] => {
+                let (origin, media_id) = field.split_once('|')?;
+                crate::key::check_origin(origin).ok()?;
+                if media_id != "*" {
+                    Key::new(origin, media_id, "").ok()?;
+                }
+                Some(Event::Quarantine {
+                    field: (*field).to_owned(),
+                    until: until.parse().ok()?,
+                })
             }
             ["purge", origin, media_id, variant, all] => Some(Event::Purge {
                 key: Key::new(origin, media_id, variant).ok()?,
@@ -104,19 +124,29 @@ pub struct LostLabels {
 /// Dispatches events to local waiters and to the memory tier.
 pub struct Events {
     memory: Arc<MemoryStore>,
+    /// Quarantines announced by other replicas are recorded here at once.
+    quarantine: Arc<Quarantine>,
     /// Waiters per Redis key; entries go away with their last waiter.
     waiters: Mutex<HashMap<String, Weak<Notify>>>,
     /// Times a subscription may have missed events, by shard and reason; exported as
     /// `mediacache_events_lost_total`.
     lost: Family<LostLabels, Counter>,
+    /// When each shard's last loss was logged: a burst that overflows the buffer again and
+    /// again is one warning, not one per overflow.
+    warned: Mutex<HashMap<String, std::time::Instant>>,
 }
 
+/// Losses of one shard closer together than this are logged once.
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Events {
-    pub fn new(memory: Arc<MemoryStore>) -> Arc<Self> {
+    pub fn new(memory: Arc<MemoryStore>, quarantine: Arc<Quarantine>) -> Arc<Self> {
         Arc::new(Self {
             memory,
+            quarantine,
             waiters: Mutex::new(HashMap::new()),
             lost: Family::default(),
+            warned: Mutex::default(),
         })
     }
 
@@ -130,10 +160,20 @@ impl Events {
     /// refused, and every waiter looks again.
     pub fn lost(&self, shard: &str, reason: &'static str) {
         let dropped = self.memory.clear();
-        warn!(
-            shard,
-            reason, dropped, "events may have been missed; memory tier dropped"
-        );
+        let now = std::time::Instant::now();
+        let first = {
+            let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+            let last = warned.insert(shard.to_owned(), now);
+            last.is_none_or(|last| now.duration_since(last) >= WARN_EVERY)
+        };
+        if first {
+            warn!(
+                shard,
+                reason, dropped, "events may have been missed; memory tier dropped"
+            );
+        } else {
+            debug!(shard, reason, dropped, "events may have been missed again");
+        }
         self.lost
             .get_or_create(&LostLabels {
                 shard: shard.to_owned(),
@@ -188,6 +228,7 @@ impl Events {
             Event::PurgeOrigin(origin) => {
                 self.memory.remove_origin(&origin);
             }
+            Event::Quarantine { field, until } => self.quarantine.add(&field, until),
         }
     }
 
@@ -220,6 +261,14 @@ mod tests {
                 all_variants: true,
             },
             Event::PurgeOrigin("example.org".into()),
+            Event::Quarantine {
+                field: "example.org|m_1".into(),
+                until: 1_800_000_000_000,
+            },
+            Event::Quarantine {
+                field: "example.org|*".into(),
+                until: 1,
+            },
         ] {
             assert_eq!(Event::decode(&e.encode()), Some(e));
         }
@@ -232,7 +281,10 @@ mod tests {
 
     #[tokio::test]
     async fn waiters_are_woken_by_fills() {
-        let events = Events::new(Arc::new(MemoryStore::new(&Default::default())));
+        let events = Events::new(
+            Arc::new(MemoryStore::new(&Default::default())),
+            Arc::default(),
+        );
         let n = events.watch("k");
         let woken = n.notified();
         events.handle(Event::Released("other".into()));

@@ -90,6 +90,20 @@ pub fn origin_pattern(origin: &str) -> String {
 /// The hash of quarantined media on every shard (see `store::quarantine`).
 pub const QUARANTINE_KEY: &str = "mc:1:quarantine";
 
+/// The tombstone key of a quarantined media, as releases before [`QUARANTINE_KEY`] wrote and
+/// read it; still written and honoured so that both kinds of replica can run side by side.
+pub fn tombstone_key(origin: &str, media_id: &str) -> String {
+    format!("mc:{SCHEMA_MAJOR}:q:{origin}|{media_id}")
+}
+
+/// The tombstone key of a quarantined origin (see [`tombstone_key`]).
+pub fn origin_tombstone_key(origin: &str) -> String {
+    format!("mc:{SCHEMA_MAJOR}:qo:{origin}")
+}
+
+/// The prefix of every variant index key; the rest is the media's quarantine field.
+pub const VARIANTS_PREFIX: &str = "mc:1:v:";
+
 /// The quarantine field of one media: `origin|media_id`.
 pub fn quarantine_field(origin: &str, media_id: &str) -> String {
     format!("{origin}|{media_id}")
@@ -173,7 +187,7 @@ impl Key {
     /// by the publish script on the media's shard, so that a purge of every variant touches only
     /// those keys instead of scanning the shard.
     pub fn variants_key(&self) -> String {
-        format!("mc:{SCHEMA_MAJOR}:v:{}|{}", self.origin, self.media_id)
+        format!("{VARIANTS_PREFIX}{}|{}", self.origin, self.media_id)
     }
 }
 
@@ -302,6 +316,13 @@ mod tests {
             "glob characters are escaped"
         );
         assert!(QUARANTINE_KEY.starts_with(&format!("mc:{SCHEMA_MAJOR}:")));
+        assert_eq!(
+            k.variants_key(),
+            format!(
+                "{VARIANTS_PREFIX}{}",
+                quarantine_field("example.org", "abc")
+            )
+        );
     }
 
     #[test]

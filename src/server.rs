@@ -23,7 +23,9 @@ use crate::reload::{ReloadStats, Reloader};
 use crate::ring::Ring;
 use crate::service::{CacheAdminService, Drain, MediaCacheService};
 use crate::shard::Shard;
-use crate::store::{memory::MemoryStore, redis::RedisStore, Settings, Store};
+use crate::store::{
+    memory::MemoryStore, quarantine::Quarantine, redis::RedisStore, Settings, Store,
+};
 use crate::telemetry::{self, Metrics, Sources};
 use crate::tls::Tls;
 
@@ -79,7 +81,8 @@ pub async fn run(
         .as_ref()
         .map(|tls| AbortOnDrop(tokio::spawn(tls.clone().watch())));
     let memory = Arc::new(MemoryStore::new(&config.memory));
-    let events = Events::new(memory.clone());
+    let quarantine = Arc::new(Quarantine::default());
+    let events = Events::new(memory.clone(), quarantine.clone());
     let shards = connect_shards(&config, &events).await?;
     let members = shards
         .into_iter()
@@ -100,6 +103,7 @@ pub async fn run(
             chunk_bytes: config.chunk_bytes,
             lease_ttl: config.lease_ttl,
             quarantine_ttl: config.quarantine_ttl,
+            quarantine,
         },
     ));
     let reloads = Arc::new(ReloadStats::default());

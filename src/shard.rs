@@ -19,7 +19,10 @@ use tracing::{debug, info, warn};
 
 use crate::config::{redact_url, RedisConfig, ShardConfig};
 use crate::events::{channel, Event, Events};
-use crate::key::{origin_quarantine_field, quarantine_field, Key, QUARANTINE_KEY};
+use crate::key::{
+    origin_quarantine_field, origin_tombstone_key, quarantine_field, tombstone_key, Key,
+    QUARANTINE_KEY, VARIANTS_PREFIX,
+};
 
 /// Why a shard operation did not return a value.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -35,13 +38,6 @@ pub enum ShardError {
     Reply { shard: String, source: Error },
 }
 
-/// Pub/sub messages buffered per shard between the connection and the task that applies them: a
-/// burst of Puts from many replicas arrives faster than it is applied for a moment. Should the
-/// buffer still overflow, the replica treats it as lost events (see [`Events::lost`]). fred sizes
-/// every notification channel of the client with it, preallocated: 8192 costs about 6 MiB per
-/// shard (65536 cost 47 MiB).
-const EVENT_BUFFER: usize = 8 * 1024;
-
 /// Applies the events of one shard's subscription until the shard's client is closed. It never
 /// ends on a lag or a reconnect: both mean events may have been missed, which is reported to
 /// [`Events::lost`] before going on.
@@ -55,7 +51,6 @@ async fn listen(
     use tokio::sync::broadcast::error::RecvError;
     // Recorded even while the shard is down, and sent again on every reconnect.
     let _ = subscriber.subscribe(channel()).await;
-    drop(subscriber);
     let mut connected_before = false;
     loop {
         let lost = tokio::select! {
@@ -79,9 +74,15 @@ async fn listen(
                     connected_before = true;
                     None
                 }
-                Ok(_) => Some("reconnected"),
-                // Several reconnects at once: still one loss.
-                Err(RecvError::Lagged(_)) => Some("reconnected"),
+                // Several reconnects at once are still one loss.
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    // The loss is applied once the subscription is back (this waits for the
+                    // shard's answer), so that nothing published in between slips through.
+                    if let Err(e) = subscriber.subscribe(channel()).await {
+                        debug!(shard = %shard, error = %e, "resubscribe failed");
+                    }
+                    Some("reconnected")
+                }
                 Err(RecvError::Closed) => return,
             },
         };
@@ -105,12 +106,17 @@ macro_rules! lua_now {
 /// number of bytes and the media is not quarantined: writes the final header over the draft one,
 /// renames, clears the TTL, adds the key to its media's variant index and announces the fill,
 /// all in one atomic step.
-/// KEYS: temporary, final, quarantine hash, variant index. ARGV: expected length, header,
-/// channel, event, media field, origin field.
+/// KEYS: temporary, final, quarantine hash, variant index, media tombstone, origin tombstone
+/// (the tombstones are how releases before the quarantine hash quarantine). ARGV: expected
+/// length, header, channel, event, media field, origin field.
 /// Returns 1 published, 0 lost (temporary key missing or short), 2 quarantined.
 const PUBLISH_SCRIPT: &str = concat!(
     lua_now!(),
     r#"
+if redis.call('EXISTS', KEYS[5], KEYS[6]) > 0 then
+  redis.call('DEL', KEYS[1])
+  return 2
+end
 local q = redis.call('HMGET', KEYS[3], ARGV[5], ARGV[6])
 for i = 1, 2 do
   if q[i] and (tonumber(q[i]) or 0) > now then
@@ -145,14 +151,25 @@ return n
 
 /// Purges one object, or with ARGV[1] = '1' every variant in its media's index, optionally
 /// quarantining first, then announces the purge; one round trip, one atomic step.
-/// KEYS: object, variant index, quarantine hash. ARGV: all variants ('1'/'0'), quarantine field
-/// ('' for none), its end (unix ms), channel, event. Returns the objects deleted.
-const PURGE_SCRIPT: &str = r#"
+/// The quarantine is also written as a tombstone key with a TTL, the form releases before the
+/// quarantine hash read, so that both honour it while they run side by side.
+/// KEYS: object, variant index, quarantine hash, tombstone. ARGV: all variants ('1'/'0'),
+/// quarantine field ('' for none), its end (unix ms), channel, purge event, quarantine event,
+/// quarantine TTL (ms). Returns the objects deleted.
+const PURGE_SCRIPT: &str = concat!(
+    lua_now!(),
+    r#"
 if ARGV[2] ~= '' then
+  if redis.call('HEXISTS', KEYS[3], '~id') == 0 then
+    redis.call('HSET', KEYS[3], '~id', t[1] .. '.' .. t[2], '~gen', 0)
+  end
   local current = tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '0') or 0
   if tonumber(ARGV[3]) > current then
     redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+    redis.call('HINCRBY', KEYS[3], '~gen', 1)
   end
+  redis.call('SET', KEYS[4], '1', 'PX', ARGV[7])
+  redis.call('PUBLISH', ARGV[4], ARGV[6])
 end
 local n = 0
 if ARGV[1] == '1' then
@@ -167,34 +184,71 @@ else
 end
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return n
-"#;
+"#
+);
 
-/// Merges a replica's quarantines into the shard's hash and returns the shard's: fields the
-/// shard lacked (or held shorter) are written, ended ones deleted.
-/// KEYS: quarantine hash. ARGV: field, end, field, end, ...
-/// Returns {fields the shard lacked, field, end, field, end, ...}.
+/// Merges a replica's quarantines into the shard's hash, and tells the replica what it holds
+/// when that changed since the replica last looked.
+///
+/// The hash carries its identity in two fields: `~id` (set when the hash is created, so a hash
+/// that was evicted or lost in a restart comes back as another one) and `~gen` (bumped by every
+/// change); `id:gen` is the token a replica remembers. A pushed field the shard lacked is
+/// written, the media's objects on this shard are deleted with its variant index (a Put may
+/// have stored them while the field was missing), and the quarantine is announced.
+/// KEYS: quarantine hash. ARGV: variant index prefix, channel, the caller's token ('' none), then
+/// (field, end, event) for each pushed quarantine.
+/// Returns {n, n fields the shard lacked, token ('' while there is no hash), then (field, end)
+/// for every live quarantine only when the token differs from the caller's}. Without anything
+/// to push, a missing hash is not created.
 const QUARANTINE_SYNC_SCRIPT: &str = concat!(
     lua_now!(),
     r#"
-local lacked = 0
-for i = 1, #ARGV, 2 do
+local exists = redis.call('HEXISTS', KEYS[1], '~id') == 1
+if not exists and #ARGV > 3 then
+  redis.call('HSET', KEYS[1], '~id', t[1] .. '.' .. t[2], '~gen', 0)
+  exists = true
+end
+local lacked = {}
+for i = 4, #ARGV, 3 do
+  local field = ARGV[i]
   local want = tonumber(ARGV[i + 1])
-  local current = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') or 0
+  local current = tonumber(redis.call('HGET', KEYS[1], field) or '0') or 0
   if want > now and want > current then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    redis.call('HSET', KEYS[1], field, ARGV[i + 1])
+    redis.call('HINCRBY', KEYS[1], '~gen', 1)
     if current <= now then
-      lacked = lacked + 1
+      table.insert(lacked, field)
+      if string.sub(field, -2) ~= '|*' then
+        local index = ARGV[1] .. field
+        for _, k in ipairs(redis.call('SMEMBERS', index)) do
+          redis.call('DEL', k)
+        end
+        redis.call('DEL', index)
+      end
+      redis.call('PUBLISH', ARGV[2], ARGV[i + 2])
     end
   end
 end
-local out = {lacked}
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  if (tonumber(all[i + 1]) or 0) <= now then
-    redis.call('HDEL', KEYS[1], all[i])
-  else
-    table.insert(out, all[i])
-    table.insert(out, all[i + 1])
+local token = ''
+if exists then
+  token = redis.call('HGET', KEYS[1], '~id') .. ':' .. redis.call('HGET', KEYS[1], '~gen')
+end
+local out = {#lacked}
+for _, f in ipairs(lacked) do
+  table.insert(out, f)
+end
+table.insert(out, token)
+if token ~= ARGV[3] and exists then
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, 1) ~= '~' then
+      if (tonumber(all[i + 1]) or 0) <= now then
+        redis.call('HDEL', KEYS[1], all[i])
+      else
+        table.insert(out, all[i])
+        table.insert(out, all[i + 1])
+      end
+    end
   end
 end
 return out
@@ -211,6 +265,27 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 "#;
+
+/// What one quarantine merge with a shard found.
+#[derive(Debug, Clone)]
+pub struct QuarantineSync {
+    /// Fields the shard lacked and now holds again.
+    pub lacked: Vec<String>,
+    /// Every live quarantine of the shard, when its hash changed since the caller's token.
+    pub held: Option<Vec<(String, i64)>>,
+    /// The hash's token now.
+    pub token: String,
+}
+
+/// The first window of a value, as [`Shard::read_first`] found it.
+#[derive(Debug, Clone)]
+pub struct FirstRead {
+    pub first: Bytes,
+    /// Length of the whole value; 0 when absent (or replaced while being read).
+    pub total: u64,
+    /// Whether the key is in its media's variant index.
+    pub indexed: bool,
+}
 
 /// How a publish ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,7 +318,7 @@ pub struct Shard {
     subscriber: SubscriberClient,
     /// Reads in flight, shared by every request that asks for the same bytes meanwhile: a
     /// storm of Gets for one hot object costs one read per window, not one per request.
-    first_reads: InFlight<(String, usize), (Bytes, u64)>,
+    first_reads: InFlight<(String, usize), FirstRead>,
     window_reads: InFlight<WindowRead, (Bytes, Bytes)>,
     /// Reads answered by joining one already in flight.
     coalesced: AtomicU64,
@@ -309,8 +384,12 @@ impl Shard {
                 c.connection_timeout = redis.connect_timeout;
                 c.internal_command_timeout = redis.command_timeout;
             })
+            // Pub/sub messages buffered between the connection and the task that applies them:
+            // a burst of Puts from many replicas arrives faster than it is applied for a moment.
+            // Should it still overflow, the replica treats it as lost events (`Events::lost`).
+            // fred sizes every notification channel of the client with it, preallocated.
             .with_performance_config(|p| {
-                p.broadcast_channel_capacity = EVENT_BUFFER;
+                p.broadcast_channel_capacity = redis.event_buffer;
             })
             .set_policy(reconnect_policy())
             .build_subscriber_client()?;
@@ -547,13 +626,15 @@ impl Shard {
     pub async fn read_first_shared(
         self: &Arc<Self>,
         key: &str,
+        index: &str,
         len: usize,
         prefix_len: usize,
-    ) -> Result<(Bytes, u64), ShardError> {
+    ) -> Result<FirstRead, ShardError> {
         let shard = self.clone();
         let owned = key.to_owned();
+        let index = index.to_owned();
         self.coalesce(|s| &s.first_reads, (owned.clone(), len), async move {
-            shard.read_first(&owned, len, prefix_len).await
+            shard.read_first(&owned, &index, len, prefix_len).await
         })
         .await
     }
@@ -576,7 +657,12 @@ impl Shard {
         .await
     }
 
-    /// The first window of a value and the value's total length.
+    /// The first window of a value, the value's total length, and whether the key is in its
+    /// media's variant index `index`.
+    ///
+    /// The index is asked in the same round trip: an object that is not in it would escape a
+    /// purge of every variant, so it is never served; and reading the index with every object
+    /// of the media keeps it at least as hot as they are for `allkeys-lfu`.
     ///
     /// A value shorter than `len` is read whole by one command, which also gives its length. A
     /// longer one costs a second round trip for its length, with its first `prefix_len` bytes
@@ -584,17 +670,28 @@ impl Shard {
     pub async fn read_first(
         &self,
         key: &str,
+        index: &str,
         len: usize,
         prefix_len: usize,
-    ) -> Result<(Bytes, u64), ShardError> {
+    ) -> Result<FirstRead, ShardError> {
         let started = std::time::Instant::now();
         let len = len.max(prefix_len).max(1);
-        let client = self.client()?.with_options(&self.options());
-        let first: Bytes = self.bounded(client.getrange(key, 0, len - 1)).await?;
+        let p = self.pipeline()?;
+        let queued: Result<(), Error> = async {
+            p.getrange::<(), _>(key, 0, len - 1).await?;
+            p.sismember::<(), _, _>(index, key).await
+        }
+        .await;
+        queued.map_err(|e| self.fail(e))?;
+        let (first, indexed): (Bytes, bool) = self.finish(p).await?;
         if first.len() < len {
             self.observe(started);
             let total = first.len() as u64;
-            return Ok((first, total));
+            return Ok(FirstRead {
+                first,
+                total,
+                indexed,
+            });
         }
         let p = self.pipeline()?;
         let queued: Result<(), Error> = async {
@@ -607,9 +704,17 @@ impl Shard {
         self.observe(started);
         if prefix[..] != first[..prefix_len] {
             // Replaced in between: the caller answers a miss rather than trust either read.
-            return Ok((first, 0));
+            return Ok(FirstRead {
+                first,
+                total: 0,
+                indexed,
+            });
         }
-        Ok((first, total))
+        Ok(FirstRead {
+            first,
+            total,
+            indexed,
+        })
     }
 
     /// Bytes `[start, end)` of a value and then its first `prefix_len` bytes, read in that
@@ -691,17 +796,30 @@ impl Shard {
         Ok(done == 1)
     }
 
-    /// Merges `quarantines` (field, end in unix ms) into this shard's quarantine hash; returns
-    /// how many the shard lacked and every quarantine it holds now.
+    /// Merges `quarantines` (field, end in unix ms) into this shard's quarantine hash (see
+    /// [`QUARANTINE_SYNC_SCRIPT`]); `known` is the token this caller saw last.
     pub async fn sync_quarantine(
         &self,
+        known: &str,
         quarantines: &[(String, i64)],
-    ) -> Result<(u64, Vec<(String, i64)>), ShardError> {
+    ) -> Result<QuarantineSync, ShardError> {
         self.check_up()?;
-        let args: Vec<Value> = quarantines
-            .iter()
-            .flat_map(|(field, until)| [Value::from(field.as_str()), Value::from(*until)])
-            .collect();
+        let mut args: Vec<Value> = vec![
+            Value::from(VARIANTS_PREFIX),
+            Value::from(channel()),
+            Value::from(known),
+        ];
+        for (field, until) in quarantines {
+            let event = Event::Quarantine {
+                field: field.clone(),
+                until: *until,
+            };
+            args.extend([
+                Value::from(field.as_str()),
+                Value::from(*until),
+                Value::from(event.encode()),
+            ]);
+        }
         let reply: Vec<Value> = self
             .pool
             .with_options(&self.options())
@@ -709,45 +827,81 @@ impl Shard {
             .await
             .map_err(|e| self.fail(e))?;
         let mut reply = reply.into_iter();
-        let lacked = reply.next().and_then(|v| v.as_u64()).unwrap_or(0);
+        let n = reply.next().and_then(|v| v.as_u64()).unwrap_or(0);
+        let lacked: Vec<String> = reply
+            .by_ref()
+            .take(n as usize)
+            .filter_map(|v| v.as_string())
+            .collect();
+        let token = reply.next().and_then(|v| v.as_string()).unwrap_or_default();
         let mut held = Vec::new();
         while let (Some(field), Some(until)) = (reply.next(), reply.next()) {
             if let (Some(field), Some(until)) = (field.as_string(), until.as_i64()) {
                 held.push((field, until));
             }
         }
-        Ok((lacked, held))
+        let changed = token != known;
+        Ok(QuarantineSync {
+            lacked,
+            held: changed.then_some(held),
+            token,
+        })
     }
 
     /// Deletes `key` (with `all_variants`, every object in its media's variant index), first
-    /// quarantining `quarantine` (field, end in unix ms) if given, then announces `event`; one
-    /// atomic step. Returns the objects deleted.
+    /// quarantining `quarantine` (field, end in unix ms, time left in ms) if given, then
+    /// announces `event`; one atomic step. Returns the objects deleted.
     pub async fn purge(
         &self,
         key: &Key,
         all_variants: bool,
-        quarantine: Option<(String, i64)>,
+        quarantine: Option<(String, i64, i64)>,
         event: String,
     ) -> Result<u64, ShardError> {
         self.check_up()?;
-        let (field, until) = quarantine.unwrap_or_default();
+        let (field, until, ttl) = quarantine.unwrap_or_default();
+        let announce = if field.is_empty() {
+            String::new()
+        } else {
+            Event::Quarantine {
+                field: field.clone(),
+                until,
+            }
+            .encode()
+        };
         let args: Vec<Value> = vec![
             Value::from(if all_variants { "1" } else { "0" }),
             Value::from(field),
             Value::from(until),
             Value::from(channel()),
             Value::from(event),
+            Value::from(announce),
+            Value::from(ttl.max(1)),
+        ];
+        let keys = vec![
+            key.redis_key(),
+            key.variants_key(),
+            QUARANTINE_KEY.to_owned(),
+            tombstone_key(key.origin(), key.media_id()),
         ];
         self.pool
             .with_options(&self.options())
-            .eval(
-                PURGE_SCRIPT,
-                vec![
-                    key.redis_key(),
-                    key.variants_key(),
-                    QUARANTINE_KEY.to_owned(),
-                ],
-                args,
+            .eval(PURGE_SCRIPT, keys, args)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Writes a tombstone key with a TTL (the quarantine of releases before the hash).
+    pub async fn set_tombstone(&self, tombstone: &str, ttl: Duration) -> Result<(), ShardError> {
+        self.check_up()?;
+        self.pool
+            .with_options(&self.options())
+            .set::<(), _, _>(
+                tombstone,
+                1,
+                Some(Expiration::PX(ttl.as_millis().max(1) as i64)),
+                None,
+                false,
             )
             .await
             .map_err(|e| self.fail(e))
@@ -1018,6 +1172,8 @@ impl Pinned {
             redis_key,
             QUARANTINE_KEY.to_owned(),
             key.variants_key(),
+            tombstone_key(key.origin(), key.media_id()),
+            origin_tombstone_key(key.origin()),
         ];
         let done: i64 = self
             .client

@@ -10,7 +10,9 @@ use std::time::Duration;
 use common::{body, eventually, free_port, TestCluster};
 use fred::interfaces::PubsubInterface;
 use mediacache::client::{media_key, Client};
-use mediacache::proto::{get_response, GetRequest, MediaKey};
+use mediacache::proto::{
+    get_response, put_request, GetRequest, MediaInfo, MediaKey, PutHeader, PutRequest,
+};
 
 /// Reads `key` through `client` until its replica serves it from memory.
 async fn fill_memory(client: &mut Client, key: &MediaKey) {
@@ -44,7 +46,20 @@ async fn two_replicas(shards: usize, min_downloads: u32) -> (TestCluster, Client
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_events_does_not_silence_a_replica() {
-    let (cluster, mut a, mut b) = two_replicas(1, 1).await;
+    // A small buffer, so that the burst below overflows it for certain.
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| {
+            c.memory.min_downloads = 1;
+            c.redis.event_buffer = 16;
+            c.metrics_listen = Some(metrics);
+        })
+        .start()
+        .await;
+    let mut a = cluster.client().await;
+    let b = cluster.add_replica_with(|c| c.metrics_listen = None).await;
+    let mut b = Client::connect(b).await.unwrap();
     let key = media_key("example.org", "burst", "");
     let data = body(10_000, 1);
     assert!(
@@ -55,7 +70,7 @@ async fn a_burst_of_events_does_not_silence_a_replica() {
     );
     fill_memory(&mut a, &key).await;
 
-    // Far more messages than any buffer holds, as fast as the shard takes them.
+    // Far more messages than the buffer holds, as fast as the shard takes them.
     let shard = cluster.shards[0].client().await;
     for _ in 0..20 {
         let pipeline = shard.pipeline();
@@ -67,10 +82,27 @@ async fn a_burst_of_events_does_not_silence_a_replica() {
         }
         let _: Vec<fred::prelude::Value> = pipeline.all().await.unwrap();
     }
+    eventually("the lag counted", Duration::from_secs(10), || async {
+        let text = scrape(metrics).await;
+        let lagged = text.lines().any(|l| {
+            l.starts_with("mediacache_events_lost_total{")
+                && l.contains("reason=\"lagged\"")
+                && !l.ends_with(" 0")
+        });
+        lagged.then_some(())
+    })
+    .await;
 
+    // The subscription goes on: a purge after the burst still reaches A.
+    assert!(
+        b.put_bytes(key.clone(), Default::default(), body(10_000, 1))
+            .await
+            .unwrap()
+            .stored
+    );
+    fill_memory(&mut a, &key).await;
     let purged = b.purge(key.clone(), false, false).await.unwrap();
     assert_eq!(purged.removed, 1, "{purged:?}");
-    // Whether A heard the purge or found it lagged behind, it must stop serving the object.
     eventually("A drops the purged object", Duration::from_secs(10), || {
         let mut a = a.clone();
         let key = key.clone();
@@ -79,14 +111,21 @@ async fn a_burst_of_events_does_not_silence_a_replica() {
     .await;
 }
 
-/// Scrapes `/metrics` and sums the samples of `name`.
-async fn metric_sum(addr: SocketAddr, name: &str) -> f64 {
+/// The text of `/metrics`.
+async fn scrape(addr: SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).await.unwrap();
-    text.lines()
+    text
+}
+
+/// Scrapes `/metrics` and sums the samples of `name`.
+async fn metric_sum(addr: SocketAddr, name: &str) -> f64 {
+    scrape(addr)
+        .await
+        .lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -139,9 +178,22 @@ async fn a_reconnected_subscription_drops_the_memory_tier_and_is_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_in_flight_does_not_bring_purged_media_back() {
-    let (_cluster, mut a, mut b) = two_replicas(1, 2).await;
+    // Small chunks, so the read streams for a while; an object within the first read window,
+    // so the whole of it comes from Redis in one read, before the purge.
+    let mut cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| {
+            c.memory.min_downloads = 2;
+            c.chunk_bytes = 16 * 1024;
+        })
+        .start()
+        .await;
+    let mut a = cluster.client().await;
+    let mut b = Client::connect(cluster.add_replica().await).await.unwrap();
+    let _cluster = cluster;
+    let size = 200 * 1024;
     let key = media_key("example.org", "inflight", "");
-    let data = body(1024 * 1024, 3);
+    let data = body(size, 3);
     assert!(
         b.put_bytes(key.clone(), Default::default(), data)
             .await
@@ -174,7 +226,7 @@ async fn a_fill_in_flight_does_not_bring_purged_media_back() {
             read += c.len();
         }
     }
-    assert_eq!(read, 1024 * 1024, "the read already under way completes");
+    assert_eq!(read, size, "the read already under way completes");
     assert_ne!(
         tier(&mut a, &key).await,
         "memory",
@@ -255,4 +307,89 @@ async fn a_new_publish_drops_other_replicas_stale_copies() {
     .await
     .unwrap();
     assert_eq!(tier(&mut b, &key).await, "memory");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_in_flight_does_not_fill_memory_past_a_purge() {
+    let (cluster, mut a, mut b) = two_replicas(1, 1).await;
+    let key = media_key("example.org", "putting", "");
+    // Downloaded once (a miss): popular, so A's Put gathers a copy for its memory tier.
+    assert!(a.get_bytes(key.clone()).await.unwrap().is_none());
+    let data = body(300_000, 5);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(PutRequest {
+        kind: Some(put_request::Kind::Header(PutHeader {
+            key: Some(key.clone()),
+            info: Some(MediaInfo {
+                size: data.len() as u64,
+                ..Default::default()
+            }),
+            lease_token: String::new(),
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(PutRequest {
+        kind: Some(put_request::Kind::Chunk(data.slice(..100_000))),
+    })
+    .await
+    .unwrap();
+    let mut raw = cluster.raw().await;
+    let put = tokio::spawn(async move {
+        raw.put(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    common::temp_key_appears(&cluster.shards[0]).await;
+    // The purge comes while A's copy is being gathered.
+    b.purge(key.clone(), false, false).await.unwrap();
+    tx.send(PutRequest {
+        kind: Some(put_request::Kind::Chunk(data.slice(100_000..))),
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let answer = put.await.unwrap().unwrap().into_inner();
+    assert!(answer.stored, "published after the purge: {answer:?}");
+    assert_eq!(
+        tier(&mut a, &key).await,
+        "redis",
+        "the copy started before the purge is not admitted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_variant_out_of_its_media_index_is_never_served() {
+    let (cluster, mut a, _b) = two_replicas(1, 100).await;
+    let original = media_key("example.org", "indexed", "");
+    let thumb = media_key("example.org", "indexed", "thumb/32x32/crop");
+    for (i, key) in [&original, &thumb].into_iter().enumerate() {
+        assert!(
+            a.put_bytes(key.clone(), Default::default(), body(3000, i as u64))
+                .await
+                .unwrap()
+                .stored
+        );
+    }
+    // The shard evicts the media's index (here: deletes it).
+    cluster.shards[0]
+        .raw_command("DEL", vec!["mc:1:v:example.org|indexed".into()])
+        .await;
+    // A purge of every variant could no longer find the thumbnail: it is not served, and goes.
+    assert!(a.get_bytes(thumb.clone()).await.unwrap().is_none());
+    assert!(cluster.shards[0]
+        .objects()
+        .await
+        .iter()
+        .all(|k| !k.ends_with("thumb/32x32/crop")));
+    // A new publish indexes again.
+    assert!(
+        a.put_bytes(thumb.clone(), Default::default(), body(3000, 9))
+            .await
+            .unwrap()
+            .stored
+    );
+    assert!(a.get_bytes(thumb.clone()).await.unwrap().is_some());
+    // The new index lists the thumbnail; the original is deleted as the key asked for.
+    assert_eq!(a.purge(original, true, false).await.unwrap().removed, 2);
+    assert!(a.get_bytes(thumb).await.unwrap().is_none());
 }

@@ -187,3 +187,96 @@ async fn reqwest_metrics(addr: SocketAddr) -> String {
     s.read_to_string(&mut text).await.unwrap();
     text
 }
+
+/// Puts `key` through `client`, and returns the object's value as the shard holds it, to put
+/// back later as a copy that escaped a purge.
+async fn stored_value(client: &mut Client, shard: &RedisShard, key: &MediaKey) -> Vec<u8> {
+    assert_eq!(put_outcome(client, key, 0).await, PutOutcome::Stored);
+    let name = format!("mc:1:o:{}|{}|{}", key.origin, key.media_id, key.variant);
+    shard.raw_get(&name).await.unwrap()
+}
+
+/// Puts `value` back under `key` with its variant index entry, as a Put stored while the shard
+/// had lost the quarantine would have left it.
+async fn plant(shard: &RedisShard, key: &MediaKey, value: Vec<u8>) {
+    let name = format!("mc:1:o:{}|{}|{}", key.origin, key.media_id, key.variant);
+    shard.raw_set(&name, value).await;
+    let index = format!("mc:1:v:{}|{}", key.origin, key.media_id);
+    shard.raw_command("SADD", vec![index, name]).await;
+}
+
+/// The shard forgets every quarantine (evicted, say).
+async fn forget(shard: &RedisShard, key: &MediaKey) {
+    shard
+        .raw_command("DEL", vec![mediacache::key::QUARANTINE_KEY.into()])
+        .await;
+    shard
+        .raw_command(
+            "DEL",
+            vec![format!("mc:1:q:{}|{}", key.origin, key.media_id)],
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_holds_a_quarantine_its_shard_lost_at_once() {
+    // No merge with the shards during the test (only the one at start): whatever B knows of
+    // the quarantine, it heard with the purge.
+    let mut cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| c.quarantine_sync = Duration::from_secs(60))
+        .start()
+        .await;
+    let mut a = cluster.client().await;
+    let mut b = Client::connect(cluster.add_replica().await).await.unwrap();
+    let bad = media_key("example.org", "escaped", "");
+    let value = stored_value(&mut a, &cluster.shards[0], &bad).await;
+    a.purge(bad.clone(), false, true).await.unwrap();
+    forget(&cluster.shards[0], &bad).await;
+    // B refuses Puts of the media itself, as soon as the purge's event reached it (a Put
+    // before that is stored: the shard no longer knows).
+    let mut attempt = 0;
+    eventually("B refuses the media", Duration::from_secs(10), || {
+        attempt += 1;
+        let variant = media_key("example.org", "escaped", &format!("thumb/{attempt}x1/crop"));
+        let mut b = b.clone();
+        async move {
+            (put_outcome(&mut b, &variant, 1).await == PutOutcome::Quarantined).then_some(())
+        }
+    })
+    .await;
+    // A copy that got in is never served, through either replica.
+    plant(&cluster.shards[0], &bad, value).await;
+    for client in [&mut a, &mut b] {
+        assert!(client.get_bytes(bad.clone()).await.unwrap().is_none());
+        assert!(!client.stat(bad.clone()).await.unwrap().found);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writing_a_quarantine_back_deletes_the_copies_stored_meanwhile() {
+    let cluster = TestCluster::builder().shards(1).start().await;
+    let mut a = cluster.client().await;
+    let bad = media_key("example.org", "escaped", "");
+    let thumb = media_key("example.org", "escaped", "thumb/8x8/crop");
+    let value = stored_value(&mut a, &cluster.shards[0], &bad).await;
+    let thumb_value = stored_value(&mut a, &cluster.shards[0], &thumb).await;
+    a.purge(bad.clone(), false, true).await.unwrap();
+    // The copies a Put could store while the shard had lost the quarantine.
+    plant(&cluster.shards[0], &bad, value).await;
+    plant(&cluster.shards[0], &thumb, thumb_value).await;
+    forget(&cluster.shards[0], &bad).await;
+    let field = FIELD_OF("example.org", "escaped");
+    eventually(
+        "the quarantine written back",
+        Duration::from_secs(10),
+        || async { held(&cluster.shards[0], &field).await.map(|_| ()) },
+    )
+    .await;
+    eventually(
+        "the escaped copies deleted",
+        Duration::from_secs(10),
+        || async { cluster.shards[0].objects().await.is_empty().then_some(()) },
+    )
+    .await;
+}

@@ -462,11 +462,21 @@ async fn shards_with_an_acl_user_and_a_password_file() {
         assert_eq!(got, body(2000, i));
     }
 
-    // A wrong password: the shards stay down and Puts are refused, nothing is written.
+    // A wrong password: the shards stay down and Puts are refused, nothing is written. The
+    // service reaches the first shard through a proxy that counts its connections: it keeps
+    // dialling again, as every login fails (a login that worked would keep its connection).
+    let proxy = common::CuttingProxy::start(shards[0].port).await;
     let mut wrong = config;
     wrong.redis.password_file = Some(write(dir.path(), "wrong", "not-the-password"));
+    wrong.shards[0].url = proxy.url();
     let (addr, _stop2, _server2) = serve(&wrong).await;
     let mut client = Client::connect(format!("http://{addr}")).await.unwrap();
+    eventually(
+        "repeated failed logins",
+        Duration::from_secs(10),
+        || async { (proxy.accepted() >= 20).then_some(()) },
+    )
+    .await;
     let ring = client.ring_status().await.unwrap();
     assert!(ring.shards.iter().all(|s| !s.up), "{ring:?}");
     let answer = client

@@ -137,9 +137,10 @@ pub struct MemoryStore {
 /// What an invalidation covers.
 #[derive(Debug, Clone)]
 enum Scope {
-    /// One key; a copy of the publish `keep` (when set) is still current.
+    /// One key, by its hash (a key sharing it is refused too: harmless); a copy of the publish
+    /// `keep` (when set) is still current.
     Key {
-        key: Key,
+        hash: u64,
         keep: Option<u64>,
     },
     Media {
@@ -152,9 +153,9 @@ enum Scope {
 }
 
 impl Scope {
-    fn covers(&self, key: &Key, version: u64) -> bool {
+    fn covers(&self, key: &Key, hash: u64, version: u64) -> bool {
         match self {
-            Scope::Key { key: k, keep } => k == key && *keep != Some(version),
+            Scope::Key { hash: h, keep } => *h == hash && *keep != Some(version),
             Scope::Media { origin, media_id } => {
                 key.origin() == origin && key.media_id() == media_id
             }
@@ -165,7 +166,9 @@ impl Scope {
 }
 
 /// Invalidations remembered for copies in flight; a copy older than all of them is refused.
-const INVALIDATION_LOG: usize = 4096;
+/// Every publish in the cluster is one (its event drops other publishes' copies), so this is
+/// sized for a fill of a few minutes at thousands of Puts per second (about 3 MiB).
+const INVALIDATION_LOG: usize = 65_536;
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -313,8 +316,9 @@ impl Inner {
         self.invalidations.push_back((self.epoch, scope));
     }
 
-    /// Whether a copy of `key` at `version` started at epoch `since` is still current.
-    fn current(&self, key: &Key, version: u64, since: u64) -> bool {
+    /// Whether a copy of `key` (hash `hash`) at `version` started at epoch `since` is still
+    /// current. Only the invalidations after `since` are looked at, newest first.
+    fn current(&self, key: &Key, hash: u64, version: u64, since: u64) -> bool {
         if since == self.epoch {
             return true;
         }
@@ -324,7 +328,9 @@ impl Inner {
             _ => !self
                 .invalidations
                 .iter()
-                .any(|(e, scope)| *e > since && scope.covers(key, version)),
+                .rev()
+                .take_while(|(e, _)| *e > since)
+                .any(|(_, scope)| scope.covers(key, hash, version)),
         }
     }
 
@@ -395,6 +401,9 @@ impl Inner {
         }
     }
 
+    /// Whether `size` bytes for `h` at popularity `pop` can be admitted now. With `replacing`,
+    /// the key's old copy is freed first (an admission); without, it stays while the new copy
+    /// is gathered (a reservation), so it is not counted as room.
     fn check(
         &mut self,
         h: u64,
@@ -402,6 +411,7 @@ impl Inner {
         pop: u32,
         now: u64,
         policy: &Policy,
+        replacing: bool,
     ) -> Result<(), Admission> {
         if size > policy.max_object_bytes {
             return Err(Admission::TooLarge);
@@ -410,10 +420,14 @@ impl Inner {
             return Err(Admission::Excluded);
         }
         // A replacement frees its old bytes first; they are not also counted as a victim's.
-        let (old, old_victim) = self.entries.get(&h).map_or((0, 0), |e| {
-            let as_victim = e.indexed.filter(|p| *p < pop).map_or(0, |_| e.size());
-            (e.size(), as_victim)
-        });
+        let (old, old_victim) = self
+            .entries
+            .get(&h)
+            .filter(|_| replacing)
+            .map_or((0, 0), |e| {
+                let as_victim = e.indexed.filter(|p| *p < pop).map_or(0, |_| e.size());
+                (e.size(), as_victim)
+            });
         let need = (self.bytes + self.reserved - old + size).saturating_sub(policy.max_bytes);
         if need > 0 && self.mature_bytes.below(pop) - old_victim < need {
             return Err(Admission::NoRoom);
@@ -589,7 +603,7 @@ impl MemoryStore {
             return Err(Admission::NotPopular);
         }
         let pop = if is_put { tracked.max(1) } else { tracked };
-        if let Err(why) = inner.check(h, size, pop, now, &self.policy) {
+        if let Err(why) = inner.check(h, size, pop, now, &self.policy, false) {
             if is_put {
                 inner.count_refusal(why);
             }
@@ -638,7 +652,7 @@ impl MemoryStore {
         let size = object.body.len() as u64;
         let (mut inner, now) = self.lock();
         inner.reserved -= reserved;
-        if since.is_some_and(|since| !inner.current(&key, object.version, since)) {
+        if since.is_some_and(|since| !inner.current(&key, h, object.version, since)) {
             inner.count_refusal(Admission::Invalidated);
             return Admission::Invalidated;
         }
@@ -648,7 +662,7 @@ impl MemoryStore {
             return Admission::NotPopular;
         }
         let pop = if is_put { tracked.max(1) } else { tracked };
-        if let Err(why) = inner.check(h, size, pop, now, &self.policy) {
+        if let Err(why) = inner.check(h, size, pop, now, &self.policy, true) {
             inner.count_refusal(why);
             return why;
         }
@@ -667,7 +681,7 @@ impl MemoryStore {
         let h = (self.hasher)(key);
         let (mut inner, _) = self.lock();
         inner.invalidate(Scope::Key {
-            key: key.clone(),
+            hash: h,
             keep: None,
         });
         let mine = inner.entries.get(&h).is_some_and(|e| e.key == *key);
@@ -679,7 +693,7 @@ impl MemoryStore {
         let h = (self.hasher)(key);
         let (mut inner, _) = self.lock();
         inner.invalidate(Scope::Key {
-            key: key.clone(),
+            hash: h,
             keep: Some(version),
         });
         let stale = inner
@@ -749,7 +763,8 @@ impl MemoryStore {
         let h = (self.hasher)(key);
         let (mut inner, now) = self.lock();
         let pop = inner.tracker.popularity(h);
-        pop >= self.policy.min_downloads && inner.check(h, size, pop, now, &self.policy).is_ok()
+        pop >= self.policy.min_downloads
+            && inner.check(h, size, pop, now, &self.policy, true).is_ok()
     }
 
     /// Recomputes what the counters claim from the entries themselves (tests).
@@ -1165,6 +1180,29 @@ mod tests {
             0,
             "a dropped reservation gives its room back"
         );
+        m.check_invariants();
+    }
+
+    #[test]
+    fn a_reservation_that_cannot_fit_evicts_nothing() {
+        let (m, clock) = store(100);
+        let m = Arc::new(m);
+        download(&m, &key(1), 5);
+        assert_eq!(m.admit(key(1), obj(60)), Admission::Stored);
+        download(&m, &key(2), 3);
+        assert_eq!(m.admit(key(2), obj(30)), Admission::Stored);
+        clock.advance(6 * MIN);
+        // A new copy of key 1 while its old one is still served: 60 + 60 > 100 even with key 2
+        // gone, so key 2 must stay.
+        assert_eq!(
+            m.reserve(&key(1), 60, false).unwrap_err(),
+            Admission::NoRoom
+        );
+        assert!(
+            m.get(&key(2)).is_some(),
+            "nothing evicted for a refused reservation"
+        );
+        assert_eq!(m.stats().evicted_for_room, 0);
         m.check_invariants();
     }
 

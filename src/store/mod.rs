@@ -23,7 +23,7 @@ use crate::events::{Event, Events};
 use crate::key::Key;
 use crate::object::LayoutError;
 use crate::proto::MediaInfo;
-use crate::shard::{Published, ShardError};
+use crate::shard::{Published, QuarantineSync, ShardError};
 use memory::{Admission, MemoryStore, Object, Reservation};
 use quarantine::Quarantine;
 use redis::{RedisStore, RedisWriter};
@@ -119,10 +119,14 @@ pub struct Store {
     quarantine_ttl: Duration,
     /// Memory-only mode: fill leases (Redis key → token and expiry).
     local_leases: Mutex<HashMap<String, (String, Instant)>>,
-    /// The quarantines this replica knows, in both modes (see [`quarantine`]).
-    quarantine: Quarantine,
+    /// The quarantines this replica knows, in both modes (see [`quarantine`]); shared with the
+    /// events, which record those announced by other replicas.
+    quarantine: Arc<Quarantine>,
     /// Gets waiting for another caller's fill right now.
     waiting: Arc<std::sync::atomic::AtomicU64>,
+    /// Per shard: the token of its quarantine hash when last merged, and the generation of this
+    /// replica's quarantines last pushed to it.
+    synced: Mutex<HashMap<String, (String, Option<u64>)>>,
 }
 
 /// The answer to a request for a fill lease.
@@ -271,6 +275,8 @@ pub struct Settings {
     pub chunk_bytes: u64,
     pub lease_ttl: Duration,
     pub quarantine_ttl: Duration,
+    /// The replica's quarantines, shared with its [`Events`].
+    pub quarantine: Arc<Quarantine>,
 }
 
 impl Store {
@@ -289,8 +295,9 @@ impl Store {
             lease_ttl: settings.lease_ttl,
             quarantine_ttl: settings.quarantine_ttl,
             local_leases: Mutex::default(),
-            quarantine: Quarantine::default(),
+            quarantine: settings.quarantine,
             waiting: Arc::default(),
+            synced: Mutex::default(),
         }
     }
 
@@ -412,7 +419,7 @@ impl Store {
     /// Records a quarantine here and returns when it ends (unix ms), for the shards.
     fn quarantine(&self, field: String) -> i64 {
         let until = now_unix_ms().saturating_add(self.quarantine_ttl.as_millis() as i64);
-        self.quarantine.add(field, until);
+        self.quarantine.add(&field, until);
         until
     }
 
@@ -438,27 +445,74 @@ impl Store {
         }
     }
 
-    /// One merge of [`Store::keep_quarantines`].
+    /// One merge of [`Store::keep_quarantines`]. Per shard it costs one small round trip while
+    /// nothing changed: the replica pushes its quarantines only when it has new ones since it
+    /// last pushed to that shard, and pulls the shard's only when the shard's hash changed (or
+    /// is another hash: it was evicted or the shard restarted), pushing everything then.
     pub async fn sync_quarantine(&self) {
         if self.redis.is_empty() {
             return;
         }
+        let ring = self.redis.ring();
+        let generation = self.quarantine.generation();
         let live = self.quarantine.live(now_unix_ms());
-        for (shard, result) in self.redis.sync_quarantine(&live).await {
-            match result {
-                Ok((lacked, held)) => {
-                    if lacked > 0 {
-                        tracing::warn!(
-                            shard = %shard,
-                            restored = lacked,
-                            "shard had lost quarantines; written back"
-                        );
-                        self.quarantine.count_restored(&shard, lacked);
-                    }
-                    self.quarantine.learn(held);
-                }
-                Err(e) => tracing::debug!(shard = %shard, error = %e, "quarantine sync skipped"),
+        let synced = |name: &str| {
+            let synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+            synced.get(name).cloned()
+        };
+        let results = futures_util::future::join_all(ring.shards().iter().map(|shard| {
+            let (known, pushed) = synced(shard.name()).unwrap_or_default();
+            let live = &live;
+            async move {
+                let push = pushed != Some(generation);
+                let first = shard
+                    .sync_quarantine(&known, if push { live } else { &[] })
+                    .await;
+                let result = match first {
+                    // The shard's hash changed: it may have lost what this replica holds.
+                    Ok(changed) if !push && changed.held.is_some() => shard
+                        .sync_quarantine(&changed.token, live)
+                        .await
+                        .map(|again| QuarantineSync {
+                            held: again.held.or(changed.held),
+                            ..again
+                        }),
+                    other => other,
+                };
+                (shard.clone(), result)
             }
+        }))
+        .await;
+        for (shard, result) in results {
+            let sync = match result {
+                Ok(sync) => sync,
+                Err(e) => {
+                    tracing::debug!(shard = %shard.name(), error = %e, "quarantine sync skipped");
+                    continue;
+                }
+            };
+            if !sync.lacked.is_empty() {
+                tracing::warn!(
+                    shard = %shard.name(),
+                    restored = sync.lacked.len(),
+                    "shard had lost quarantines; written back and their media deleted there"
+                );
+                self.quarantine
+                    .count_restored(shard.name(), sync.lacked.len() as u64);
+                for origin in sync.lacked.iter().filter_map(|f| f.strip_suffix("|*")) {
+                    let (shard, pattern) = (shard.clone(), crate::key::origin_pattern(origin));
+                    tokio::spawn(async move {
+                        if let Err(e) = shard.delete_matching(&pattern).await {
+                            tracing::warn!(shard = %shard.name(), error = %e, "quarantined origin not deleted; the next sync retries");
+                        }
+                    });
+                }
+            }
+            if let Some(held) = sync.held {
+                self.quarantine.learn(held);
+            }
+            let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+            synced.insert(shard.name().to_owned(), (sync.token, Some(generation)));
         }
     }
 
@@ -492,8 +546,13 @@ impl Store {
         self.find(key, offset, limit).await
     }
 
-    /// A Get that does not count a download (a waiter looking again).
+    /// A Get that does not count a download (a waiter looking again). A quarantined media is a
+    /// miss wherever a copy of it may still sit (a shard that lost the quarantine for a moment
+    /// and took a Put meanwhile, a replica's memory).
     async fn find(&self, key: &Key, offset: u64, limit: u64) -> Result<Option<Hit>, StoreError> {
+        if self.quarantined(key) {
+            return Ok(None);
+        }
         if let Some(object) = self.memory.get(key) {
             let range = Range::new(offset, limit, object.info.size)?;
             return Ok(Some(Hit {
@@ -530,6 +589,9 @@ impl Store {
     }
 
     pub async fn stat(&self, key: &Key) -> Option<Found> {
+        if self.quarantined(key) {
+            return None;
+        }
         if let Some(object) = self.memory.get(key) {
             return Some(Found {
                 info: object.info.clone(),

@@ -15,12 +15,15 @@
 //!   forget it at once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
-use crate::key::{origin_quarantine_field as origin_field, quarantine_field as media_field, Key};
+#[cfg(test)]
+use crate::key::origin_quarantine_field as origin_field;
+use crate::key::{quarantine_field as media_field, Key};
 
 /// Labels of the restored-quarantines counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -28,40 +31,85 @@ pub struct ShardLabel {
     pub shard: String,
 }
 
-/// This replica's quarantines: field → end (unix ms).
+/// Stands for "every media" of an origin (never a valid media id).
+const WHOLE_ORIGIN: &str = "*";
+
+/// This replica's quarantines: origin → media id (or `*`) → end (unix ms).
 #[derive(Default)]
 pub struct Quarantine {
-    entries: Mutex<HashMap<String, i64>>,
+    entries: Mutex<HashMap<String, HashMap<String, i64>>>,
+    /// Whether `entries` may hold anything: lets the Get path skip the lock when there is no
+    /// quarantine at all.
+    any: AtomicBool,
+    /// Bumped whenever a quarantine is added or lengthened: what the shards were last given is
+    /// known by this number.
+    generation: AtomicU64,
     /// Fields written back to a shard that had lost them, by shard.
     restored: Family<ShardLabel, Counter>,
 }
 
 impl Quarantine {
-    /// Records a quarantine ending at `until` (unix ms); a longer one already held is kept.
-    pub fn add(&self, field: String, until: i64) {
+    /// Records the quarantine of `field` (`origin|media_id` or `origin|*`) ending at `until`
+    /// (unix ms); a longer one already held is kept.
+    pub fn add(&self, field: &str, until: i64) {
+        let Some((origin, media_id)) = field.split_once('|') else {
+            return;
+        };
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let end = entries.entry(field).or_insert(until);
-        *end = (*end).max(until);
+        let end = entries
+            .entry(origin.to_owned())
+            .or_default()
+            .entry(media_id.to_owned())
+            .or_insert(i64::MIN);
+        if until > *end {
+            *end = until;
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        self.any.store(true, Ordering::Release);
     }
 
-    /// Whether Puts of `key` are refused at `now` (unix ms).
+    /// Changes so far (see the field).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether Puts of `key` are refused, and reads of it are misses, at `now` (unix ms).
     pub fn covers(&self, key: &Key, now: i64) -> bool {
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let live = |field: &str| entries.get(field).is_some_and(|until| *until > now);
-        live(&media_field(key.origin(), key.media_id())) || live(&origin_field(key.origin()))
+        entries.get(key.origin()).is_some_and(|media| {
+            [key.media_id(), WHOLE_ORIGIN]
+                .iter()
+                .any(|m| media.get(*m).is_some_and(|until| *until > now))
+        })
     }
 
-    /// The quarantines still running at `now`; ended ones are forgotten.
+    /// The quarantines still running at `now` as (field, end); ended ones are forgotten.
     pub fn live(&self, now: i64) -> Vec<(String, i64)> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.retain(|_, until| *until > now);
-        entries.iter().map(|(f, u)| (f.clone(), *u)).collect()
+        for media in entries.values_mut() {
+            media.retain(|_, until| *until > now);
+        }
+        entries.retain(|_, media| !media.is_empty());
+        if entries.is_empty() {
+            self.any.store(false, Ordering::Release);
+        }
+        entries
+            .iter()
+            .flat_map(|(origin, media)| {
+                media
+                    .iter()
+                    .map(move |(m, until)| (media_field(origin, m), *until))
+            })
+            .collect()
     }
 
     /// Adds what a shard holds.
     pub fn learn(&self, fields: impl IntoIterator<Item = (String, i64)>) {
         for (field, until) in fields {
-            self.add(field, until);
+            self.add(&field, until);
         }
     }
 
@@ -89,10 +137,10 @@ mod tests {
         let q = Quarantine::default();
         let key = Key::new("example.org", "m1", "thumb/1x1/crop").unwrap();
         assert!(!q.covers(&key, 0));
-        q.add(media_field("example.org", "m1"), 100);
+        q.add(&media_field("example.org", "m1"), 100);
         assert!(q.covers(&key, 99));
         assert!(!q.covers(&key, 100));
-        q.add(media_field("example.org", "m1"), 50);
+        q.add(&media_field("example.org", "m1"), 50);
         assert!(
             q.covers(&key, 99),
             "a shorter quarantine does not cut a longer one"

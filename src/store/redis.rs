@@ -12,11 +12,13 @@ use tracing::{debug, warn};
 use super::{body_ranges, chunk_slices, ChunkStream, LeaseAttempt, Range, Refusal, StoreError};
 use crate::config::Failover;
 use crate::events::Event;
-use crate::key::{origin_pattern, origin_quarantine_field, quarantine_field, temp_key, Key};
+use crate::key::{
+    origin_pattern, origin_quarantine_field, origin_tombstone_key, quarantine_field, temp_key, Key,
+};
 use crate::object::{self, Header, MAX_HEADER_LEN, PREFIX_LEN};
 use crate::proto::MediaInfo;
 use crate::ring::Ring;
-use crate::shard::{Pinned, Published, Shard, ShardError};
+use crate::shard::{FirstRead, Pinned, Published, Shard, ShardError};
 
 /// Windows fetched ahead of the one being sent, so the next `GETRANGE` overlaps the send.
 const READ_AHEAD: usize = 4;
@@ -80,8 +82,12 @@ impl RedisStore {
             } else {
                 0
             };
-        let (first, total) = match shard
-            .read_first_shared(&redis_key, first_len, PREFIX_LEN)
+        let FirstRead {
+            first,
+            total,
+            indexed,
+        } = match shard
+            .read_first_shared(&redis_key, &key.variants_key(), first_len, PREFIX_LEN)
             .await
         {
             Ok(found) => found,
@@ -96,6 +102,12 @@ impl RedisStore {
             }
         };
         if total == 0 {
+            return None;
+        }
+        if !indexed {
+            // Out of reach of a purge of every variant (its index was evicted, or it predates
+            // the index): never served, and deleted so that it does not linger.
+            Self::discard(&shard, key, redis_key, &"not in its media's variant index").await;
             return None;
         }
         let header = match object::decode_header(&first).and_then(|h| {
@@ -254,7 +266,11 @@ impl RedisStore {
             let r = async {
                 if let Some(until) = quarantine {
                     shard
-                        .sync_quarantine(&[(origin_quarantine_field(origin), until)])
+                        .sync_quarantine("", &[(origin_quarantine_field(origin), until)])
+                        .await?;
+                    let ttl = Duration::from_millis((until - super::now_unix_ms()).max(1) as u64);
+                    shard
+                        .set_tombstone(&origin_tombstone_key(origin), ttl)
                         .await?;
                 }
                 let n = shard
@@ -275,22 +291,6 @@ impl RedisStore {
             }
         }
         (removed, failed)
-    }
-
-    /// Merges `quarantines` with every shard of the ring; per shard, how many it lacked and what
-    /// it holds, or why it could not be reached.
-    pub async fn sync_quarantine(
-        &self,
-        quarantines: &[(String, i64)],
-    ) -> Vec<(String, Result<(u64, Vec<(String, i64)>), ShardError>)> {
-        let ring = self.ring.load_full();
-        futures_util::future::join_all(ring.shards().iter().map(|shard| async move {
-            (
-                shard.name().to_owned(),
-                shard.sync_quarantine(quarantines).await,
-            )
-        }))
-        .await
     }
 
     /// Takes the fill lease of `key` on the shard it would be written to.
@@ -345,8 +345,10 @@ impl RedisStore {
         let results = futures_util::future::join_all(ring.shards().iter().map(|shard| {
             let event = event.clone();
             async move {
-                let quarantine =
-                    quarantine.map(|until| (quarantine_field(key.origin(), key.media_id()), until));
+                let quarantine = quarantine.map(|until| {
+                    let field = quarantine_field(key.origin(), key.media_id());
+                    (field, until, until - super::now_unix_ms())
+                });
                 let r = shard.purge(key, all_variants, quarantine, event).await;
                 (shard.name().to_owned(), r)
             }

@@ -298,6 +298,20 @@ impl RedisShard {
         v
     }
 
+    /// Clients subscribed to the event channel: one per replica once it hears this shard.
+    pub async fn subscribers(&self) -> u64 {
+        let c = self.client().await;
+        let reply: Vec<Value> = c
+            .custom(
+                fred::types::CustomCommand::new_static("PUBSUB", None, false),
+                vec!["NUMSUB", "mc:1:events"],
+            )
+            .await
+            .unwrap();
+        let _ = c.quit().await;
+        reply.get(1).and_then(Value::as_u64).unwrap_or(0)
+    }
+
     /// Any command, for state the service's own writes would leave (e.g. `SADD`).
     pub async fn raw_command(&self, command: &'static str, args: Vec<String>) {
         let c = self.client().await;
@@ -465,10 +479,26 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts one more service replica on the same shards and config; returns its endpoint.
     pub async fn add_replica(&mut self) -> String {
-        let (addr, tx, server) = serve(&self.config).await;
+        self.add_replica_with(|_| {}).await
+    }
+
+    /// [`TestCluster::add_replica`] with its own changes to the config (a replica cannot share
+    /// the first one's `metrics_listen`, for one).
+    pub async fn add_replica_with(&mut self, change: impl FnOnce(&mut Config)) -> String {
+        let mut config = self.config.clone();
+        change(&mut config);
+        let (addr, tx, server) = serve(&config).await;
         let endpoint = format!("http://{addr}");
         self.replicas.push((tx, server));
         shards_up(&endpoint, self.shards.len()).await;
+        // Ready once it hears every shard's events, like every replica before it.
+        let replicas = self.replicas.len() as u64 + 1;
+        for shard in &self.shards {
+            eventually("the new replica subscribed", Duration::from_secs(10), || async {
+                (shard.subscribers().await >= replicas).then_some(())
+            })
+            .await;
+        }
         endpoint
     }
 
@@ -504,6 +534,12 @@ impl TestCluster {
         self.shutdown = Some(tx);
         self.server = Some(server);
         shards_up(&self.endpoint(), self.shards.len()).await;
+        for shard in &self.shards {
+            eventually("the service subscribed", Duration::from_secs(10), || async {
+                (shard.subscribers().await >= 1).then_some(())
+            })
+            .await;
+        }
     }
 
     /// The watched config file, when the cluster was built with `config_file()`.
