@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
@@ -19,6 +19,12 @@ use crate::config::AuthConfig;
 /// How often the token files are re-read. Kubernetes updates a mounted Secret within about a
 /// minute; reading a few small files this often costs nothing.
 pub const REREAD: Duration = Duration::from_secs(2);
+
+/// How long a token file that cannot be read (but still exists) keeps its token.
+pub const UNREADABLE_GRACE: Duration = Duration::from_secs(30);
+
+/// Token files failing to be read, and since when.
+type Failing = std::collections::HashMap<PathBuf, Instant>;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,21 +95,22 @@ impl Auth {
     pub async fn watch(self: Arc<Self>) {
         let mut tick = tokio::time::interval(REREAD);
         tick.tick().await;
-        let mut failing = Vec::new();
+        let mut failing = Failing::new();
         loop {
             tick.tick().await;
-            self.reread(&mut failing);
+            self.reread(&mut failing, Instant::now());
         }
     }
 
-    /// Reads every token file again. A file that no longer exists revokes its token; a file
-    /// that cannot be read for another reason (or holds no valid token, as in the middle of a
-    /// rewrite) keeps that file's token in use, logged once while it lasts. `failing` holds the
-    /// errors of the last pass, so that each is logged when it starts, not on every pass.
-    fn reread(&self, failing: &mut Vec<String>) {
+    /// Reads every token file again. A file that no longer exists revokes its token. A file
+    /// that cannot be read for another reason, or holds no valid token (a rewrite half done, a
+    /// permission being fixed), keeps that file's token for up to [`UNREADABLE_GRACE`], logged
+    /// once; a file still failing after that revokes its token too. `failing` remembers, per
+    /// file, since when it fails.
+    fn reread(&self, failing: &mut Failing, now: Instant) {
         let current = self.tokens.load();
         let mut next = TokenSet::default();
-        let mut errors = Vec::new();
+        let mut still = Failing::new();
         for (key, i, path, access) in token_files(&self.config) {
             match read_token(path) {
                 Ok(token) => next.push(path, &token, access),
@@ -114,17 +121,22 @@ impl Auth {
                     debug!(key, i, error = %e, "token file missing");
                 }
                 Err(TokenError::Unreadable(e)) => {
-                    let message = format!("{key}[{i}]: {e}");
-                    if !failing.contains(&message) {
-                        warn!(error = %message, "cannot re-read a token file; keeping its token in use");
+                    let since = failing.get(path).copied();
+                    let since = since.unwrap_or_else(|| {
+                        warn!(key, i, error = %e, grace = ?UNREADABLE_GRACE, "cannot re-read a token file; keeping its token for the grace period");
+                        now
+                    });
+                    still.insert(path.to_owned(), since);
+                    if now.duration_since(since) < UNREADABLE_GRACE {
+                        next.tokens
+                            .extend(current.tokens.iter().filter(|(p, ..)| p == path).cloned());
+                    } else if current.tokens.iter().any(|(p, ..)| p == path) {
+                        warn!(key, i, error = %e, "token file still unreadable; its token is revoked");
                     }
-                    errors.push(message);
-                    next.tokens
-                        .extend(current.tokens.iter().filter(|(p, ..)| p == path).cloned());
                 }
             }
         }
-        *failing = errors;
+        *failing = still;
         if **current != next {
             info!(tokens = next.tokens.len(), "client tokens reloaded");
             self.tokens.store(Arc::new(next));
@@ -383,8 +395,9 @@ mod tests {
         std::fs::remove_file(dir.path().join("ro0")).unwrap();
         std::fs::create_dir(dir.path().join("ro0")).unwrap();
         write_token_file(dir.path(), "full1", "full-token-dddddddddddd").unwrap();
-        let mut failing = Vec::new();
-        auth.reread(&mut failing);
+        let mut failing = Failing::new();
+        let start = Instant::now();
+        auth.reread(&mut failing, start);
         assert!(
             !ok("full-token-aaaaaaaaaaaa"),
             "a deleted file revokes its token"
@@ -395,16 +408,28 @@ mod tests {
         );
         assert!(!ok("full-token-bbbbbbbbbbbb") && ok("full-token-dddddddddddd"));
         assert_eq!(failing.len(), 1, "{failing:?}");
+        assert!(failing.contains_key(&dir.path().join("ro0")), "{failing:?}");
+        auth.reread(&mut failing, start + UNREADABLE_GRACE / 2);
         assert!(
-            failing[0].starts_with("auth.read_only_token_files[0]"),
-            "{failing:?}"
+            ok("read-token-cccccccccccc"),
+            "kept within the grace period"
         );
         // Once the file is back, it is read again, and the failure is over.
         std::fs::remove_dir(dir.path().join("ro0")).unwrap();
         write_token_file(dir.path(), "ro0", "read-token-eeeeeeeeeeee").unwrap();
-        auth.reread(&mut failing);
+        auth.reread(&mut failing, start + UNREADABLE_GRACE / 2);
         assert!(failing.is_empty());
         assert!(!ok("read-token-cccccccccccc") && ok("read-token-eeeeeeeeeeee"));
+        // A file left empty (or otherwise invalid) past the grace period revokes its token.
+        write_token_file(dir.path(), "ro0", "").unwrap();
+        let later = start + UNREADABLE_GRACE;
+        auth.reread(&mut failing, later);
+        assert!(ok("read-token-eeeeeeeeeeee"), "kept at first");
+        auth.reread(&mut failing, later + UNREADABLE_GRACE);
+        assert!(
+            !ok("read-token-eeeeeeeeeeee"),
+            "revoked after the grace period"
+        );
     }
 
     #[test]

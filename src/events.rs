@@ -280,6 +280,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn lost_events_drop_the_memory_tier_and_wake_every_waiter() {
+        let memory = Arc::new(MemoryStore::new(&Default::default()));
+        let events = Events::new(memory.clone(), Arc::default());
+        let key = Key::new("example.org", "m", "").unwrap();
+        memory.put(
+            key.clone(),
+            crate::store::memory::Object {
+                info: Default::default(),
+                body: bytes::Bytes::from_static(b"abc"),
+                version: 1,
+            },
+        );
+        let (a, b) = (events.watch("a"), events.watch("b"));
+        let (woken_a, woken_b) = (a.notified(), b.notified());
+        events.lost("shard-0", "lagged");
+        tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            woken_a.await;
+            woken_b.await;
+        })
+        .await
+        .expect("every waiter woken");
+        assert!(memory.get(&key).is_none(), "the memory tier is dropped");
+        let counted = events
+            .lost
+            .get_or_create(&LostLabels {
+                shard: "shard-0".into(),
+                reason: "lagged".into(),
+            })
+            .get();
+        assert_eq!(counted, 1);
+    }
+
+    #[tokio::test]
     async fn waiters_are_woken_by_fills() {
         let events = Events::new(
             Arc::new(MemoryStore::new(&Default::default())),

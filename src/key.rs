@@ -104,6 +104,11 @@ pub fn origin_tombstone_key(origin: &str) -> String {
 /// The prefix of every variant index key; the rest is the media's quarantine field.
 pub const VARIANTS_PREFIX: &str = "mc:1:v:";
 
+/// A `SCAN MATCH` pattern for the variant index of every media of an origin.
+pub fn origin_variants_pattern(origin: &str) -> String {
+    format!("{VARIANTS_PREFIX}{}|*", glob_escape(origin))
+}
+
 /// The quarantine field of one media: `origin|media_id`.
 pub fn quarantine_field(origin: &str, media_id: &str) -> String {
     format!("{origin}|{media_id}")

@@ -128,10 +128,10 @@ if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[1]) then
   redis.call('DEL', KEYS[1])
   return 0
 end
+redis.call('SADD', KEYS[4], KEYS[2])
 redis.call('SETRANGE', KEYS[1], 0, ARGV[2])
 redis.call('RENAME', KEYS[1], KEYS[2])
 redis.call('PERSIST', KEYS[2])
-redis.call('SADD', KEYS[4], KEYS[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 "#

@@ -278,6 +278,10 @@ impl RedisStore {
                         progress(shard.name(), before + n, done, total)
                     })
                     .await?;
+                // The origin's variant indexes go with its objects.
+                shard
+                    .delete_matching(&crate::key::origin_variants_pattern(origin))
+                    .await?;
                 shard.announce(event.clone()).await?;
                 Ok::<u64, ShardError>(n)
             }

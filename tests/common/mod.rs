@@ -20,10 +20,23 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-/// Ports handed out by [`free_port`] lie below the kernel's ephemeral range (32768 and up), so
-/// no socket bound to port 0, and no outgoing connection, ever takes one; each process starts at
-/// its own offset in it and never hands out a port twice.
-const PORTS: std::ops::Range<u32> = 16_384..32_768;
+/// Ports handed out by [`free_port`] lie just below the kernel's ephemeral range (read from
+/// `ip_local_port_range`; 32768 and up by default), so no socket bound to port 0, and no
+/// outgoing connection, ever takes one; each process starts at its own offset in them and never
+/// hands out a port twice.
+fn ports() -> std::ops::Range<u32> {
+    static PORTS: std::sync::OnceLock<std::ops::Range<u32>> = std::sync::OnceLock::new();
+    PORTS
+        .get_or_init(|| {
+            let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+                .ok()
+                .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
+                .unwrap_or(32_768);
+            let end = ephemeral.clamp(2_048, 32_768);
+            end.saturating_sub(16_384).max(1_024)..end
+        })
+        .clone()
+}
 static NEXT_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// A loopback port for a server a test starts itself (a shard, a metrics listener). Unique in
@@ -32,11 +45,12 @@ static NEXT_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::n
 /// [`RedisShard`] detects and retries.
 pub fn free_port() -> u16 {
     use std::sync::atomic::Ordering;
-    let span = PORTS.end - PORTS.start;
+    let ports = ports();
+    let span = ports.end - ports.start;
     let offset = std::process::id().wrapping_mul(2_654_435_761) % span;
     loop {
         let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
-        let port = (PORTS.start + (offset + n) % span) as u16;
+        let port = (ports.start + (offset + n) % span) as u16;
         if StdListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
@@ -494,9 +508,11 @@ impl TestCluster {
         // Ready once it hears every shard's events, like every replica before it.
         let replicas = self.replicas.len() as u64 + 1;
         for shard in &self.shards {
-            eventually("the new replica subscribed", Duration::from_secs(10), || async {
-                (shard.subscribers().await >= replicas).then_some(())
-            })
+            eventually(
+                "the new replica subscribed",
+                Duration::from_secs(10),
+                || async { (shard.subscribers().await >= replicas).then_some(()) },
+            )
             .await;
         }
         endpoint
@@ -535,9 +551,11 @@ impl TestCluster {
         self.server = Some(server);
         shards_up(&self.endpoint(), self.shards.len()).await;
         for shard in &self.shards {
-            eventually("the service subscribed", Duration::from_secs(10), || async {
-                (shard.subscribers().await >= 1).then_some(())
-            })
+            eventually(
+                "the service subscribed",
+                Duration::from_secs(10),
+                || async { (shard.subscribers().await >= 1).then_some(()) },
+            )
             .await;
         }
     }
