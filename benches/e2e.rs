@@ -15,21 +15,23 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{body, free_port, shards_up, RedisShard};
+use common::{body, free_port, RedisShard};
 use fred::prelude::{Builder, ClientLike, Config as FredConfig, KeysInterface, Pool, Value};
 use mediacache::client::{media_key, Client};
 use mediacache::proto::{MediaInfo, MediaKey};
 use serde::Serialize;
+use support::{rss_bytes, Service};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -153,80 +155,6 @@ fn clock_ticks() -> f64 {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(100.0)
     })
-}
-
-/// Resident set size of a process, in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
-}
-
-/// A service process from the release binary, on a free loopback port.
-struct Service {
-    child: Child,
-    endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Service {
-    async fn start(shards: &[RedisShard], memory_bytes: usize, memory_object_bytes: usize) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let mut yaml = format!(
-            "listen: 127.0.0.1:{port}\nlog: {{ level: warn }}\nmemory:\n  max_bytes: {memory_bytes}\n  max_object_bytes: {memory_object_bytes}\nshards:\n"
-        );
-        for s in shards {
-            yaml.push_str(&format!(
-                "  - {{ name: {}, url: \"{}\" }}\n",
-                s.name,
-                s.url()
-            ));
-        }
-        let path = dir.path().join("config.yaml");
-        std::fs::write(&path, yaml).expect("write config");
-        let child = Command::new(env!("CARGO_BIN_EXE_mediacache"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start the service");
-        let endpoint = format!("http://127.0.0.1:{port}");
-        shards_up(&endpoint, shards.len()).await;
-        Self {
-            child,
-            endpoint,
-            _dir: dir,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    async fn clients(&self, n: usize) -> Vec<Client> {
-        let mut clients = Vec::new();
-        for _ in 0..n {
-            clients.push(
-                Client::connect(self.endpoint.clone())
-                    .await
-                    .expect("connect"),
-            );
-        }
-        clients
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// twemproxy (`nutcracker`) in front of the shards, when it is installed.
@@ -877,8 +805,12 @@ async fn run(opts: Opts) {
             None
         }
     };
-    let service_redis = Service::start(&shards, 0, 0).await;
-    let service_memory = Service::start(&shards, 2048 * MIB, 32 * MIB).await;
+    let memory = |max: usize, object: usize| {
+        format!("memory:\n  max_bytes: {max}\n  max_object_bytes: {object}\n")
+    };
+    let all: Vec<&RedisShard> = shards.iter().collect();
+    let service_redis = Service::start(&all, &memory(0, 0)).await;
+    let service_memory = Service::start(&all, &memory(2048 * MIB, 32 * MIB)).await;
     let redis_clients = service_redis.clients(MAX_CONNECTIONS).await;
     let memory_clients = service_memory.clients(MAX_CONNECTIONS).await;
     let rig = Arc::new(Rig {

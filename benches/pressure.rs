@@ -13,73 +13,19 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{body, free_port, shards_up, RedisShard};
+use common::{body, RedisShard};
 use fred::prelude::ClientLike;
 use mediacache::client::{media_key, Client};
 use mediacache::proto::MediaInfo;
+use support::{rss_bytes, Service};
 
 const MIB: u64 = 1024 * 1024;
-
-fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
-}
-
-/// The service from the release binary (or `MEDIACACHE_BIN`), on a free loopback port.
-struct Service {
-    child: Child,
-    endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Service {
-    async fn start(shard: &RedisShard, memory: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let yaml = format!(
-            "listen: 127.0.0.1:{port}\nlog: {{ level: warn }}\nmax_object_bytes: {}\n{memory}\nshards:\n  - {{ name: {}, url: \"{}\" }}\n",
-            128 * MIB,
-            shard.name,
-            shard.url()
-        );
-        let path = dir.path().join("config.yaml");
-        std::fs::write(&path, yaml).expect("write config");
-        let bin = std::env::var("MEDIACACHE_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_mediacache").to_owned());
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start the service");
-        let endpoint = format!("http://127.0.0.1:{port}");
-        shards_up(&endpoint, 1).await;
-        Self {
-            child,
-            endpoint,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Runs `work` while sampling `pid`'s RSS; returns the peak.
 async fn peak_rss<F: std::future::Future<Output = ()>>(pid: u32, work: F) -> u64 {
@@ -108,7 +54,8 @@ async fn fill_budget(quick: bool) {
     )
     .await;
     let memory = format!(
-        "memory: {{ max_bytes: {budget}, max_object_bytes: {}, min_downloads: 1 }}",
+        "max_object_bytes: {}\nmemory: {{ max_bytes: {budget}, max_object_bytes: {}, min_downloads: 1 }}",
+        128 * MIB,
         64 * MIB
     );
     let keys: Vec<_> = (0..parallel)
@@ -117,8 +64,8 @@ async fn fill_budget(quick: bool) {
     let bodies: Vec<_> = (0..parallel).map(|i| body(size, i as u64)).collect();
 
     // Puts of keys already downloaded once (a miss), so that each counts as popular.
-    let service = Service::start(&shard, &memory).await;
-    let pid = service.child.id();
+    let service = Service::start(&[&shard], &memory).await;
+    let pid = service.pid();
     let client = Client::connect(service.endpoint.clone()).await.unwrap();
     for key in &keys {
         assert!(client
@@ -154,8 +101,8 @@ async fn fill_budget(quick: bool) {
 
     // Gets on a fresh replica: each read is its key's first download, popular at once, so each
     // would be copied into memory as it streams.
-    let service = Service::start(&shard, &memory).await;
-    let pid = service.child.id();
+    let service = Service::start(&[&shard], &memory).await;
+    let pid = service.pid();
     let client = Client::connect(service.endpoint.clone()).await.unwrap();
     let gets = peak_rss(pid, async {
         let tasks: Vec<_> = keys
@@ -221,7 +168,7 @@ async fn purge_one_media(quick: bool) {
         )
         .await
         .expect("DEBUG POPULATE");
-    let service = Service::start(&shard, "").await;
+    let service = Service::start(&[&shard], "").await;
     let mut client = Client::connect(service.endpoint.clone()).await.unwrap();
     let variants = [
         "",

@@ -10,9 +10,7 @@ use std::time::Duration;
 use common::{body, eventually, free_port, TestCluster};
 use fred::interfaces::PubsubInterface;
 use mediacache::client::{media_key, Client};
-use mediacache::proto::{
-    get_response, put_request, GetRequest, MediaInfo, MediaKey, PutHeader, PutRequest,
-};
+use mediacache::proto::{get_response, GetRequest, MediaKey};
 
 /// Reads `key` through `client` until its replica serves it from memory.
 async fn fill_memory(client: &mut Client, key: &MediaKey) {
@@ -83,7 +81,7 @@ async fn a_burst_of_events_does_not_silence_a_replica() {
         let _: Vec<fred::prelude::Value> = pipeline.all().await.unwrap();
     }
     eventually("the lag counted", Duration::from_secs(10), || async {
-        let text = scrape(metrics).await;
+        let text = common::scrape_metrics(metrics).await;
         let lagged = text.lines().any(|l| {
             l.starts_with("mediacache_events_lost_total{")
                 && l.contains("reason=\"lagged\"")
@@ -111,19 +109,9 @@ async fn a_burst_of_events_does_not_silence_a_replica() {
     .await;
 }
 
-/// The text of `/metrics`.
-async fn scrape(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
-    text
-}
-
 /// Scrapes `/metrics` and sums the samples of `name`.
 async fn metric_sum(addr: SocketAddr, name: &str) -> f64 {
-    scrape(addr)
+    common::scrape_metrics(addr)
         .await
         .lines()
         .filter(|l| l.starts_with(name))
@@ -315,40 +303,12 @@ async fn a_put_in_flight_does_not_fill_memory_past_a_purge() {
     let key = media_key("example.org", "putting", "");
     // Downloaded once (a miss): popular, so A's Put gathers a copy for its memory tier.
     assert!(a.get_bytes(key.clone()).await.unwrap().is_none());
-    let data = body(300_000, 5);
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(PutRequest {
-        kind: Some(put_request::Kind::Header(PutHeader {
-            key: Some(key.clone()),
-            info: Some(MediaInfo {
-                size: data.len() as u64,
-                ..Default::default()
-            }),
-            lease_token: String::new(),
-        })),
-    })
-    .await
-    .unwrap();
-    tx.send(PutRequest {
-        kind: Some(put_request::Kind::Chunk(data.slice(..100_000))),
-    })
-    .await
-    .unwrap();
-    let mut raw = cluster.raw().await;
-    let put = tokio::spawn(async move {
-        raw.put(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
+    let put =
+        common::OpenPut::start(cluster.raw().await, key.clone(), body(300_000, 5), 100_000).await;
     common::temp_key_appears(&cluster.shards[0]).await;
     // The purge comes while A's copy is being gathered.
     b.purge(key.clone(), false, false).await.unwrap();
-    tx.send(PutRequest {
-        kind: Some(put_request::Kind::Chunk(data.slice(100_000..))),
-    })
-    .await
-    .unwrap();
-    drop(tx);
-    let answer = put.await.unwrap().unwrap().into_inner();
+    let answer = put.finish().await;
     assert!(answer.stored, "published after the purge: {answer:?}");
     assert_eq!(
         tier(&mut a, &key).await,

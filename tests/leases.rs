@@ -310,40 +310,12 @@ async fn purge_and_quarantine_reach_every_copy() {
 
     // A Put already streaming when the quarantine arrives is not published.
     let late = media_key("bad.example", "late", "");
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(PutRequest {
-        kind: Some(put_request::Kind::Header(PutHeader {
-            key: Some(late.clone()),
-            info: Some(MediaInfo {
-                size: 600_000,
-                ..Default::default()
-            }),
-            lease_token: String::new(),
-        })),
-    })
-    .await
-    .unwrap();
-    let first = body(600_000, 6);
-    tx.send(PutRequest {
-        kind: Some(put_request::Kind::Chunk(first.slice(..300_000))),
-    })
-    .await
-    .unwrap();
-    let mut raw = cluster.raw().await;
-    let put = tokio::spawn(async move {
-        raw.put(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
+    let put =
+        common::OpenPut::start(cluster.raw().await, late.clone(), body(600_000, 6), 300_000).await;
     let late_owner = cluster.owner("bad.example", "late");
     common::temp_key_appears(&cluster.shards[late_owner]).await;
     r1.purge(late.clone(), false, true).await.unwrap();
-    tx.send(PutRequest {
-        kind: Some(put_request::Kind::Chunk(first.slice(300_000..))),
-    })
-    .await
-    .unwrap();
-    drop(tx);
-    let answer = put.await.unwrap().unwrap().into_inner();
+    let answer = put.finish().await;
     assert_eq!(answer.outcome, PutOutcome::Quarantined as i32);
     // Only the quarantine itself is left (the hash, and the tombstones earlier releases read):
     // no object, no temporary key.

@@ -35,6 +35,15 @@ async fn held(shard: &RedisShard, field: &str) -> Option<i64> {
     v
 }
 
+/// A replica started now learns the quarantine from the shards, and refuses the media too.
+async fn refused_by_a_new_replica(cluster: &mut TestCluster, bad: &MediaKey) {
+    let mut fresh = Client::connect(cluster.add_replica().await).await.unwrap();
+    assert_eq!(
+        put_outcome(&mut fresh, bad, 2).await,
+        PutOutcome::Quarantined
+    );
+}
+
 async fn quarantine(client: &mut Client, key: &MediaKey) {
     client.purge(key.clone(), false, true).await.unwrap();
     assert_eq!(put_outcome(client, key, 0).await, PutOutcome::Quarantined);
@@ -77,12 +86,7 @@ async fn a_quarantine_survives_a_shard_that_evicts_under_pressure() {
         || async { held(&cluster.shards[0], &field).await.map(|_| ()) },
     )
     .await;
-    // A replica started now learns it from the shard, and the shard refuses the publish too.
-    let mut fresh = Client::connect(cluster.add_replica().await).await.unwrap();
-    assert_eq!(
-        put_outcome(&mut fresh, &bad, 2).await,
-        PutOutcome::Quarantined
-    );
+    refused_by_a_new_replica(&mut cluster, &bad).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,11 +124,7 @@ async fn a_quarantine_reaches_a_shard_that_joins_the_ring() {
         || async { held(&cluster.shards[1], &field).await.map(|_| ()) },
     )
     .await;
-    let mut fresh = Client::connect(cluster.add_replica().await).await.unwrap();
-    assert_eq!(
-        put_outcome(&mut fresh, &bad, 2).await,
-        PutOutcome::Quarantined
-    );
+    refused_by_a_new_replica(&mut cluster, &bad).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,21 +171,12 @@ async fn a_quarantine_is_written_back_to_a_shard_restarted_empty() {
     )
     .await;
     assert_eq!(after, before, "with its original end");
-    let text = reqwest_metrics(metrics).await;
+    let text = common::scrape_metrics(metrics).await;
     assert!(
         text.lines()
             .any(|l| l.starts_with("mediacache_quarantine_restored_total{") && !l.ends_with(" 0")),
         "{text}"
     );
-}
-
-async fn reqwest_metrics(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
-    text
 }
 
 /// Puts `key` through `client`, and returns the object's value as the shard holds it, to put

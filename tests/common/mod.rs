@@ -402,6 +402,72 @@ pub async fn shards_up(
     .await
 }
 
+/// A Put of `body` that sends its header and the first `sent` bytes, then waits: send the rest
+/// through [`OpenPut::finish`]. For what must happen while a Put is under way.
+pub struct OpenPut {
+    tx: tokio::sync::mpsc::Sender<mediacache::proto::PutRequest>,
+    rest: bytes::Bytes,
+    answer: JoinHandle<Result<tonic::Response<mediacache::proto::PutResponse>, tonic::Status>>,
+}
+
+impl OpenPut {
+    pub async fn start(
+        mut raw: MediaCacheClient<Channel>,
+        key: mediacache::proto::MediaKey,
+        body: bytes::Bytes,
+        sent: usize,
+    ) -> Self {
+        use mediacache::proto::{put_request, MediaInfo, PutHeader, PutRequest};
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let header = PutHeader {
+            key: Some(key),
+            info: Some(MediaInfo {
+                size: body.len() as u64,
+                ..Default::default()
+            }),
+            lease_token: String::new(),
+        };
+        for kind in [
+            put_request::Kind::Header(header),
+            put_request::Kind::Chunk(body.slice(..sent)),
+        ] {
+            tx.send(PutRequest { kind: Some(kind) }).await.unwrap();
+        }
+        let answer = tokio::spawn(async move {
+            raw.put(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        Self {
+            tx,
+            rest: body.slice(sent..),
+            answer,
+        }
+    }
+
+    /// Sends the rest of the body and returns the answer.
+    pub async fn finish(self) -> mediacache::proto::PutResponse {
+        use mediacache::proto::{put_request, PutRequest};
+        self.tx
+            .send(PutRequest {
+                kind: Some(put_request::Kind::Chunk(self.rest)),
+            })
+            .await
+            .unwrap();
+        drop(self.tx);
+        self.answer.await.unwrap().unwrap().into_inner()
+    }
+}
+
+/// The text of `/metrics` at `addr`.
+pub async fn scrape_metrics(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text
+}
+
 /// Waits until a Put is streaming into a temporary key on `shard`.
 pub async fn temp_key_appears(shard: &RedisShard) {
     eventually(

@@ -1,0 +1,85 @@
+//! What the benchmarks share: the service as a separate process, and its resident memory.
+
+use std::process::{Child, Command, Stdio};
+
+use mediacache::client::Client;
+
+use crate::common::{free_port, shards_up, RedisShard};
+
+/// Resident set size of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// A service process from the release binary (or the one `MEDIACACHE_BIN` names, e.g. an
+/// older release for a before/after figure), on a free loopback port.
+pub struct Service {
+    child: Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Service {
+    /// Serves `shards` with `extra` YAML (top-level keys such as `memory:`) added to the config.
+    pub async fn start(shards: &[&RedisShard], extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut yaml =
+            format!("listen: 127.0.0.1:{port}\nlog: {{ level: warn }}\n{extra}\nshards:\n");
+        for s in shards {
+            yaml.push_str(&format!(
+                "  - {{ name: {}, url: \"{}\" }}\n",
+                s.name,
+                s.url()
+            ));
+        }
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, yaml).expect("write config");
+        let bin = std::env::var("MEDIACACHE_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_mediacache").to_owned());
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the service");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        shards_up(&endpoint, shards.len()).await;
+        Self {
+            child,
+            endpoint,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    #[allow(dead_code)]
+    pub async fn clients(&self, n: usize) -> Vec<Client> {
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            clients.push(
+                Client::connect(self.endpoint.clone())
+                    .await
+                    .expect("connect"),
+            );
+        }
+        clients
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
