@@ -159,7 +159,7 @@ impl Events {
     /// purge may be among them, so the memory tier is dropped whole and copies in flight are
     /// refused, and every waiter looks again.
     pub fn lost(&self, shard: &str, reason: &'static str) {
-        let dropped = self.memory.clear();
+        let dropped = self.forget_all();
         let now = std::time::Instant::now();
         let first = {
             let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
@@ -180,10 +180,18 @@ impl Events {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// Drops the memory tier (refusing copies in flight) and wakes every waiter; returns the
+    /// objects dropped. Part of [`Events::lost`], and repeated on its own once a reconnected
+    /// subscription is confirmed.
+    pub fn forget_all(&self) -> u64 {
+        let dropped = self.memory.clear();
         let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         for n in waiters.values().filter_map(Weak::upgrade) {
             n.notify_waiters();
         }
+        dropped
     }
 
     /// A handle that is notified when the key is filled or its lease released. Register before

@@ -90,15 +90,20 @@ pub fn origin_pattern(origin: &str) -> String {
 /// The hash of quarantined media on every shard (see `store::quarantine`).
 pub const QUARANTINE_KEY: &str = "mc:1:quarantine";
 
+/// The prefix of a media's tombstone key; the rest is its quarantine field.
+pub const TOMBSTONE_PREFIX: &str = "mc:1:q:";
+/// The prefix of an origin's tombstone key; the rest is the origin.
+pub const ORIGIN_TOMBSTONE_PREFIX: &str = "mc:1:qo:";
+
 /// The tombstone key of a quarantined media, as releases before [`QUARANTINE_KEY`] wrote and
 /// read it; still written and honoured so that both kinds of replica can run side by side.
 pub fn tombstone_key(origin: &str, media_id: &str) -> String {
-    format!("mc:{SCHEMA_MAJOR}:q:{origin}|{media_id}")
+    format!("{TOMBSTONE_PREFIX}{origin}|{media_id}")
 }
 
 /// The tombstone key of a quarantined origin (see [`tombstone_key`]).
 pub fn origin_tombstone_key(origin: &str) -> String {
-    format!("mc:{SCHEMA_MAJOR}:qo:{origin}")
+    format!("{ORIGIN_TOMBSTONE_PREFIX}{origin}")
 }
 
 /// The prefix of every variant index key; the rest is the media's quarantine field.

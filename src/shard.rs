@@ -21,7 +21,7 @@ use crate::config::{redact_url, RedisConfig, ShardConfig};
 use crate::events::{channel, Event, Events};
 use crate::key::{
     origin_quarantine_field, origin_tombstone_key, quarantine_field, tombstone_key, Key,
-    QUARANTINE_KEY, VARIANTS_PREFIX,
+    ORIGIN_TOMBSTONE_PREFIX, QUARANTINE_KEY, TOMBSTONE_PREFIX, VARIANTS_PREFIX,
 };
 
 /// Why a shard operation did not return a value.
@@ -37,6 +37,9 @@ pub enum ShardError {
     #[error("shard {shard} rejected the command: {source}")]
     Reply { shard: String, source: Error },
 }
+
+/// How long a reconnected subscription waits for the shard to confirm it.
+const RESUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Applies the events of one shard's subscription until the shard's client is closed. It never
 /// ends on a lag or a reconnect: both mean events may have been missed, which is reported to
@@ -76,12 +79,20 @@ async fn listen(
                 }
                 // Several reconnects at once are still one loss.
                 Ok(_) | Err(RecvError::Lagged(_)) => {
-                    // The loss is applied once the subscription is back (this waits for the
-                    // shard's answer), so that nothing published in between slips through.
-                    if let Err(e) = subscriber.subscribe(channel()).await {
-                        debug!(shard = %shard, error = %e, "resubscribe failed");
+                    let Some(live) = events.upgrade() else { return };
+                    live.lost(&shard, "reconnected");
+                    // And once more when the subscription is back, so that nothing published
+                    // between the reconnect and the resubscription slips through.
+                    let resubscribed = tokio::time::timeout(
+                        RESUBSCRIBE_WAIT,
+                        subscriber.subscribe(channel()),
+                    )
+                    .await;
+                    if !matches!(resubscribed, Ok(Ok(()))) {
+                        debug!(shard = %shard, "resubscribe not confirmed");
                     }
-                    Some("reconnected")
+                    live.forget_all();
+                    None
                 }
                 Err(RecvError::Closed) => return,
             },
@@ -193,10 +204,12 @@ return n
 /// The hash carries its identity in two fields: `~id` (set when the hash is created, so a hash
 /// that was evicted or lost in a restart comes back as another one) and `~gen` (bumped by every
 /// change); `id:gen` is the token a replica remembers. A pushed field the shard lacked is
-/// written, the media's objects on this shard are deleted with its variant index (a Put may
-/// have stored them while the field was missing), and the quarantine is announced.
-/// KEYS: quarantine hash. ARGV: variant index prefix, channel, the caller's token ('' none), then
-/// (field, end, event) for each pushed quarantine.
+/// written, with the tombstone key that releases before the hash read, and the media's objects
+/// on this shard are deleted with its variant index (a Put may have stored them while the field
+/// was missing). Replicas learn written-back fields by pulling, not by one event per field: a
+/// hash of thousands lost at once would overflow every replica's event buffer.
+/// KEYS: quarantine hash. ARGV: variant index prefix, media tombstone prefix, origin tombstone
+/// prefix, the caller's token ('' none), then (field, end) for each pushed quarantine.
 /// Returns {n, n fields the shard lacked, token ('' while there is no hash), then (field, end)
 /// for every live quarantine only when the token differs from the caller's}. Without anything
 /// to push, a missing hash is not created.
@@ -204,12 +217,12 @@ const QUARANTINE_SYNC_SCRIPT: &str = concat!(
     lua_now!(),
     r#"
 local exists = redis.call('HEXISTS', KEYS[1], '~id') == 1
-if not exists and #ARGV > 3 then
+if not exists and #ARGV > 4 then
   redis.call('HSET', KEYS[1], '~id', t[1] .. '.' .. t[2], '~gen', 0)
   exists = true
 end
 local lacked = {}
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 2 do
   local field = ARGV[i]
   local want = tonumber(ARGV[i + 1])
   local current = tonumber(redis.call('HGET', KEYS[1], field) or '0') or 0
@@ -218,27 +231,30 @@ for i = 4, #ARGV, 3 do
     redis.call('HINCRBY', KEYS[1], '~gen', 1)
     if current <= now then
       table.insert(lacked, field)
-      if string.sub(field, -2) ~= '|*' then
+      if string.sub(field, -2) == '|*' then
+        redis.call('SET', ARGV[3] .. string.sub(field, 1, -3), '1', 'PX', want - now)
+      else
+        redis.call('SET', ARGV[2] .. field, '1', 'PX', want - now)
         local index = ARGV[1] .. field
         for _, k in ipairs(redis.call('SMEMBERS', index)) do
           redis.call('DEL', k)
         end
         redis.call('DEL', index)
       end
-      redis.call('PUBLISH', ARGV[2], ARGV[i + 2])
     end
   end
 end
 local token = ''
 if exists then
-  token = redis.call('HGET', KEYS[1], '~id') .. ':' .. redis.call('HGET', KEYS[1], '~gen')
+  token = (redis.call('HGET', KEYS[1], '~id') or '') .. ':' ..
+    (redis.call('HGET', KEYS[1], '~gen') or '0')
 end
 local out = {#lacked}
 for _, f in ipairs(lacked) do
   table.insert(out, f)
 end
 table.insert(out, token)
-if token ~= ARGV[3] and exists then
+if token ~= ARGV[4] and exists then
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
     if string.sub(all[i], 1, 1) ~= '~' then
@@ -806,19 +822,12 @@ impl Shard {
         self.check_up()?;
         let mut args: Vec<Value> = vec![
             Value::from(VARIANTS_PREFIX),
-            Value::from(channel()),
+            Value::from(TOMBSTONE_PREFIX),
+            Value::from(ORIGIN_TOMBSTONE_PREFIX),
             Value::from(known),
         ];
         for (field, until) in quarantines {
-            let event = Event::Quarantine {
-                field: field.clone(),
-                until: *until,
-            };
-            args.extend([
-                Value::from(field.as_str()),
-                Value::from(*until),
-                Value::from(event.encode()),
-            ]);
+            args.extend([Value::from(field.as_str()), Value::from(*until)]);
         }
         let reply: Vec<Value> = self
             .pool

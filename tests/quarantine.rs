@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{body, eventually, free_port, RedisShard, TestCluster};
-use mediacache::client::{media_key, Client};
+use mediacache::client::{media_key, Client, Fetched};
 use mediacache::config::ShardConfig;
 use mediacache::proto::{MediaKey, PutOutcome};
 
@@ -241,6 +241,11 @@ async fn every_replica_holds_a_quarantine_its_shard_lost_at_once() {
     for client in [&mut a, &mut b] {
         assert!(client.get_bytes(bad.clone()).await.unwrap().is_none());
         assert!(!client.stat(bad.clone()).await.unwrap().found);
+        // Nor is anyone asked to fetch it from its origin.
+        match client.get_or_lease(bad.clone(), true, 0).await.unwrap() {
+            Fetched::Miss { lease_token } => assert!(lease_token.is_empty(), "a lease"),
+            Fetched::Hit(_) => panic!("a quarantined media served"),
+        }
     }
 }
 

@@ -420,14 +420,14 @@ impl Inner {
             return Err(Admission::Excluded);
         }
         // A replacement frees its old bytes first; they are not also counted as a victim's.
-        let (old, old_victim) = self
-            .entries
-            .get(&h)
-            .filter(|_| replacing)
-            .map_or((0, 0), |e| {
-                let as_victim = e.indexed.filter(|p| *p < pop).map_or(0, |_| e.size());
-                (e.size(), as_victim)
-            });
+        // Either way the key's own copy is never one of its victims.
+        let (old, old_victim) = self.entries.get(&h).map_or((0, 0), |e| {
+            let as_victim = e
+                .indexed
+                .filter(|p| *p < capped(pop))
+                .map_or(0, |_| e.size());
+            (if replacing { e.size() } else { 0 }, as_victim)
+        });
         let need = (self.bytes + self.reserved - old + size).saturating_sub(policy.max_bytes);
         if need > 0 && self.mature_bytes.below(pop) - old_victim < need {
             return Err(Admission::NoRoom);
@@ -610,8 +610,13 @@ impl MemoryStore {
             return Err(why);
         }
         // The key's own old copy is not freed yet (it is still served), so room is made as if
-        // the newcomer came on top of it.
+        // the newcomer came on top of it, and that copy is kept out of the victims meanwhile.
+        let own = inner.entries.get(&h).and_then(|e| e.indexed);
+        inner.unindex(h);
         inner.make_room(size, pop, now, &self.policy);
+        if let Some(own) = own {
+            inner.index_at(h, own);
+        }
         if inner.bytes + inner.reserved + size > self.policy.max_bytes {
             if is_put {
                 inner.count_refusal(Admission::NoRoom);
@@ -1179,6 +1184,36 @@ mod tests {
             m.stats().reserved,
             0,
             "a dropped reservation gives its room back"
+        );
+        m.check_invariants();
+    }
+
+    #[test]
+    fn a_new_copy_never_evicts_the_old_copy_of_its_own_key() {
+        let (m, clock) = store(100);
+        let m = Arc::new(m);
+        download(&m, &key(1), 3);
+        assert_eq!(m.admit(key(1), obj(40)), Admission::Stored);
+        download(&m, &key(2), 4);
+        assert_eq!(m.admit(key(2), obj(50)), Admission::Stored);
+        clock.advance(6 * MIN);
+        // Key 1 grows popular; its new copy needs room, which key 2 makes, not key 1 itself.
+        download(&m, &key(1), 3);
+        let since = m.epoch();
+        let r = m.reserve(&key(1), 40, false).expect("room");
+        assert!(m.get(&key(1)).is_some(), "the old copy is served meanwhile");
+        assert!(m.get(&key(2)).is_none());
+        assert_eq!(
+            r.offer(
+                key(1),
+                Object {
+                    version: 2,
+                    ..obj(40)
+                },
+                since
+            ),
+            Admission::Stored,
+            "not refused as a key evicted moments ago"
         );
         m.check_invariants();
     }

@@ -126,7 +126,10 @@ pub struct Store {
     waiting: Arc<std::sync::atomic::AtomicU64>,
     /// Per shard: the token of its quarantine hash when last merged, and the generation of this
     /// replica's quarantines last pushed to it.
-    synced: Mutex<HashMap<String, (String, Option<u64>)>>,
+    synced: Mutex<HashMap<String, (String, u64)>>,
+    /// Quarantined origins (shard, origin) whose objects are still to be deleted from a shard
+    /// that had lost the quarantine.
+    origin_walks: Mutex<HashSet<(String, String)>>,
 }
 
 /// The answer to a request for a fill lease.
@@ -298,6 +301,7 @@ impl Store {
             quarantine: settings.quarantine,
             waiting: Arc::default(),
             synced: Mutex::default(),
+            origin_walks: Mutex::default(),
         }
     }
 
@@ -315,6 +319,10 @@ impl Store {
         let plain_miss = Lookup::Miss {
             lease_token: String::new(),
         };
+        // A quarantined media is never filled: no lease, no wait for one.
+        if self.quarantined(key) {
+            return Ok((plain_miss, false));
+        }
         if !want_lease && wait.is_zero() {
             return Ok(match self.get(key, offset, limit).await? {
                 Some(hit) => (Lookup::Hit(hit), false),
@@ -446,35 +454,41 @@ impl Store {
     }
 
     /// One merge of [`Store::keep_quarantines`]. Per shard it costs one small round trip while
-    /// nothing changed: the replica pushes its quarantines only when it has new ones since it
-    /// last pushed to that shard, and pulls the shard's only when the shard's hash changed (or
-    /// is another hash: it was evicted or the shard restarted), pushing everything then.
+    /// nothing changed: the replica pushes only the quarantines it set or learned since it last
+    /// pushed to that shard, and pulls the shard's only when the shard's hash changed. A shard
+    /// whose hash is another one (evicted, restarted, new to this replica) gets everything.
     pub async fn sync_quarantine(&self) {
         if self.redis.is_empty() {
             return;
         }
         let ring = self.redis.ring();
+        let now = now_unix_ms();
         let generation = self.quarantine.generation();
-        let live = self.quarantine.live(now_unix_ms());
+        let all = self.quarantine.live(now, 0);
         let synced = |name: &str| {
             let synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
-            synced.get(name).cloned()
+            synced.get(name).cloned().unwrap_or_default()
         };
         let results = futures_util::future::join_all(ring.shards().iter().map(|shard| {
-            let (known, pushed) = synced(shard.name()).unwrap_or_default();
-            let live = &live;
+            let (known, pushed) = synced(shard.name());
+            let all = &all;
             async move {
-                let push = pushed != Some(generation);
-                let first = shard
-                    .sync_quarantine(&known, if push { live } else { &[] })
-                    .await;
+                let fresh = known.is_empty();
+                let push = if fresh {
+                    all.clone()
+                } else {
+                    self.quarantine.live(now, pushed)
+                };
+                let first = shard.sync_quarantine(&known, &push).await;
+                let identity = |token: &str| token.split(':').next().unwrap_or("").to_owned();
                 let result = match first {
-                    // The shard's hash changed: it may have lost what this replica holds.
-                    Ok(changed) if !push && changed.held.is_some() => shard
-                        .sync_quarantine(&changed.token, live)
+                    // Another hash than the one this replica knew: it may lack anything.
+                    Ok(changed) if !fresh && identity(&changed.token) != identity(&known) => shard
+                        .sync_quarantine(&changed.token, all)
                         .await
                         .map(|again| QuarantineSync {
                             held: again.held.or(changed.held),
+                            lacked: [changed.lacked, again.lacked].concat(),
                             ..again
                         }),
                     other => other,
@@ -499,20 +513,54 @@ impl Store {
                 );
                 self.quarantine
                     .count_restored(shard.name(), sync.lacked.len() as u64);
+                let mut walks = self.origin_walks.lock().unwrap_or_else(|p| p.into_inner());
                 for origin in sync.lacked.iter().filter_map(|f| f.strip_suffix("|*")) {
-                    let (shard, pattern) = (shard.clone(), crate::key::origin_pattern(origin));
-                    tokio::spawn(async move {
-                        if let Err(e) = shard.delete_matching(&pattern).await {
-                            tracing::warn!(shard = %shard.name(), error = %e, "quarantined origin not deleted; the next sync retries");
-                        }
-                    });
+                    walks.insert((shard.name().to_owned(), origin.to_owned()));
                 }
             }
             if let Some(held) = sync.held {
                 self.quarantine.learn(held);
             }
             let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
-            synced.insert(shard.name().to_owned(), (sync.token, Some(generation)));
+            synced.insert(shard.name().to_owned(), (sync.token, generation));
+        }
+        self.walk_quarantined_origins(&ring).await;
+    }
+
+    /// Deletes the objects of quarantined origins from the shards that had lost the quarantine
+    /// (a Put may have been stored meanwhile); a walk that fails is tried again next time.
+    async fn walk_quarantined_origins(&self, ring: &crate::ring::Ring) {
+        let walks: Vec<(String, String)> = {
+            let walks = self.origin_walks.lock().unwrap_or_else(|p| p.into_inner());
+            walks.iter().cloned().collect()
+        };
+        for (name, origin) in walks {
+            let Some(shard) = ring.shards().iter().find(|s| s.name() == name) else {
+                // The shard left the ring: nothing of it is read any more.
+                self.origin_walks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(name, origin));
+                continue;
+            };
+            let patterns = [
+                crate::key::origin_pattern(&origin),
+                crate::key::origin_variants_pattern(&origin),
+            ];
+            let mut done = true;
+            for pattern in patterns {
+                if let Err(e) = shard.delete_matching(&pattern).await {
+                    tracing::warn!(shard = %name, origin, error = %e, "quarantined origin not deleted yet; trying again at the next sync");
+                    done = false;
+                    break;
+                }
+            }
+            if done {
+                self.origin_walks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(name, origin));
+            }
         }
     }
 

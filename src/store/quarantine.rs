@@ -15,9 +15,10 @@
 //!   forget it at once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
@@ -34,15 +35,18 @@ pub struct ShardLabel {
 /// Stands for "every media" of an origin (never a valid media id).
 const WHOLE_ORIGIN: &str = "*";
 
-/// This replica's quarantines: origin → media id (or `*`) → end (unix ms).
+/// origin → media id (or `*`) → (end in unix ms, the generation that set it).
+type Entries = HashMap<String, HashMap<String, (i64, u64)>>;
+
+/// This replica's quarantines.
 #[derive(Default)]
 pub struct Quarantine {
-    entries: Mutex<HashMap<String, HashMap<String, i64>>>,
-    /// Whether `entries` may hold anything: lets the Get path skip the lock when there is no
-    /// quarantine at all.
-    any: AtomicBool,
-    /// Bumped whenever a quarantine is added or lengthened: what the shards were last given is
-    /// known by this number.
+    /// Read on every Get without a lock; replaced whole (copy on write) by the rare changes.
+    entries: ArcSwap<Entries>,
+    /// Serialises the changes.
+    writer: Mutex<()>,
+    /// Bumped by every quarantine added or lengthened, which records the value: what a shard
+    /// was last given is known by the generation it was given at.
     generation: AtomicU64,
     /// Fields written back to a shard that had lost them, by shard.
     restored: Family<ShardLabel, Counter>,
@@ -52,20 +56,35 @@ impl Quarantine {
     /// Records the quarantine of `field` (`origin|media_id` or `origin|*`) ending at `until`
     /// (unix ms); a longer one already held is kept.
     pub fn add(&self, field: &str, until: i64) {
-        let Some((origin, media_id)) = field.split_once('|') else {
-            return;
-        };
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let end = entries
-            .entry(origin.to_owned())
-            .or_default()
-            .entry(media_id.to_owned())
-            .or_insert(i64::MIN);
-        if until > *end {
-            *end = until;
-            self.generation.fetch_add(1, Ordering::AcqRel);
+        self.learn([(field.to_owned(), until)]);
+    }
+
+    /// Records many quarantines at once (what a shard holds); one copy of the set at most.
+    pub fn learn(&self, fields: impl IntoIterator<Item = (String, i64)>) {
+        let _writing = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.entries.load();
+        let mut next: Option<Entries> = None;
+        for (field, until) in fields {
+            let Some((origin, media_id)) = field.split_once('|') else {
+                continue;
+            };
+            let held = next.as_ref().unwrap_or(&current);
+            let known = held
+                .get(origin)
+                .and_then(|m| m.get(media_id))
+                .is_some_and(|(end, _)| *end >= until);
+            if known {
+                continue;
+            }
+            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            next.get_or_insert_with(|| (**current).clone())
+                .entry(origin.to_owned())
+                .or_default()
+                .insert(media_id.to_owned(), (until, generation));
         }
-        self.any.store(true, Ordering::Release);
+        if let Some(next) = next {
+            self.entries.store(Arc::new(next));
+        }
     }
 
     /// Changes so far (see the field).
@@ -75,42 +94,49 @@ impl Quarantine {
 
     /// Whether Puts of `key` are refused, and reads of it are misses, at `now` (unix ms).
     pub fn covers(&self, key: &Key, now: i64) -> bool {
-        if !self.any.load(Ordering::Acquire) {
+        let entries = self.entries.load();
+        if entries.is_empty() {
             return false;
         }
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.get(key.origin()).is_some_and(|media| {
             [key.media_id(), WHOLE_ORIGIN]
                 .iter()
-                .any(|m| media.get(*m).is_some_and(|until| *until > now))
+                .any(|m| media.get(*m).is_some_and(|(until, _)| *until > now))
         })
     }
 
-    /// The quarantines still running at `now` as (field, end); ended ones are forgotten.
-    pub fn live(&self, now: i64) -> Vec<(String, i64)> {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        for media in entries.values_mut() {
-            media.retain(|_, until| *until > now);
-        }
-        entries.retain(|_, media| !media.is_empty());
-        if entries.is_empty() {
-            self.any.store(false, Ordering::Release);
-        }
-        entries
+    /// The quarantines running at `now` as (field, end), those set after generation `since`
+    /// only (0: all). Ended ones are forgotten.
+    pub fn live(&self, now: i64, since: u64) -> Vec<(String, i64)> {
+        self.forget_ended(now);
+        self.entries
+            .load()
             .iter()
             .flat_map(|(origin, media)| {
                 media
                     .iter()
-                    .map(move |(m, until)| (media_field(origin, m), *until))
+                    .filter(move |(_, (until, generation))| *until > now && *generation > since)
+                    .map(move |(m, (until, _))| (media_field(origin, m), *until))
             })
             .collect()
     }
 
-    /// Adds what a shard holds.
-    pub fn learn(&self, fields: impl IntoIterator<Item = (String, i64)>) {
-        for (field, until) in fields {
-            self.add(&field, until);
+    fn forget_ended(&self, now: i64) {
+        let ended = |entries: &Entries| {
+            entries
+                .values()
+                .any(|media| media.values().any(|(until, _)| *until <= now))
+        };
+        if !ended(&self.entries.load()) {
+            return;
         }
+        let _writing = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = (**self.entries.load()).clone();
+        for media in next.values_mut() {
+            media.retain(|_, (until, _)| *until > now);
+        }
+        next.retain(|_, media| !media.is_empty());
+        self.entries.store(Arc::new(next));
     }
 
     /// Counts fields written back to `shard`.
@@ -148,6 +174,20 @@ mod tests {
         q.learn([(origin_field("example.org"), 200)]);
         assert!(q.covers(&Key::new("example.org", "other", "").unwrap(), 150));
         assert!(!q.covers(&Key::new("example.com", "m1", "").unwrap(), 150));
-        assert_eq!(q.live(150), vec![(origin_field("example.org"), 200)]);
+        assert_eq!(q.live(150, 0), vec![(origin_field("example.org"), 200)]);
+        let generation = q.generation();
+        assert!(q.live(150, generation).is_empty(), "nothing set since");
+        q.add(&media_field("example.com", "n"), 300);
+        assert_eq!(
+            q.live(150, generation),
+            vec![(media_field("example.com", "n"), 300)],
+            "only what was set since"
+        );
+        q.learn([(media_field("example.com", "n"), 300)]);
+        assert_eq!(
+            q.generation(),
+            generation + 1,
+            "what is known changes nothing"
+        );
     }
 }

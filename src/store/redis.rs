@@ -105,9 +105,10 @@ impl RedisStore {
             return None;
         }
         if !indexed {
-            // Out of reach of a purge of every variant (its index was evicted, or it predates
-            // the index): never served, and deleted so that it does not linger.
-            Self::discard(&shard, key, redis_key, &"not in its media's variant index").await;
+            // Out of reach of a purge of every variant (its index was evicted, or it was stored
+            // by a release before the index): never served. It is left for the shard to evict
+            // or for the next Put of the key to replace; deleting it here could race a publish.
+            debug!(key = %key, "not in its media's variant index; a miss");
             return None;
         }
         let header = match object::decode_header(&first).and_then(|h| {
