@@ -109,6 +109,23 @@ async fn a_burst_of_events_does_not_silence_a_replica() {
     .await;
 }
 
+/// `GETRANGE` commands the shard has run.
+async fn getrange_calls(shard: &common::RedisShard) -> u64 {
+    let c = shard.client().await;
+    let info: String = fred::prelude::ClientLike::custom(
+        &c,
+        fred::types::CustomCommand::new_static("INFO", None, false),
+        vec!["commandstats"],
+    )
+    .await
+    .unwrap();
+    let _ = fred::prelude::ClientLike::quit(&c).await;
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_getrange:calls="))
+        .and_then(|v| v.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Scrapes `/metrics` and sums the samples of `name`.
 async fn metric_sum(addr: SocketAddr, name: &str) -> f64 {
     common::scrape_metrics(addr)
@@ -166,8 +183,9 @@ async fn a_reconnected_subscription_drops_the_memory_tier_and_is_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_in_flight_does_not_bring_purged_media_back() {
-    // Small chunks, so the read streams for a while; an object within the first read window,
-    // so the whole of it comes from Redis in one read, before the purge.
+    // A 1 MiB object: read from Redis whole, windows ahead, before the purge, but more than
+    // the service can push into a reader's small HTTP/2 window and its own send buffer, so the
+    // copy is complete only once the reader has read on, after the purge.
     let mut cluster = TestCluster::builder()
         .shards(1)
         .configure(|c| {
@@ -179,7 +197,7 @@ async fn a_fill_in_flight_does_not_bring_purged_media_back() {
     let mut a = cluster.client().await;
     let mut b = Client::connect(cluster.add_replica().await).await.unwrap();
     let _cluster = cluster;
-    let size = 200 * 1024;
+    let size = 1024 * 1024;
     let key = media_key("example.org", "inflight", "");
     let data = body(size, 3);
     assert!(
@@ -188,13 +206,19 @@ async fn a_fill_in_flight_does_not_bring_purged_media_back() {
             .unwrap()
             .stored
     );
+    let before = getrange_calls(&_cluster.shards[0]).await;
     a.get_bytes(key.clone()).await.unwrap().expect("first read");
+    let after = getrange_calls(&_cluster.shards[0]).await;
 
     // The second read fills A's memory as it streams; its client reads one message, then waits.
-    let mut raw =
-        mediacache::proto::media_cache_client::MediaCacheClient::connect(_cluster.endpoint())
-            .await
-            .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(_cluster.endpoint())
+        .unwrap()
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(64 * 1024)
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = mediacache::proto::media_cache_client::MediaCacheClient::new(channel);
     let mut stream = raw
         .get(GetRequest {
             key: Some(key.clone()),
@@ -205,10 +229,26 @@ async fn a_fill_in_flight_does_not_bring_purged_media_back() {
         .into_inner();
     let first = stream.message().await.unwrap().unwrap();
     assert!(matches!(first.kind, Some(get_response::Kind::Info(_))));
-
-    let purged = b.purge(key.clone(), false, true).await.unwrap();
-    assert_eq!(purged.removed, 1);
+    // The first window's chunks, which sets off the reads of the windows after it; then every
+    // window has been read from Redis (as many reads as the first read took).
     let mut read = 0;
+    while read < 256 * 1024 {
+        if let Some(get_response::Kind::Chunk(c)) = stream.message().await.unwrap().unwrap().kind {
+            read += c.len();
+        }
+    }
+    eventually(
+        "the second read's Redis reads",
+        Duration::from_secs(10),
+        || async {
+            (getrange_calls(&_cluster.shards[0]).await >= after + (after - before)).then_some(())
+        },
+    )
+    .await;
+
+    // A plain purge: with `quarantine` the media would be a miss here anyway, copy or not.
+    let purged = b.purge(key.clone(), false, false).await.unwrap();
+    assert_eq!(purged.removed, 1);
     while let Some(m) = stream.message().await.unwrap() {
         if let Some(get_response::Kind::Chunk(c)) = m.kind {
             read += c.len();
