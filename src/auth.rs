@@ -15,6 +15,7 @@ use tonic::Status;
 use tracing::{debug, info, warn};
 
 use crate::config::AuthConfig;
+use crate::wire::{HEALTH_PREFIX as PUBLIC_PREFIX, READ_ONLY_PATHS as READ_ONLY_METHODS};
 
 /// How often the token files are re-read. Kubernetes updates a mounted Secret within about a
 /// minute; reading a few small files this often costs nothing.
@@ -34,17 +35,6 @@ pub enum Access {
     /// `Get`, `Stat`, `RingStatus` and `Stats`.
     ReadOnly,
 }
-
-/// RPCs a read-only token may call.
-const READ_ONLY_METHODS: &[&str] = &[
-    "/mediacache.v1.MediaCache/Get",
-    "/mediacache.v1.MediaCache/Stat",
-    "/mediacache.v1.CacheAdmin/RingStatus",
-    "/mediacache.v1.CacheAdmin/Stats",
-];
-
-/// Paths open to everyone: health checks come from probes and load balancers.
-const PUBLIC_PREFIX: &str = "/grpc.health.v1.Health/";
 
 /// SHA-256 digests of the accepted tokens, each with the file it came from. Comparing
 /// fixed-size digests, every one of them, without stopping at the first match, keeps the

@@ -28,15 +28,10 @@ use crate::proto::{
     PurgeOriginRequest, PurgeRequest, PurgeResponse, PutHeader, PutRequest, PutResponse,
     RingStatusRequest, RingStatusResponse, StatRequest, StatResponse, StatsRequest, StatsResponse,
 };
+use crate::wire;
 
 /// Chunk size the client sends on Put.
 pub const PUT_CHUNK_BYTES: usize = 256 * 1024;
-/// Largest HTTP/2 frame the server may send: a whole chunk goes out in a few frames (each one a
-/// write on the server) instead of sixteen per 256 KiB at the protocol's default 16 KiB.
-pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
-/// How far the server may run ahead of this client's reads: per download, and per connection.
-pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -193,9 +188,9 @@ impl Client {
         };
         let channel = endpoint
             .tcp_nodelay(true)
-            .max_frame_size(MAX_FRAME_BYTES)
-            .initial_stream_window_size(STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .max_frame_size(wire::MAX_FRAME_BYTES)
+            .initial_stream_window_size(wire::CLIENT_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(wire::CLIENT_CONNECTION_WINDOW_BYTES)
             // Dropping a download part-way (a media repo's user went away) resets its stream,
             // and frames already in flight for it then count as errors; h2's default of 1024 per
             // connection would end a long-lived connection to this trusted server.

@@ -19,8 +19,6 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::key::{Key, SCHEMA_MAJOR};
-use crate::store::memory::MemoryStore;
-use crate::store::quarantine::Quarantine;
 
 /// The pub/sub channel, versioned like the keys.
 pub fn channel() -> String {
@@ -121,11 +119,19 @@ pub struct LostLabels {
     pub reason: String,
 }
 
-/// Dispatches events to local waiters and to the memory tier.
+/// What a replica does with the events beyond waking its waiters: the store registers one (it
+/// drops memory-tier copies and records quarantines), so this module knows nothing of the store.
+pub trait Listener: Send + Sync {
+    /// An event arrived (from any shard, or from this replica itself).
+    fn apply(&self, event: &Event);
+    /// Events may have been missed: forget everything that cannot be proven fresh; returns how
+    /// many objects were dropped.
+    fn forget_all(&self) -> u64;
+}
+
+/// Dispatches events to local waiters and to the store's [`Listener`].
 pub struct Events {
-    memory: Arc<MemoryStore>,
-    /// Quarantines announced by other replicas are recorded here at once.
-    quarantine: Arc<Quarantine>,
+    listener: Arc<dyn Listener>,
     /// Waiters per Redis key; entries go away with their last waiter.
     waiters: Mutex<HashMap<String, Weak<Notify>>>,
     /// Times a subscription may have missed events, by shard and reason; exported as
@@ -140,10 +146,9 @@ pub struct Events {
 const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Events {
-    pub fn new(memory: Arc<MemoryStore>, quarantine: Arc<Quarantine>) -> Arc<Self> {
+    pub fn new(listener: Arc<dyn Listener>) -> Arc<Self> {
         Arc::new(Self {
-            memory,
-            quarantine,
+            listener,
             waiters: Mutex::new(HashMap::new()),
             lost: Family::default(),
             warned: Mutex::default(),
@@ -186,7 +191,7 @@ impl Events {
     /// objects dropped. Part of [`Events::lost`], and repeated on its own once a reconnected
     /// subscription is confirmed.
     pub fn forget_all(&self) -> u64 {
-        let dropped = self.memory.clear();
+        let dropped = self.listener.forget_all();
         let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         for n in waiters.values().filter_map(Weak::upgrade) {
             n.notify_waiters();
@@ -218,25 +223,9 @@ impl Events {
     /// Applies an event from any shard (or from this replica itself).
     pub fn handle(&self, event: Event) {
         debug!(?event, "event");
-        match event {
-            Event::Filled { key, version } => {
-                if let (Some(version), Some(k)) = (version, Key::from_redis_key(&key)) {
-                    self.memory.invalidate_except(&k, version);
-                }
-                self.wake(&key);
-            }
-            Event::Released(k) => self.wake(&k),
-            Event::Purge { key, all_variants } => {
-                if all_variants {
-                    self.memory.remove_variants(&key);
-                } else {
-                    self.memory.remove(&key);
-                }
-            }
-            Event::PurgeOrigin(origin) => {
-                self.memory.remove_origin(&origin);
-            }
-            Event::Quarantine { field, until } => self.quarantine.add(&field, until),
+        self.listener.apply(&event);
+        if let Event::Filled { key, .. } | Event::Released(key) = &event {
+            self.wake(key);
         }
     }
 
@@ -287,19 +276,28 @@ mod tests {
         );
     }
 
+    /// Records what it is told, for the dispatch tests.
+    #[derive(Default)]
+    struct Recorder {
+        applied: Mutex<Vec<Event>>,
+        forgotten: std::sync::atomic::AtomicU64,
+    }
+
+    impl Listener for Recorder {
+        fn apply(&self, event: &Event) {
+            self.applied.lock().unwrap().push(event.clone());
+        }
+        fn forget_all(&self) -> u64 {
+            self.forgotten
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            7
+        }
+    }
+
     #[tokio::test]
-    async fn lost_events_drop_the_memory_tier_and_wake_every_waiter() {
-        let memory = Arc::new(MemoryStore::new(&Default::default()));
-        let events = Events::new(memory.clone(), Arc::default());
-        let key = Key::new("example.org", "m", "").unwrap();
-        memory.put(
-            key.clone(),
-            crate::store::memory::Object {
-                info: Default::default(),
-                body: bytes::Bytes::from_static(b"abc"),
-                version: 1,
-            },
-        );
+    async fn lost_events_forget_everything_and_wake_every_waiter() {
+        let recorder = Arc::new(Recorder::default());
+        let events = Events::new(recorder.clone());
         let (a, b) = (events.watch("a"), events.watch("b"));
         let (woken_a, woken_b) = (a.notified(), b.notified());
         events.lost("shard-0", "lagged");
@@ -309,7 +307,10 @@ mod tests {
         })
         .await
         .expect("every waiter woken");
-        assert!(memory.get(&key).is_none(), "the memory tier is dropped");
+        let forgotten = recorder
+            .forgotten
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(forgotten, 1, "the store is told to forget");
         let counted = events
             .lost
             .get_or_create(&LostLabels {
@@ -322,10 +323,8 @@ mod tests {
 
     #[tokio::test]
     async fn waiters_are_woken_by_fills() {
-        let events = Events::new(
-            Arc::new(MemoryStore::new(&Default::default())),
-            Arc::default(),
-        );
+        let recorder = Arc::new(Recorder::default());
+        let events = Events::new(recorder.clone());
         let n = events.watch("k");
         let woken = n.notified();
         events.handle(Event::Released("other".into()));
@@ -333,5 +332,10 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), woken)
             .await
             .expect("woken");
+        assert_eq!(
+            recorder.applied.lock().unwrap().len(),
+            2,
+            "the store sees each event"
+        );
     }
 }

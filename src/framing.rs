@@ -23,7 +23,6 @@ use crate::proto::media_cache_server::MediaCacheServer;
 use crate::proto::{get_response, GetRequest, GetResponse};
 use crate::service::MediaCacheService;
 
-const GET_PATH: &str = "/mediacache.v1.MediaCache/Get";
 /// gRPC's message prefix: a compression flag and a big-endian length.
 const PREFIX: usize = 5;
 /// A `GetRequest` is a key and a few numbers; a bigger request is refused before it is buffered.
@@ -64,7 +63,7 @@ impl tower_service::Service<http::Request<Body>> for MediaCacheRoutes {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != GET_PATH {
+        if request.uri().path() != crate::wire::GET_PATH {
             return self.generated.call(request);
         }
         let service = self.service.clone();

@@ -19,11 +19,14 @@
 //! - [`tls`]: TLS on the gRPC port, with certificates reloaded when their files change.
 //! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz`.
 //! - [`client`]: a small typed client for Rust users and the CLI.
+//! - [`clock`]: wall-clock time shared with other processes (quarantine ends, timestamps).
+//! - [`wire`]: HTTP/2 sizes and method paths that the server and the client agree on.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod events;
 pub mod framing;
@@ -38,6 +41,7 @@ pub mod sim;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod wire;
 
 /// Code generated from `proto/mediacache/v1/mediacache.proto`.
 pub mod proto {

@@ -230,7 +230,7 @@ impl Reloader {
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
         self.stats
             .last_applied_unix
-            .store(crate::telemetry::unix_now(), Ordering::Relaxed);
+            .store(crate::clock::unix_secs(), Ordering::Relaxed);
         if let Ok(mut last) = self.stats.last_error.lock() {
             last.clear();
         }

@@ -24,10 +24,11 @@ use crate::ring::Ring;
 use crate::service::{CacheAdminService, Drain, MediaCacheService};
 use crate::shard::Shard;
 use crate::store::{
-    memory::MemoryStore, quarantine::Quarantine, redis::RedisStore, Settings, Store,
+    memory::MemoryStore, quarantine::Quarantine, redis::RedisStore, Settings, Store, StoreListener,
 };
 use crate::telemetry::{self, Metrics, Sources};
 use crate::tls::Tls;
+use crate::{clock, wire};
 
 /// Per connection; high enough for busy media repos, still a bound against a hostile peer.
 const MAX_LOCAL_ERROR_RESETS: usize = 1 << 16;
@@ -82,7 +83,10 @@ pub async fn run(
         .map(|tls| AbortOnDrop(tokio::spawn(tls.clone().watch())));
     let memory = Arc::new(MemoryStore::new(&config.memory));
     let quarantine = Arc::new(Quarantine::default());
-    let events = Events::new(memory.clone(), quarantine.clone());
+    let events = Events::new(Arc::new(StoreListener::new(
+        memory.clone(),
+        quarantine.clone(),
+    )));
     let shards = connect_shards(&config, &events).await?;
     let members = shards
         .into_iter()
@@ -109,7 +113,7 @@ pub async fn run(
     let reloads = Arc::new(ReloadStats::default());
     reloads
         .last_applied_unix
-        .store(telemetry::unix_now(), std::sync::atomic::Ordering::Relaxed);
+        .store(clock::unix_secs(), std::sync::atomic::Ordering::Relaxed);
     let metrics = Arc::new(Metrics::new(
         ring.clone(),
         events.lost_counter(),
@@ -210,11 +214,9 @@ pub async fn run(
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .max_concurrent_streams(Some(config.limits.max_streams_per_connection))
         // Put chunks in few frames, as the client library does for Get (see `client`).
-        .max_frame_size(Some(crate::client::MAX_FRAME_BYTES))
-        // How much of a Put's body a client may send ahead of the service's reads. Unread data
-        // is buffered here: per connection it stays under the connection window.
-        .initial_stream_window_size(Some(2 * 1024 * 1024))
-        .initial_connection_window_size(Some(8 * 1024 * 1024))
+        .max_frame_size(Some(wire::MAX_FRAME_BYTES))
+        .initial_stream_window_size(Some(wire::SERVER_STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(wire::SERVER_CONNECTION_WINDOW_BYTES))
         // Finds peers that vanished without closing their connections.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

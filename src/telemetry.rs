@@ -448,10 +448,3 @@ fn route<B>(req: &Request<B>, metrics: &Metrics, sources: &Sources) -> Response<
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }
-
-/// Seconds since the Unix epoch, for timestamps in metrics.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}

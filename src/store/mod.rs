@@ -13,7 +13,6 @@ use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{stream, Stream, StreamExt};
@@ -267,11 +266,7 @@ pub enum Committed {
     Quarantined,
 }
 
-pub fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub use crate::clock::unix_ms as now_unix_ms;
 
 /// Store settings that are not the tiers themselves.
 pub struct Settings {
@@ -753,6 +748,50 @@ impl Store {
         };
         let (from_redis, failed) = self.redis.purge(key, all_variants, until).await;
         (from_memory + from_redis, failed)
+    }
+}
+
+/// What the cluster's events do to this replica's store: drop memory-tier copies that a purge
+/// or another publish made stale, and record quarantines announced by other replicas.
+pub struct StoreListener {
+    memory: Arc<MemoryStore>,
+    quarantine: Arc<Quarantine>,
+}
+
+impl StoreListener {
+    pub fn new(memory: Arc<MemoryStore>, quarantine: Arc<Quarantine>) -> Self {
+        Self { memory, quarantine }
+    }
+}
+
+impl crate::events::Listener for StoreListener {
+    fn apply(&self, event: &Event) {
+        match event {
+            Event::Filled {
+                key,
+                version: Some(version),
+            } => {
+                if let Some(k) = Key::from_redis_key(key) {
+                    self.memory.invalidate_except(&k, *version);
+                }
+            }
+            Event::Filled { version: None, .. } | Event::Released(_) => {}
+            Event::Purge { key, all_variants } => {
+                if *all_variants {
+                    self.memory.remove_variants(key);
+                } else {
+                    self.memory.remove(key);
+                }
+            }
+            Event::PurgeOrigin(origin) => {
+                self.memory.remove_origin(origin);
+            }
+            Event::Quarantine { field, until } => self.quarantine.add(field, *until),
+        }
+    }
+
+    fn forget_all(&self) -> u64 {
+        self.memory.clear()
     }
 }
 
