@@ -19,7 +19,6 @@ use tracing::{error, info, warn};
 use crate::config::{self, Config, ConfigError};
 use crate::events::Events;
 use crate::ring::Ring;
-use crate::shard::Shard;
 
 /// How long a reload waits for a new shard's first connection before publishing the ring with
 /// it. The running ring serves meanwhile, so waiting costs nothing but a later switch, while a
@@ -182,40 +181,22 @@ impl Reloader {
         }
 
         let current = self.ring.load_full();
-        let shards = futures_util::future::join_all(next.shards.iter().map(|cfg| {
-            let reuse = current
-                .find(&cfg.name)
-                .filter(|(shard, _)| shard.serves(cfg, &next.redis))
-                .map(|(shard, _)| shard.clone());
-            let redis = next.redis.clone();
-            let events = &self.events;
-            async move {
-                match reuse {
-                    Some(shard) => Ok((shard, cfg.weight)),
-                    None => Shard::connect(
-                        cfg,
-                        &redis,
-                        NEW_SHARD_WAIT.max(redis.connect_timeout),
-                        events,
-                    )
-                    .await
-                    .map(|s| (s, cfg.weight))
-                    .map_err(|e| format!("shards: {}: {e}", cfg.name)),
-                }
-            }
-        }))
-        .await;
-        let members = match shards.into_iter().collect::<Result<Vec<_>, _>>() {
-            Ok(m) => m,
-            Err(message) => return self.reject(&mut state, Some(digest), message),
-        };
         let generation = current.generation + 1;
-        self.ring.store(Arc::new(Ring::new(
+        let wait = NEW_SHARD_WAIT.max(next.redis.connect_timeout);
+        let ring = match Ring::build(
+            &next,
             generation,
             digest.clone(),
-            next.failover,
-            members,
-        )));
+            Some(&current),
+            wait,
+            &self.events,
+        )
+        .await
+        {
+            Ok(ring) => ring,
+            Err(message) => return self.reject(&mut state, Some(digest), message),
+        };
+        self.ring.store(Arc::new(ring));
         drop(current);
         let changes = Changes::between(&state.applied, &next);
         info!(

@@ -143,6 +143,39 @@ impl Ring {
         self.weights[index]
     }
 
+    /// The one way a ring is made from a config, at start and on every reload: connects each
+    /// shard of `config` concurrently, waiting at most `wait` for a first connection (a shard
+    /// that is down still gets a client, which keeps reconnecting), and reuses the shards of
+    /// `previous` whose name, URL and `redis` settings did not change. The error names the
+    /// shard whose client could not be made.
+    pub async fn build(
+        config: &crate::config::Config,
+        generation: u64,
+        digest: String,
+        previous: Option<&Ring>,
+        wait: std::time::Duration,
+        events: &Arc<crate::events::Events>,
+    ) -> Result<Ring, String> {
+        let shards = futures_util::future::join_all(config.shards.iter().map(|cfg| {
+            let reuse = previous
+                .and_then(|ring| ring.find(&cfg.name))
+                .filter(|(shard, _)| shard.serves(cfg, &config.redis))
+                .map(|(shard, _)| shard.clone());
+            async move {
+                let shard = match reuse {
+                    Some(shard) => shard,
+                    None => Shard::connect(cfg, &config.redis, wait, events)
+                        .await
+                        .map_err(|e| format!("shards: {}: {e}", cfg.name))?,
+                };
+                Ok::<_, String>((shard, cfg.weight))
+            }
+        }))
+        .await;
+        let members = shards.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(Ring::new(generation, digest, config.failover, members))
+    }
+
     pub fn find(&self, name: &str) -> Option<(&Arc<Shard>, u32)> {
         self.shards
             .iter()

@@ -13,7 +13,7 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::auth::{Auth, AuthLayer};
-use crate::config::{Config, Loaded};
+use crate::config::Loaded;
 use crate::events::Events;
 use crate::framing::MediaCacheRoutes;
 use crate::proto::{
@@ -22,7 +22,6 @@ use crate::proto::{
 use crate::reload::{ReloadStats, Reloader};
 use crate::ring::Ring;
 use crate::service::{CacheAdminService, Drain, MediaCacheService};
-use crate::shard::Shard;
 use crate::store::{
     memory::MemoryStore, quarantine::Quarantine, redis::RedisStore, Settings, Store, StoreListener,
 };
@@ -40,28 +39,8 @@ const MAX_MESSAGE_BYTES: usize = crate::config::MAX_CHUNK_BYTES as usize + 64 * 
 /// How often each shard's real memory use and key count are read for metrics.
 const SHARD_POLL: Duration = Duration::from_secs(5);
 
-/// Connects every shard of `config` concurrently. A shard that is down still gets a client,
-/// which keeps reconnecting in the background.
-pub async fn connect_shards(
-    config: &Config,
-    events: &Arc<Events>,
-) -> anyhow::Result<Vec<Arc<Shard>>> {
-    let shards = futures_util::future::join_all(
-        config
-            .shards
-            .iter()
-            .map(|s| Shard::connect(s, &config.redis, config.redis.connect_timeout, events)),
-    )
-    .await;
-    shards
-        .into_iter()
-        .zip(&config.shards)
-        .map(|(r, cfg)| r.map_err(|e| anyhow::anyhow!("shard {}: {e}", cfg.name)))
-        .collect()
-}
-
 /// Serves on `listener` until `shutdown` completes, then drains in-flight streams for up to
-/// [`DRAIN_GRACE`].
+/// `shutdown_grace`.
 pub async fn run(
     listener: TcpListener,
     loaded: Loaded,
@@ -87,18 +66,17 @@ pub async fn run(
         memory.clone(),
         quarantine.clone(),
     )));
-    let shards = connect_shards(&config, &events).await?;
-    let members = shards
-        .into_iter()
-        .zip(&config.shards)
-        .map(|(shard, cfg)| (shard, cfg.weight))
-        .collect();
-    let ring = Arc::new(ArcSwap::from_pointee(Ring::new(
+    let first = Ring::build(
+        &config,
         1,
         digest.clone(),
-        config.failover,
-        members,
-    )));
+        None,
+        config.redis.connect_timeout,
+        &events,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let ring = Arc::new(ArcSwap::from_pointee(first));
     let store = Arc::new(Store::new(
         memory.clone(),
         RedisStore::new(ring.clone(), config.chunk_bytes, config.redis.temp_key_ttl),
