@@ -494,49 +494,53 @@ impl Config {
 
     /// Names of the settings that differ from `running` and only take effect after a restart.
     pub fn needs_restart(&self, running: &Config) -> Vec<&'static str> {
+        // Destructured, so that a new field cannot be added without deciding here whether it
+        // is live.
+        let Config {
+            listen,
+            metrics_listen,
+            chunk_bytes,
+            max_object_bytes,
+            memory,
+            shards: _,
+            failover: _,
+            redis: _,
+            reload,
+            lease_ttl,
+            quarantine_ttl,
+            quarantine_sync,
+            log,
+            limits,
+            auth,
+            tls,
+            shutdown_grace,
+        } = self;
         let mut changed = Vec::new();
-        if self.listen != running.listen {
-            changed.push("listen");
-        }
-        if self.metrics_listen != running.metrics_listen {
-            changed.push("metrics_listen");
-        }
-        if self.chunk_bytes != running.chunk_bytes {
-            changed.push("chunk_bytes");
-        }
-        if self.max_object_bytes != running.max_object_bytes {
-            changed.push("max_object_bytes");
-        }
-        if self.memory != running.memory {
-            changed.push("memory");
-        }
-        if self.reload != running.reload {
-            changed.push("reload");
-        }
-        if self.lease_ttl != running.lease_ttl {
-            changed.push("lease_ttl");
-        }
-        if self.quarantine_ttl != running.quarantine_ttl {
-            changed.push("quarantine_ttl");
-        }
-        if self.quarantine_sync != running.quarantine_sync {
-            changed.push("quarantine_sync");
-        }
-        if self.shutdown_grace != running.shutdown_grace {
-            changed.push("shutdown_grace");
-        }
-        if self.log != running.log {
-            changed.push("log");
-        }
-        if self.limits != running.limits {
-            changed.push("limits");
-        }
-        if self.auth != running.auth {
-            changed.push("auth");
-        }
-        if self.tls != running.tls {
-            changed.push("tls");
-        }
+        let mut check = |name: &'static str, differs: bool| {
+            if differs {
+                changed.push(name);
+            }
+        };
+        check("listen", *listen != running.listen);
+        check("metrics_listen", *metrics_listen != running.metrics_listen);
+        check("chunk_bytes", *chunk_bytes != running.chunk_bytes);
+        check(
+            "max_object_bytes",
+            *max_object_bytes != running.max_object_bytes,
+        );
+        check("memory", *memory != running.memory);
+        check("reload", *reload != running.reload);
+        check("lease_ttl", *lease_ttl != running.lease_ttl);
+        check("quarantine_ttl", *quarantine_ttl != running.quarantine_ttl);
+        check(
+            "quarantine_sync",
+            *quarantine_sync != running.quarantine_sync,
+        );
+        check("shutdown_grace", *shutdown_grace != running.shutdown_grace);
+        check("log", *log != running.log);
+        check("limits", *limits != running.limits);
+        check("auth", *auth != running.auth);
+        check("tls", *tls != running.tls);
         changed
     }
 

@@ -11,7 +11,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::future::BoxFuture;
-use futures_util::{FutureExt, Stream};
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use prost::Message;
 use tonic::body::Body;
@@ -21,7 +21,7 @@ use tonic::{Code, Status};
 
 use crate::proto::media_cache_server::MediaCacheServer;
 use crate::proto::{get_response, GetRequest, GetResponse};
-use crate::service::MediaCacheService;
+use crate::service::{GetStream, MediaCacheService};
 
 /// gRPC's message prefix: a compression flag and a big-endian length.
 const PREFIX: usize = 5;
@@ -147,8 +147,6 @@ async fn read_request(body: Body) -> Result<GetRequest, Status> {
     GetRequest::decode(message)
         .map_err(|e| Status::invalid_argument(format!("request: not a GetRequest: {e}")))
 }
-
-type GetStream = Pin<Box<dyn Stream<Item = Result<GetResponse, Status>> + Send>>;
 
 /// The response body: each message length-prefixed; a chunk as its prefix and field header,
 /// then its bytes untouched; then the status as trailers.

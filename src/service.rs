@@ -341,7 +341,8 @@ impl MediaCacheService {
     }
 }
 
-type GetStream = Pin<Box<dyn Stream<Item = Result<GetResponse, Status>> + Send>>;
+/// A Get's response messages, as the hand-made framing (`framing`) sends them.
+pub type GetStream = Pin<Box<dyn Stream<Item = Result<GetResponse, Status>> + Send>>;
 
 /// The next message of a client stream, or `DEADLINE_EXCEEDED` if the client sends nothing
 /// for `idle`.
