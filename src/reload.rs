@@ -221,13 +221,14 @@ impl Reloader {
         Outcome::Applied(generation)
     }
 
-    /// Reloads on file events (debounced), on SIGHUP, and every `reload.interval`, until the
-    /// task is dropped.
-    pub async fn run(self: Arc<Self>) {
+    /// Starts watching the config now (so that a change made the moment after this returns is
+    /// seen), and returns the task that reloads on file events (debounced), on SIGHUP, and every
+    /// `reload.interval`, until it is dropped.
+    pub fn start(self: Arc<Self>) -> impl std::future::Future<Output = ()> {
         let reload = &self.running.reload;
-        let (tx, mut events) = mpsc::unbounded_channel::<()>();
+        let (tx, events) = mpsc::unbounded_channel::<()>();
         let dir = watch_dir(&self.path);
-        let mut watcher = if reload.watch {
+        let watcher = if reload.watch {
             match notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
                 let _ = tx.send(());
             }) {
@@ -246,7 +247,18 @@ impl Reloader {
             drop(tx);
             None
         };
-        let mut hangup = hangup_signal();
+        let hangup = hangup_signal();
+        self.run(watcher, dir, events, hangup)
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        mut watcher: Option<notify::RecommendedWatcher>,
+        dir: PathBuf,
+        mut events: mpsc::UnboundedReceiver<()>,
+        mut hangup: mpsc::UnboundedReceiver<()>,
+    ) {
+        let reload = &self.running.reload;
         let period = if reload.interval.is_zero() {
             Duration::from_secs(365 * 24 * 3600)
         } else {

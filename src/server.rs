@@ -136,7 +136,7 @@ pub async fn run(
             reloads.clone(),
             events,
         ));
-        AbortOnDrop(tokio::spawn(reloader.run()))
+        AbortOnDrop(tokio::spawn(reloader.start()))
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
