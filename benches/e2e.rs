@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ use fred::prelude::{Builder, ClientLike, Config as FredConfig, KeysInterface, Po
 use mediacache::client::{media_key, Client};
 use mediacache::proto::{MediaInfo, MediaKey};
 use serde::Serialize;
-use support::{rss_bytes, Service};
+use support::{rss_bytes, sample_rss, Service};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -607,21 +607,6 @@ async fn load(rig: &Rig, size: usize, objects: usize) {
         objects as u64,
         "every {size}-byte object should be in the memory tier"
     );
-}
-
-/// Samples a process's RSS until stopped; returns the peak.
-fn sample_rss(pid: u32) -> (Arc<AtomicBool>, tokio::task::JoinHandle<u64>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let task = tokio::spawn(async move {
-        let mut peak = 0;
-        while !flag.load(Ordering::Relaxed) {
-            peak = peak.max(rss_bytes(pid));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        peak
-    });
-    (stop, task)
 }
 
 #[derive(Serialize)]

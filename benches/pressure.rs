@@ -15,30 +15,20 @@
 mod common;
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{body, RedisShard};
 use fred::prelude::ClientLike;
 use mediacache::client::{media_key, Client};
 use mediacache::proto::MediaInfo;
-use support::{rss_bytes, Service};
+use support::{rss_bytes, sample_rss, Service};
 
 const MIB: u64 = 1024 * 1024;
 
 /// Runs `work` while sampling `pid`'s RSS; returns the peak.
 async fn peak_rss<F: std::future::Future<Output = ()>>(pid: u32, work: F) -> u64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let sampler = tokio::spawn(async move {
-        let mut peak = 0;
-        while !flag.load(Ordering::Relaxed) {
-            peak = peak.max(rss_bytes(pid));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        peak
-    });
+    let (stop, sampler) = sample_rss(pid);
     work.await;
     stop.store(true, Ordering::Relaxed);
     sampler.await.unwrap().max(rss_bytes(pid))

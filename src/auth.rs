@@ -15,7 +15,7 @@ use tonic::Status;
 use tracing::{debug, info, warn};
 
 use crate::config::AuthConfig;
-use crate::wire::{HEALTH_PREFIX as PUBLIC_PREFIX, READ_ONLY_PATHS as READ_ONLY_METHODS};
+use crate::wire::{HEALTH_PREFIX, READ_ONLY_PATHS};
 
 /// How often the token files are re-read. Kubernetes updates a mounted Secret within about a
 /// minute; reading a few small files this often costs nothing.
@@ -105,7 +105,7 @@ impl Auth {
             match read_token(path) {
                 Ok(token) => next.push(path, &token, access),
                 Err(TokenError::Missing(e)) => {
-                    if current.tokens.iter().any(|(p, ..)| p == path) {
+                    if current.holds(path) {
                         info!(file = %path.display(), "token file removed; its token is revoked");
                     }
                     debug!(key, i, error = %e, "token file missing");
@@ -120,7 +120,7 @@ impl Auth {
                     if now.duration_since(since) < UNREADABLE_GRACE {
                         next.tokens
                             .extend(current.tokens.iter().filter(|(p, ..)| p == path).cloned());
-                    } else if current.tokens.iter().any(|(p, ..)| p == path) {
+                    } else if current.holds(path) {
                         warn!(key, i, error = %e, "token file still unreadable; its token is revoked");
                     }
                 }
@@ -140,7 +140,7 @@ impl Auth {
         path: &str,
         authorization: Option<&[u8]>,
     ) -> Result<Option<Access>, Status> {
-        if path.starts_with(PUBLIC_PREFIX) {
+        if path.starts_with(HEALTH_PREFIX) {
             return Ok(None);
         }
         let Some(header) = authorization else {
@@ -154,9 +154,7 @@ impl Auth {
             .ok_or_else(|| Status::unauthenticated("authorization: expected \"Bearer TOKEN\""))?;
         match self.tokens.load().check(token.trim_ascii()) {
             Some(Access::Full) => Ok(Some(Access::Full)),
-            Some(Access::ReadOnly) if READ_ONLY_METHODS.contains(&path) => {
-                Ok(Some(Access::ReadOnly))
-            }
+            Some(Access::ReadOnly) if READ_ONLY_PATHS.contains(&path) => Ok(Some(Access::ReadOnly)),
             Some(Access::ReadOnly) => Err(Status::permission_denied(format!(
                 "authorization: a read-only token may not call {path}"
             ))),
@@ -168,6 +166,11 @@ impl Auth {
 }
 
 impl TokenSet {
+    /// Whether a token from `path` is in the set.
+    fn holds(&self, path: &Path) -> bool {
+        self.tokens.iter().any(|(p, ..)| p == path)
+    }
+
     fn push(&mut self, path: &Path, token: &str, access: Access) {
         self.tokens.push((
             path.to_owned(),

@@ -21,7 +21,7 @@ use crate::proto::{
     StatsResponse,
 };
 use crate::reload::ReloadStats;
-use crate::store::{now_unix_ms, Committed, Lookup, Refusal, Store, StoreError};
+use crate::store::{Committed, Lookup, Refusal, Store, StoreError};
 use crate::telemetry::Metrics;
 
 /// Everything a handler can fail with; [`to_status`] is the one place it becomes a `Status`.
@@ -240,15 +240,52 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
         &self,
         req: Request<Streaming<PutRequest>>,
     ) -> Result<Response<PutResponse>, Status> {
-        self.serve_put(req).await
+        let started = Instant::now();
+        let _active = self.drain.enter()?;
+        let span = request_span("put");
+        let limit = self.limits.request_timeout;
+        let answer = tokio::time::timeout(limit, self.handle_put(req).instrument(span.clone()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(format!(
+                    "limits.request_timeout: the Put ran longer than {limit:?}"
+                )))
+            });
+        let outcome = match &answer {
+            Ok(r) if r.get_ref().stored => "stored",
+            Ok(_) => "refused",
+            Err(_) => "error",
+        };
+        self.metrics.request("put", outcome, started.elapsed());
+        finished(&span, outcome, 0, started);
+        answer
     }
 
     async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
-        self.serve_stat(req).await
+        let started = Instant::now();
+        let _active = self.drain.enter()?;
+        let span = request_span("stat");
+        let answer = self.handle_stat(req).instrument(span.clone()).await;
+        let outcome = match &answer {
+            Ok(r) if r.get_ref().found => "hit",
+            Ok(_) => "miss",
+            Err(_) => "error",
+        };
+        self.metrics.request("stat", outcome, started.elapsed());
+        finished(&span, outcome, 0, started);
+        answer
     }
 
     async fn purge(&self, req: Request<PurgeRequest>) -> Result<Response<PurgeResponse>, Status> {
-        self.serve_purge(req).await
+        let started = Instant::now();
+        let _active = self.drain.enter()?;
+        let span = request_span("purge");
+        let answer = self.handle_purge(req).instrument(span.clone()).await;
+        self.metrics.purges.inc();
+        let outcome = if answer.is_ok() { "ok" } else { "error" };
+        self.metrics.request("purge", outcome, started.elapsed());
+        finished(&span, outcome, 0, started);
+        answer
     }
 }
 
@@ -279,64 +316,6 @@ impl MediaCacheService {
             self.metrics.request("get", "error", started.elapsed());
             finished(&span, "error", 0, started);
         }
-        answer
-    }
-
-    async fn serve_put(
-        &self,
-        req: Request<Streaming<PutRequest>>,
-    ) -> Result<Response<PutResponse>, Status> {
-        let started = Instant::now();
-        let _active = self.drain.enter()?;
-        let span = request_span("put");
-        let limit = self.limits.request_timeout;
-        let answer = tokio::time::timeout(limit, self.handle_put(req).instrument(span.clone()))
-            .await
-            .unwrap_or_else(|_| {
-                Err(Status::deadline_exceeded(format!(
-                    "limits.request_timeout: the Put ran longer than {limit:?}"
-                )))
-            });
-        let outcome = match &answer {
-            Ok(r) if r.get_ref().stored => "stored",
-            Ok(_) => "refused",
-            Err(_) => "error",
-        };
-        self.metrics.request("put", outcome, started.elapsed());
-        finished(&span, outcome, 0, started);
-        answer
-    }
-
-    async fn serve_stat(
-        &self,
-        req: Request<StatRequest>,
-    ) -> Result<Response<StatResponse>, Status> {
-        let started = Instant::now();
-        let _active = self.drain.enter()?;
-        let span = request_span("stat");
-        let answer = self.handle_stat(req).instrument(span.clone()).await;
-        let outcome = match &answer {
-            Ok(r) if r.get_ref().found => "hit",
-            Ok(_) => "miss",
-            Err(_) => "error",
-        };
-        self.metrics.request("stat", outcome, started.elapsed());
-        finished(&span, outcome, 0, started);
-        answer
-    }
-
-    async fn serve_purge(
-        &self,
-        req: Request<PurgeRequest>,
-    ) -> Result<Response<PurgeResponse>, Status> {
-        let started = Instant::now();
-        let _active = self.drain.enter()?;
-        let span = request_span("purge");
-        let answer = self.handle_purge(req).instrument(span.clone()).await;
-        self.metrics.purges.inc();
-        let outcome = if answer.is_ok() { "ok" } else { "error" };
-        self.metrics.request("purge", outcome, started.elapsed());
-        finished(&span, outcome, 0, started);
         answer
     }
 }
@@ -546,7 +525,7 @@ impl MediaCacheService {
         if info.size > self.max_object_bytes {
             return Ok(put_answer(PutOutcome::TooLarge));
         }
-        info.stored_at_unix_ms = now_unix_ms();
+        info.stored_at_unix_ms = crate::clock::unix_ms();
 
         // Whatever way this Put ends (stored, refused, failed, or the client gone), the lease it
         // names is given up at once, so waiters need not sit out its TTL.

@@ -56,31 +56,29 @@ async fn listen(
     let _ = subscriber.subscribe(channel()).await;
     let mut connected_before = false;
     loop {
-        let lost = tokio::select! {
-            message = messages.recv() => match message {
-                Ok(message) => {
-                    let Some(events) = events.upgrade() else { return };
-                    if let Some(text) = message.value.as_str() {
-                        events.handle_message(&text);
+        tokio::select! {
+            message = messages.recv() => {
+                let Some(events) = events.upgrade() else { return };
+                match message {
+                    Ok(message) => {
+                        if let Some(text) = message.value.as_str() {
+                            events.handle_message(&text);
+                        }
                     }
-                    None
+                    Err(RecvError::Lagged(n)) => {
+                        debug!(shard = %shard, missed = n, "event subscription lagged");
+                        events.lost(&shard, "lagged");
+                    }
+                    Err(RecvError::Closed) => return,
                 }
-                Err(RecvError::Lagged(n)) => {
-                    debug!(shard = %shard, missed = n, "event subscription lagged");
-                    Some("lagged")
-                }
-                Err(RecvError::Closed) => return,
-            },
+            }
             reconnect = reconnects.recv() => match reconnect {
                 // The first connection missed nothing: nothing was cached from events before it.
-                Ok(_) if !connected_before => {
-                    connected_before = true;
-                    None
-                }
+                Ok(_) if !connected_before => connected_before = true,
                 // Several reconnects at once are still one loss.
                 Ok(_) | Err(RecvError::Lagged(_)) => {
-                    let Some(live) = events.upgrade() else { return };
-                    live.lost(&shard, "reconnected");
+                    let Some(events) = events.upgrade() else { return };
+                    events.lost(&shard, "reconnected");
                     // And once more when the subscription is back, so that nothing published
                     // between the reconnect and the resubscription slips through.
                     let resubscribed = tokio::time::timeout(
@@ -91,17 +89,10 @@ async fn listen(
                     if !matches!(resubscribed, Ok(Ok(()))) {
                         debug!(shard = %shard, "resubscribe not confirmed");
                     }
-                    live.forget_all();
-                    None
+                    events.forget_all();
                 }
                 Err(RecvError::Closed) => return,
             },
-        };
-        if let Some(reason) = lost {
-            let Some(events) = events.upgrade() else {
-                return;
-            };
-            events.lost(&shard, reason);
         }
     }
 }
@@ -165,8 +156,8 @@ return n
 /// The quarantine is also written as a tombstone key with a TTL, the form releases before the
 /// quarantine hash read, so that both honour it while they run side by side.
 /// KEYS: object, variant index, quarantine hash, tombstone. ARGV: all variants ('1'/'0'),
-/// quarantine field ('' for none), its end (unix ms), channel, purge event, quarantine event,
-/// quarantine TTL (ms). Returns the objects deleted.
+/// quarantine field ('' for none), its end (unix ms), channel, purge event, quarantine event.
+/// Returns the objects deleted.
 const PURGE_SCRIPT: &str = concat!(
     lua_now!(),
     r#"
@@ -179,7 +170,7 @@ if ARGV[2] ~= '' then
     redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
     redis.call('HINCRBY', KEYS[3], '~gen', 1)
   end
-  redis.call('SET', KEYS[4], '1', 'PX', ARGV[7])
+  redis.call('SET', KEYS[4], '1', 'PX', math.max(1, tonumber(ARGV[3]) - now))
   redis.call('PUBLISH', ARGV[4], ARGV[6])
 end
 local n = 0
@@ -203,10 +194,10 @@ return n
 ///
 /// The hash carries its identity in two fields: `~id` (set when the hash is created, so a hash
 /// that was evicted or lost in a restart comes back as another one) and `~gen` (bumped by every
-/// change); `id:gen` is the token a replica remembers. A pushed field the shard lacked is
-/// written, with the tombstone key that releases before the hash read, and the media's objects
-/// on this shard are deleted with its variant index (a Put may have stored them while the field
-/// was missing). Replicas learn written-back fields by pulling, not by one event per field: a
+/// change); `id:gen` is the token a replica remembers. A pushed field that is new or longer is
+/// written, with the tombstone key that releases before the hash read; if the shard lacked it,
+/// the media's objects on this shard are deleted with its variant index (a Put may have stored
+/// them while the field was missing). Replicas learn written-back fields by pulling, not by one event per field: a
 /// hash of thousands lost at once would overflow every replica's event buffer.
 /// KEYS: quarantine hash. ARGV: variant index prefix, media tombstone prefix, origin tombstone
 /// prefix, the caller's token ('' none), then (field, end) for each pushed quarantine.
@@ -229,12 +220,15 @@ for i = 5, #ARGV, 2 do
   if want > now and want > current then
     redis.call('HSET', KEYS[1], field, ARGV[i + 1])
     redis.call('HINCRBY', KEYS[1], '~gen', 1)
+    local whole_origin = string.sub(field, -2) == '|*'
+    if whole_origin then
+      redis.call('SET', ARGV[3] .. string.sub(field, 1, -3), '1', 'PX', want - now)
+    else
+      redis.call('SET', ARGV[2] .. field, '1', 'PX', want - now)
+    end
     if current <= now then
       table.insert(lacked, field)
-      if string.sub(field, -2) == '|*' then
-        redis.call('SET', ARGV[3] .. string.sub(field, 1, -3), '1', 'PX', want - now)
-      else
-        redis.call('SET', ARGV[2] .. field, '1', 'PX', want - now)
+      if not whole_origin then
         local index = ARGV[1] .. field
         for _, k in ipairs(redis.call('SMEMBERS', index)) do
           redis.call('DEL', k)
@@ -642,13 +636,12 @@ impl Shard {
     pub async fn read_first_shared(
         self: &Arc<Self>,
         key: &str,
-        index: &str,
+        index: String,
         len: usize,
         prefix_len: usize,
     ) -> Result<FirstRead, ShardError> {
         let shard = self.clone();
         let owned = key.to_owned();
-        let index = index.to_owned();
         self.coalesce(|s| &s.first_reads, (owned.clone(), len), async move {
             shard.read_first(&owned, &index, len, prefix_len).await
         })
@@ -814,10 +807,10 @@ impl Shard {
 
     /// Merges `quarantines` (field, end in unix ms) into this shard's quarantine hash (see
     /// [`QUARANTINE_SYNC_SCRIPT`]); `known` is the token this caller saw last.
-    pub async fn sync_quarantine(
+    pub async fn sync_quarantine<'a>(
         &self,
         known: &str,
-        quarantines: &[(String, i64)],
+        quarantines: impl IntoIterator<Item = (&'a str, i64)>,
     ) -> Result<QuarantineSync, ShardError> {
         self.check_up()?;
         let mut args: Vec<Value> = vec![
@@ -827,7 +820,7 @@ impl Shard {
             Value::from(known),
         ];
         for (field, until) in quarantines {
-            args.extend([Value::from(field.as_str()), Value::from(*until)]);
+            args.extend([Value::from(field), Value::from(until)]);
         }
         let reply: Vec<Value> = self
             .pool
@@ -858,17 +851,17 @@ impl Shard {
     }
 
     /// Deletes `key` (with `all_variants`, every object in its media's variant index), first
-    /// quarantining `quarantine` (field, end in unix ms, time left in ms) if given, then
-    /// announces `event`; one atomic step. Returns the objects deleted.
+    /// quarantining `quarantine` (field, end in unix ms) if given, then announces `event`; one
+    /// atomic step. Returns the objects deleted.
     pub async fn purge(
         &self,
         key: &Key,
         all_variants: bool,
-        quarantine: Option<(String, i64, i64)>,
+        quarantine: Option<(String, i64)>,
         event: String,
     ) -> Result<u64, ShardError> {
         self.check_up()?;
-        let (field, until, ttl) = quarantine.unwrap_or_default();
+        let (field, until) = quarantine.unwrap_or_default();
         let announce = if field.is_empty() {
             String::new()
         } else {
@@ -885,7 +878,6 @@ impl Shard {
             Value::from(channel()),
             Value::from(event),
             Value::from(announce),
-            Value::from(ttl.max(1)),
         ];
         let keys = vec![
             key.redis_key(),
@@ -896,22 +888,6 @@ impl Shard {
         self.pool
             .with_options(&self.options())
             .eval(PURGE_SCRIPT, keys, args)
-            .await
-            .map_err(|e| self.fail(e))
-    }
-
-    /// Writes a tombstone key with a TTL (the quarantine of releases before the hash).
-    pub async fn set_tombstone(&self, tombstone: &str, ttl: Duration) -> Result<(), ShardError> {
-        self.check_up()?;
-        self.pool
-            .with_options(&self.options())
-            .set::<(), _, _>(
-                tombstone,
-                1,
-                Some(Expiration::PX(ttl.as_millis().max(1) as i64)),
-                None,
-                false,
-            )
             .await
             .map_err(|e| self.fail(e))
     }

@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{body, eventually, free_port, TestCluster};
+use common::{body, eventually, TestCluster};
 use fred::interfaces::PubsubInterface;
 use mediacache::client::{media_key, Client};
 use mediacache::proto::{get_response, GetRequest, MediaKey};
@@ -45,7 +45,7 @@ async fn two_replicas(shards: usize, min_downloads: u32) -> (TestCluster, Client
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_events_does_not_silence_a_replica() {
     // A small buffer, so that the burst below overflows it for certain.
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics = common::free_addr();
     let mut cluster = TestCluster::builder()
         .shards(1)
         .configure(|c| {
@@ -138,7 +138,7 @@ async fn metric_sum(addr: SocketAddr, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnected_subscription_drops_the_memory_tier_and_is_counted() {
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics = common::free_addr();
     let mut cluster = TestCluster::builder()
         .shards(2)
         .configure(|c| {

@@ -3,15 +3,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{body, eventually, free_port, RedisShard, TestCluster};
+use common::{body, eventually, RedisShard, TestCluster};
 use mediacache::client::{media_key, Client, Fetched};
 use mediacache::config::ShardConfig;
 use mediacache::proto::{MediaKey, PutOutcome};
-
-const FIELD_OF: fn(&str, &str) -> String = mediacache::key::quarantine_field;
 
 async fn put_outcome(client: &mut Client, key: &MediaKey, seed: u64) -> PutOutcome {
     let answer = client
@@ -33,6 +30,13 @@ async fn held(shard: &RedisShard, field: &str) -> Option<i64> {
     .unwrap();
     let _ = fred::prelude::ClientLike::quit(&c).await;
     v
+}
+
+/// Waits until `shard` holds the quarantine of `origin/media_id` (`what` names the wait);
+/// returns its end.
+async fn held_eventually(shard: &RedisShard, origin: &str, media_id: &str, what: &str) -> i64 {
+    let field = mediacache::key::quarantine_field(origin, media_id);
+    eventually(what, Duration::from_secs(10), || held(shard, &field)).await
 }
 
 /// A replica started now learns the quarantine from the shards, and refuses the media too.
@@ -79,11 +83,11 @@ async fn a_quarantine_survives_a_shard_that_evicts_under_pressure() {
         "a Put after the evictions"
     );
     // Whatever the shard evicted, the replicas write the quarantine back.
-    let field = FIELD_OF("example.org", "quarantined");
-    eventually(
+    held_eventually(
+        &cluster.shards[0],
+        "example.org",
+        "quarantined",
         "the shard holds the quarantine",
-        Duration::from_secs(10),
-        || async { held(&cluster.shards[0], &field).await.map(|_| ()) },
     )
     .await;
     refused_by_a_new_replica(&mut cluster, &bad).await;
@@ -116,12 +120,12 @@ async fn a_quarantine_reaches_a_shard_that_joins_the_ring() {
         PutOutcome::Quarantined,
         "a Put to the new owner"
     );
-    let field = FIELD_OF("example.org", &id);
     cluster.shards.push(joining);
-    eventually(
+    held_eventually(
+        &cluster.shards[1],
+        "example.org",
+        &id,
         "the new shard holds the quarantine",
-        Duration::from_secs(10),
-        || async { held(&cluster.shards[1], &field).await.map(|_| ()) },
     )
     .await;
     refused_by_a_new_replica(&mut cluster, &bad).await;
@@ -129,7 +133,7 @@ async fn a_quarantine_reaches_a_shard_that_joins_the_ring() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quarantine_is_written_back_to_a_shard_restarted_empty() {
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics = common::free_addr();
     let mut cluster = TestCluster::builder()
         .shards(2)
         .configure(|c| c.metrics_listen = Some(metrics))
@@ -138,7 +142,7 @@ async fn a_quarantine_is_written_back_to_a_shard_restarted_empty() {
     let mut client = cluster.client().await;
     let bad = media_key("example.org", "restarted", "");
     quarantine(&mut client, &bad).await;
-    let field = FIELD_OF("example.org", "restarted");
+    let field = mediacache::key::quarantine_field("example.org", "restarted");
     let owner = cluster.owner("example.org", "restarted");
     let before = held(&cluster.shards[owner], &field)
         .await
@@ -164,10 +168,11 @@ async fn a_quarantine_is_written_back_to_a_shard_restarted_empty() {
         PutOutcome::Quarantined,
         "a Put to the emptied shard"
     );
-    let after = eventually(
+    let after = held_eventually(
+        &cluster.shards[owner],
+        "example.org",
+        "restarted",
         "the quarantine written back",
-        Duration::from_secs(10),
-        || async { held(&cluster.shards[owner], &field).await },
     )
     .await;
     assert_eq!(after, before, "with its original end");
@@ -262,11 +267,11 @@ async fn writing_a_quarantine_back_deletes_the_copies_stored_meanwhile() {
     plant(&cluster.shards[0], &bad, value).await;
     plant(&cluster.shards[0], &thumb, thumb_value).await;
     forget(&cluster.shards[0], &bad).await;
-    let field = FIELD_OF("example.org", "escaped");
-    eventually(
+    held_eventually(
+        &cluster.shards[0],
+        "example.org",
+        "escaped",
         "the quarantine written back",
-        Duration::from_secs(10),
-        || async { held(&cluster.shards[0], &field).await.map(|_| ()) },
     )
     .await;
     eventually(

@@ -1,6 +1,9 @@
 //! What the benchmarks share: the service as a separate process, and its resident memory.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use mediacache::client::Client;
 
@@ -15,6 +18,21 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .unwrap_or(0)
         * 1024
+}
+
+/// Samples a process's RSS every 5 ms until the flag is set; the task returns the peak.
+pub fn sample_rss(pid: u32) -> (Arc<AtomicBool>, tokio::task::JoinHandle<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut peak = 0;
+        while !flag.load(Ordering::Relaxed) {
+            peak = peak.max(rss_bytes(pid));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        peak
+    });
+    (stop, task)
 }
 
 /// A service process from the release binary (or the one `MEDIACACHE_BIN` names, e.g. an

@@ -585,6 +585,17 @@ impl MemoryStore {
         self.lock().0.epoch
     }
 
+    /// [`MemoryStore::get`], or when the key is not held, the current [`MemoryStore::epoch`]:
+    /// one look for a read that may go on to fill the tier.
+    pub fn get_or_epoch(&self, key: &Key) -> Result<Arc<Object>, u64> {
+        let h = (self.hasher)(key);
+        let (inner, _) = self.lock();
+        match inner.entries.get(&h).filter(|e| e.key == *key) {
+            Some(entry) => Ok(entry.object.clone()),
+            None => Err(inner.epoch),
+        }
+    }
+
     /// Reserves room for a copy of `key` of `size` bytes that is about to be gathered: checked
     /// by the same policy as an admission (by popularity unless `is_put`), victims evicted now,
     /// and the bytes counted against `max_bytes` until the reservation is used or dropped.
@@ -683,62 +694,57 @@ impl MemoryStore {
 
     /// Removes `key`'s copy; a copy of it being gathered is refused when offered.
     pub fn remove(&self, key: &Key) -> bool {
-        let h = (self.hasher)(key);
-        let (mut inner, _) = self.lock();
-        inner.invalidate(Scope::Key {
-            hash: h,
-            keep: None,
-        });
-        let mine = inner.entries.get(&h).is_some_and(|e| e.key == *key);
-        mine && inner.remove(h).is_some()
+        self.invalidate_key(key, None)
     }
 
     /// Another publish of `key` (`version`) happened: a copy of any other publish is stale.
     pub fn invalidate_except(&self, key: &Key, version: u64) -> bool {
+        self.invalidate_key(key, Some(version))
+    }
+
+    /// Invalidates `key` (all but the copy of publish `keep`, when set); returns whether a held
+    /// copy was dropped.
+    fn invalidate_key(&self, key: &Key, keep: Option<u64>) -> bool {
         let h = (self.hasher)(key);
+        let scope = Scope::Key { hash: h, keep };
         let (mut inner, _) = self.lock();
-        inner.invalidate(Scope::Key {
-            hash: h,
-            keep: Some(version),
-        });
         let stale = inner
             .entries
             .get(&h)
-            .is_some_and(|e| e.key == *key && e.object.version != version);
+            .is_some_and(|e| e.key == *key && scope.covers(key, h, e.object.version));
+        inner.invalidate(scope);
         stale && inner.remove(h).is_some()
     }
 
     /// Removes every variant of `key`'s media; returns how many.
     pub fn remove_variants(&self, key: &Key) -> u64 {
-        self.remove_where(
-            Scope::Media {
-                origin: key.origin().to_owned(),
-                media_id: key.media_id().to_owned(),
-            },
-            |k| k.origin() == key.origin() && k.media_id() == key.media_id(),
-        )
+        self.remove_where(Scope::Media {
+            origin: key.origin().to_owned(),
+            media_id: key.media_id().to_owned(),
+        })
     }
 
     /// Removes every media of `origin`; returns how many objects.
     pub fn remove_origin(&self, origin: &str) -> u64 {
-        self.remove_where(Scope::Origin(origin.to_owned()), |k| k.origin() == origin)
+        self.remove_where(Scope::Origin(origin.to_owned()))
     }
 
     /// Drops every entry and refuses every copy in flight: for when this replica may have
     /// missed invalidations. Returns how many objects were dropped.
     pub fn clear(&self) -> u64 {
-        self.remove_where(Scope::All, |_| true)
+        self.remove_where(Scope::All)
     }
 
-    fn remove_where(&self, scope: Scope, doomed: impl Fn(&Key) -> bool) -> u64 {
+    /// Removes every entry `scope` covers and refuses copies of them in flight.
+    fn remove_where(&self, scope: Scope) -> u64 {
         let (mut inner, _) = self.lock();
-        inner.invalidate(scope);
         let hashes: Vec<u64> = inner
             .entries
             .iter()
-            .filter(|(_, e)| doomed(&e.key))
+            .filter(|(h, e)| scope.covers(&e.key, **h, e.object.version))
             .map(|(h, _)| *h)
             .collect();
+        inner.invalidate(scope);
         hashes
             .into_iter()
             .filter(|h| inner.remove(*h).is_some())

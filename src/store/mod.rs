@@ -18,6 +18,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{stream, Stream, StreamExt};
 use sha2::{Digest, Sha256};
 
+use crate::clock;
 use crate::events::{Event, Events};
 use crate::key::Key;
 use crate::object::LayoutError;
@@ -187,13 +188,15 @@ impl Copy {
         self.buf.extend_from_slice(chunk);
     }
 
-    /// Offers the copy when it holds the whole object (and its digest matches).
+    /// Whether the copy holds exactly the object `info` describes: a read from Redis is checked
+    /// before it is offered (a Put's body was already checked as it arrived).
+    fn is_whole(&self, info: &MediaInfo) -> bool {
+        self.buf.len() as u64 == info.size
+            && (info.sha256.is_empty() || Sha256::digest(&self.buf)[..] == info.sha256[..])
+    }
+
+    /// Offers the complete copy.
     fn offer(self, key: Key, info: MediaInfo, version: u64) -> Admission {
-        let whole = self.buf.len() as u64 == info.size
-            && (info.sha256.is_empty() || Sha256::digest(&self.buf)[..] == info.sha256[..]);
-        if !whole {
-            return Admission::Invalidated;
-        }
         let object = Object {
             info,
             body: self.buf.freeze(),
@@ -266,8 +269,6 @@ pub enum Committed {
     Quarantined,
 }
 
-pub use crate::clock::unix_ms as now_unix_ms;
-
 /// Store settings that are not the tiers themselves.
 pub struct Settings {
     pub chunk_bytes: u64,
@@ -314,15 +315,15 @@ impl Store {
         let plain_miss = Lookup::Miss {
             lease_token: String::new(),
         };
-        // A quarantined media is never filled: no lease, no wait for one.
-        if self.quarantined(key) {
-            return Ok((plain_miss, false));
-        }
         if !want_lease && wait.is_zero() {
             return Ok(match self.get(key, offset, limit).await? {
                 Some(hit) => (Lookup::Hit(hit), false),
                 None => (plain_miss, false),
             });
+        }
+        // A quarantined media is never filled: no lease, no wait for one.
+        if self.quarantined(key) {
+            return Ok((plain_miss, false));
         }
         // Registered before each look, so a fill between the look and the wait is not missed.
         let notify = self.events.watch(&key.redis_key());
@@ -416,13 +417,13 @@ impl Store {
     }
 
     fn quarantined(&self, key: &Key) -> bool {
-        self.quarantine.covers(key, now_unix_ms())
+        self.quarantine.covers(key, clock::unix_ms())
     }
 
     /// Records a quarantine here and returns when it ends (unix ms), for the shards.
-    fn quarantine(&self, field: String) -> i64 {
-        let until = now_unix_ms().saturating_add(self.quarantine_ttl.as_millis() as i64);
-        self.quarantine.add(&field, until);
+    fn quarantine(&self, field: &str) -> i64 {
+        let until = clock::unix_ms().saturating_add(self.quarantine_ttl.as_millis() as i64);
+        self.quarantine.add(field, until);
         until
     }
 
@@ -457,29 +458,33 @@ impl Store {
             return;
         }
         let ring = self.redis.ring();
-        let now = now_unix_ms();
         let generation = self.quarantine.generation();
-        let all = self.quarantine.live(now, 0);
+        let live = self.quarantine.live(clock::unix_ms());
+        let all = || {
+            live.iter()
+                .map(|(field, until, _)| (field.as_str(), *until))
+        };
         let synced = |name: &str| {
             let synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
             synced.get(name).cloned().unwrap_or_default()
         };
         let results = futures_util::future::join_all(ring.shards().iter().map(|shard| {
             let (known, pushed) = synced(shard.name());
-            let all = &all;
+            let live = &live;
             async move {
                 let fresh = known.is_empty();
-                let push = if fresh {
-                    all.clone()
-                } else {
-                    self.quarantine.live(now, pushed)
-                };
-                let first = shard.sync_quarantine(&known, &push).await;
-                let identity = |token: &str| token.split(':').next().unwrap_or("").to_owned();
+                let push = live
+                    .iter()
+                    .filter(|(_, _, set_at)| fresh || *set_at > pushed)
+                    .map(|(field, until, _)| (field.as_str(), *until));
+                let first = shard.sync_quarantine(&known, push).await;
+                fn identity(token: &str) -> &str {
+                    token.split(':').next().unwrap_or("")
+                }
                 let result = match first {
                     // Another hash than the one this replica knew: it may lack anything.
                     Ok(changed) if !fresh && identity(&changed.token) != identity(&known) => shard
-                        .sync_quarantine(&changed.token, all)
+                        .sync_quarantine(&changed.token, all())
                         .await
                         .map(|again| QuarantineSync {
                             held: again.held.or(changed.held),
@@ -568,7 +573,7 @@ impl Store {
         progress: impl FnMut(&str, u64, usize, usize) + Send,
     ) -> (u64, Vec<String>) {
         let until =
-            quarantine.then(|| self.quarantine(crate::key::origin_quarantine_field(origin)));
+            quarantine.then(|| self.quarantine(&crate::key::origin_quarantine_field(origin)));
         let from_memory = self.memory.remove_origin(origin);
         let (from_redis, failed) = self.redis.purge_origin(origin, until, progress).await;
         (from_memory + from_redis, failed)
@@ -596,19 +601,22 @@ impl Store {
         if self.quarantined(key) {
             return Ok(None);
         }
-        if let Some(object) = self.memory.get(key) {
-            let range = Range::new(offset, limit, object.info.size)?;
-            return Ok(Some(Hit {
-                info: object.info.clone(),
-                tier: Tier::Memory,
-                body: memory_chunks(object, range, self.chunk_bytes),
-            }));
-        }
+        // The epoch is taken with the look in memory, before the Redis read: a purge after
+        // this point refuses the copy the read may fill.
+        let since = match self.memory.get_or_epoch(key) {
+            Ok(object) => {
+                let range = Range::new(offset, limit, object.info.size)?;
+                return Ok(Some(Hit {
+                    info: object.info.clone(),
+                    tier: Tier::Memory,
+                    body: memory_chunks(object, range, self.chunk_bytes),
+                }));
+            }
+            Err(epoch) => epoch,
+        };
         if self.redis.is_empty() {
             return Ok(None);
         }
-        // Before the read: a purge after this point refuses the copy the read may fill.
-        let since = self.memory.epoch();
         let Some(located) = self.redis.locate(key, true).await else {
             return Ok(None);
         };
@@ -738,7 +746,7 @@ impl Store {
         quarantine: bool,
     ) -> (u64, Vec<String>) {
         let until = quarantine
-            .then(|| self.quarantine(crate::key::quarantine_field(key.origin(), key.media_id())));
+            .then(|| self.quarantine(&crate::key::quarantine_field(key.origin(), key.media_id())));
         // A quarantine refuses every variant of the media, so it removes every variant too.
         let all_variants = all_variants || quarantine;
         let from_memory = if all_variants {
@@ -857,7 +865,9 @@ fn tee(
             Some(Err(e)) => Some((Err(e), (body, None))),
             None => {
                 if let Some((fill, copy, info)) = pending.take() {
-                    copy.offer(fill.key.clone(), info, version);
+                    if copy.is_whole(&info) {
+                        copy.offer(fill.key.clone(), info, version);
+                    }
                 }
                 None
             }

@@ -12,9 +12,7 @@ use tracing::{debug, warn};
 use super::{body_ranges, chunk_slices, ChunkStream, LeaseAttempt, Range, Refusal, StoreError};
 use crate::config::Failover;
 use crate::events::Event;
-use crate::key::{
-    origin_pattern, origin_quarantine_field, origin_tombstone_key, quarantine_field, temp_key, Key,
-};
+use crate::key::{origin_pattern, origin_quarantine_field, quarantine_field, temp_key, Key};
 use crate::object::{self, Header, MAX_HEADER_LEN, PREFIX_LEN};
 use crate::proto::MediaInfo;
 use crate::ring::Ring;
@@ -87,7 +85,7 @@ impl RedisStore {
             total,
             indexed,
         } = match shard
-            .read_first_shared(&redis_key, &key.variants_key(), first_len, PREFIX_LEN)
+            .read_first_shared(&redis_key, key.variants_key(), first_len, PREFIX_LEN)
             .await
         {
             Ok(found) => found,
@@ -266,13 +264,9 @@ impl RedisStore {
             let before = removed;
             let r = async {
                 if let Some(until) = quarantine {
-                    shard
-                        .sync_quarantine("", &[(origin_quarantine_field(origin), until)])
-                        .await?;
-                    let ttl = Duration::from_millis((until - super::now_unix_ms()).max(1) as u64);
-                    shard
-                        .set_tombstone(&origin_tombstone_key(origin), ttl)
-                        .await?;
+                    // Written with its tombstone, like a quarantine a replica writes back.
+                    let field = origin_quarantine_field(origin);
+                    shard.sync_quarantine("", [(field.as_str(), until)]).await?;
                 }
                 let n = shard
                     .delete_matching_with(&origin_pattern(origin), |n| {
@@ -350,10 +344,8 @@ impl RedisStore {
         let results = futures_util::future::join_all(ring.shards().iter().map(|shard| {
             let event = event.clone();
             async move {
-                let quarantine = quarantine.map(|until| {
-                    let field = quarantine_field(key.origin(), key.media_id());
-                    (field, until, until - super::now_unix_ms())
-                });
+                let quarantine =
+                    quarantine.map(|until| (quarantine_field(key.origin(), key.media_id()), until));
                 let r = shard.purge(key, all_variants, quarantine, event).await;
                 (shard.name().to_owned(), r)
             }

@@ -57,6 +57,11 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A loopback address for a listener a test's service binds itself (e.g. `metrics_listen`).
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 /// Whether process `pid` holds the listening socket of loopback `port`: an answer on the port
 /// could come from another process, never from this one's child unless it is listening.
 fn listens_on(pid: u32, port: u16) -> bool {
