@@ -109,23 +109,6 @@ async fn a_burst_of_events_does_not_silence_a_replica() {
     .await;
 }
 
-/// `GETRANGE` commands the shard has run.
-async fn getrange_calls(shard: &common::RedisShard) -> u64 {
-    let c = shard.client().await;
-    let info: String = fred::prelude::ClientLike::custom(
-        &c,
-        fred::types::CustomCommand::new_static("INFO", None, false),
-        vec!["commandstats"],
-    )
-    .await
-    .unwrap();
-    let _ = fred::prelude::ClientLike::quit(&c).await;
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_getrange:calls="))
-        .and_then(|v| v.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Scrapes `/metrics` and sums the samples of `name`.
 async fn metric_sum(addr: SocketAddr, name: &str) -> f64 {
     common::scrape_metrics(addr)
@@ -206,9 +189,9 @@ async fn a_fill_in_flight_does_not_bring_purged_media_back() {
             .unwrap()
             .stored
     );
-    let before = getrange_calls(&_cluster.shards[0]).await;
+    let before = _cluster.shards[0].command_calls("getrange").await;
     a.get_bytes(key.clone()).await.unwrap().expect("first read");
-    let after = getrange_calls(&_cluster.shards[0]).await;
+    let after = _cluster.shards[0].command_calls("getrange").await;
 
     // The second read fills A's memory as it streams; its client reads one message, then waits.
     let channel = tonic::transport::Endpoint::from_shared(_cluster.endpoint())
@@ -241,7 +224,8 @@ async fn a_fill_in_flight_does_not_bring_purged_media_back() {
         "the second read's Redis reads",
         Duration::from_secs(10),
         || async {
-            (getrange_calls(&_cluster.shards[0]).await >= after + (after - before)).then_some(())
+            (_cluster.shards[0].command_calls("getrange").await >= after + (after - before))
+                .then_some(())
         },
     )
     .await;

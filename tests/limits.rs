@@ -245,25 +245,6 @@ async fn a_get_slower_than_the_request_timeout_ends_with_an_error() {
     );
 }
 
-/// GETRANGE calls the shard has served since it started.
-async fn getrange_calls(shard: &common::RedisShard) -> u64 {
-    use fred::prelude::ClientLike;
-    let c = shard.client().await;
-    let info: String = c
-        .custom(
-            fred::types::CustomCommand::new_static("INFO", None, false),
-            vec!["commandstats"],
-        )
-        .await
-        .unwrap();
-    let _ = c.quit().await;
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_getrange:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_for_one_hot_object_shares_its_redis_reads() {
     let cluster = TestCluster::builder()
@@ -286,7 +267,7 @@ async fn a_storm_for_one_hot_object_shares_its_redis_reads() {
             .unwrap()
             .stored
     );
-    let before = getrange_calls(&cluster.shards[0]).await;
+    let before = cluster.shards[0].command_calls("getrange").await;
     let storm = 50;
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(storm));
     let gets: Vec<_> = (0..storm)
@@ -303,7 +284,7 @@ async fn a_storm_for_one_hot_object_shares_its_redis_reads() {
     for get in gets {
         assert_eq!(get.await.unwrap(), body(size, 6));
     }
-    let calls = getrange_calls(&cluster.shards[0]).await - before;
+    let calls = cluster.shards[0].command_calls("getrange").await - before;
     // Alone, one Get of 1 MiB in 256 KiB windows costs 7 GETRANGEs: the header with the first
     // window, then 3 windows each checked against the value's prefix.
     let alone = 7 * storm as u64;

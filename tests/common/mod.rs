@@ -317,6 +317,25 @@ impl RedisShard {
         v
     }
 
+    /// How many times the shard has run `command` (e.g. `getrange`), from `INFO commandstats`;
+    /// commands run inside scripts count too.
+    pub async fn command_calls(&self, command: &str) -> u64 {
+        let c = self.client().await;
+        let info: String = c
+            .custom(
+                fred::types::CustomCommand::new_static("INFO", None, false),
+                vec!["commandstats"],
+            )
+            .await
+            .unwrap();
+        let _ = c.quit().await;
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Clients subscribed to the event channel: one per replica once it hears this shard.
     pub async fn subscribers(&self) -> u64 {
         let c = self.client().await;
