@@ -404,3 +404,22 @@ async fn stats_counts_hits_and_json_logs_are_json() {
         );
     }
 }
+
+#[test]
+fn serve_refuses_a_temp_key_ttl_shorter_than_two_client_pauses() {
+    let port = free_port();
+    let bad = write_config(&format!(
+        "listen: 127.0.0.1:{port}\nredis: {{ temp_key_ttl: 45s }}\nlimits: {{ idle_timeout: 30s }}\n"
+    ));
+    let out = bin()
+        .args(["serve", "--config"])
+        .arg(bad.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("redis.temp_key_ttl: must be at least twice limits.idle_timeout"),
+        "{err}"
+    );
+}

@@ -471,3 +471,33 @@ async fn shard_closing_connections_mid_reply_gives_clean_errors_and_recovers() {
         assert_eq!(got.1, body(size, i as u64));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_whose_temporary_key_vanished_is_not_recreated() {
+    let cluster = TestCluster::builder().shards(1).start().await;
+    let shard = &cluster.shards[0];
+    let key = media_key("example.org", "vanished", "");
+    // 100 KB sent: the temporary key holds the header, the bytes wait for a whole chunk.
+    let put =
+        common::OpenPut::start(cluster.raw().await, key.clone(), body(300_000, 8), 100_000).await;
+    common::temp_key_appears(shard).await;
+    let temp: Vec<String> = shard
+        .keys()
+        .await
+        .into_iter()
+        .filter(|k| k.starts_with("mc:1:tmp:"))
+        .collect();
+    assert_eq!(temp.len(), 1, "{temp:?}");
+    let appends = shard.command_calls("append").await;
+    // The key expires (or the shard restarts) under the Put.
+    shard.raw_command("DEL", temp).await;
+    let answer = put.finish().await;
+    assert!(!answer.stored);
+    assert_eq!(answer.outcome, PutOutcome::Unavailable as i32);
+    assert_eq!(
+        shard.command_calls("append").await,
+        appends,
+        "no APPEND recreated the key without its header"
+    );
+    assert!(shard.keys().await.is_empty(), "nothing left behind");
+}
