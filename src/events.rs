@@ -228,11 +228,28 @@ impl Events {
             self.wake(key);
         }
     }
+}
 
-    pub fn handle_message(&self, text: &str) {
+/// What a shard's subscription delivers: each message decoded and applied, and a possible loss
+/// handled as [`Events::lost`] says.
+impl crate::shard::Subscription for Events {
+    fn channel(&self) -> String {
+        channel()
+    }
+
+    fn message(&self, text: &str) {
+        // Anything malformed (another program on the channel) is ignored.
         if let Some(event) = Event::decode(text) {
             self.handle(event);
         }
+    }
+
+    fn lost(&self, shard: &str, reason: &'static str) {
+        Events::lost(self, shard, reason);
+    }
+
+    fn resubscribed(&self) {
+        self.forget_all();
     }
 }
 

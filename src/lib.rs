@@ -29,7 +29,6 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod events;
-pub mod framing;
 pub mod key;
 pub mod object;
 pub mod reload;

@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, ConfigError};
-use crate::events::Events;
 use crate::ring::Ring;
+use crate::shard::Subscription;
 
 /// How long a reload waits for a new shard's first connection before publishing the ring with
 /// it. The running ring serves meanwhile, so waiting costs nothing but a later switch, while a
@@ -65,7 +65,7 @@ pub struct Reloader {
     running: Config,
     stats: Arc<ReloadStats>,
     /// Handed to new shards, whose subscriptions deliver cluster events.
-    events: Arc<Events>,
+    subscription: Arc<dyn Subscription>,
     /// Serializes reloads and remembers what was last applied and last rejected.
     state: tokio::sync::Mutex<State>,
 }
@@ -121,13 +121,13 @@ impl Reloader {
         running: Config,
         digest: String,
         stats: Arc<ReloadStats>,
-        events: Arc<Events>,
+        subscription: Arc<dyn Subscription>,
     ) -> Self {
         Self {
             path,
             ring,
             stats,
-            events,
+            subscription,
             state: tokio::sync::Mutex::new(State {
                 applied: running.clone(),
                 applied_digest: digest,
@@ -189,7 +189,7 @@ impl Reloader {
             digest.clone(),
             Some(&current),
             wait,
-            &self.events,
+            &self.subscription,
         )
         .await
         {

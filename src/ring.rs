@@ -154,7 +154,7 @@ impl Ring {
         digest: String,
         previous: Option<&Ring>,
         wait: std::time::Duration,
-        events: &Arc<crate::events::Events>,
+        subscription: &Arc<dyn crate::shard::Subscription>,
     ) -> Result<Ring, String> {
         let shards = futures_util::future::join_all(config.shards.iter().map(|cfg| {
             let reuse = previous
@@ -164,7 +164,7 @@ impl Ring {
             async move {
                 let shard = match reuse {
                     Some(shard) => shard,
-                    None => Shard::connect(cfg, &config.redis, wait, events)
+                    None => Shard::connect(cfg, &config.redis, wait, subscription)
                         .await
                         .map_err(|e| format!("shards: {}: {e}", cfg.name))?,
                 };

@@ -15,13 +15,12 @@ use tracing::{info, warn};
 use crate::auth::{Auth, AuthLayer};
 use crate::config::Loaded;
 use crate::events::Events;
-use crate::framing::MediaCacheRoutes;
 use crate::proto::{
     self, cache_admin_server::CacheAdminServer, media_cache_server::MediaCacheServer,
 };
 use crate::reload::{ReloadStats, Reloader};
 use crate::ring::Ring;
-use crate::service::{CacheAdminService, Drain, MediaCacheService};
+use crate::service::{CacheAdminService, Drain, MediaCacheRoutes, MediaCacheService};
 use crate::store::{
     memory::MemoryStore, quarantine::Quarantine, redis::RedisStore, Settings, Store, StoreListener,
 };
@@ -66,13 +65,15 @@ pub async fn run(
         memory.clone(),
         quarantine.clone(),
     )));
+    // Every shard's subscription delivers to the events.
+    let subscription: Arc<dyn crate::shard::Subscription> = events.clone();
     let first = Ring::build(
         &config,
         1,
         digest.clone(),
         None,
         config.redis.connect_timeout,
-        &events,
+        &subscription,
     )
     .await
     .map_err(|e| anyhow::anyhow!(e))?;
@@ -134,7 +135,7 @@ pub async fn run(
             config.clone(),
             digest,
             reloads.clone(),
-            events,
+            subscription,
         ));
         AbortOnDrop(tokio::spawn(reloader.start()))
     });
@@ -213,6 +214,7 @@ pub async fn run(
         ))
         .add_service(CacheAdminServer::new(CacheAdminService::new(
             store.clone(),
+            ring.clone(),
             reloads,
             metrics.clone(),
         )));

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{body, eventually, TestCluster};
 use mediacache::client::{media_key, Client, Fetched};
+use mediacache::config::ShardConfig;
 use mediacache::proto::{put_request, MediaInfo, MediaKey, PutHeader, PutOutcome, PutRequest};
 
 /// Gets waiting for a fill right now, over every replica.
@@ -421,4 +422,71 @@ async fn a_whole_origin_is_purged_and_quarantined_with_progress() {
         .unwrap()
         .stored
     );
+}
+
+/// A lease is released where it was taken. One taken in memory-only mode, whose holder gives it
+/// up after the operator added a shard (and before they took it away again), leaves nothing
+/// behind that would hold the next caller for the lease's whole TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_lease_given_up_after_a_reload_frees_the_key_at_once() {
+    let mut cluster = TestCluster::builder()
+        .shards(0)
+        .config_file()
+        .configure(|c| c.lease_ttl = Duration::from_secs(60))
+        .start()
+        .await;
+    let key = media_key("remote.example", "reloaded", "");
+    let mut a = cluster.client().await;
+    let Fetched::Miss { lease_token } = a.get_or_lease(key.clone(), true, 0).await.unwrap() else {
+        panic!("expected a miss");
+    };
+    assert!(!lease_token.is_empty(), "memory-only mode grants leases");
+
+    let shard = common::RedisShard::start("added").await;
+    let mut with_shard = cluster.config.clone();
+    with_shard.shards = vec![ShardConfig {
+        name: shard.name.clone(),
+        url: shard.url(),
+        weight: 1,
+    }];
+    cluster.apply(with_shard).await;
+    // The holder's fetch failed: its Put ends short of the declared size, giving the lease up.
+    let header = PutRequest {
+        kind: Some(put_request::Kind::Header(PutHeader {
+            key: Some(key.clone()),
+            info: Some(MediaInfo {
+                size: 10,
+                ..Default::default()
+            }),
+            lease_token,
+        })),
+    };
+    let chunk = PutRequest {
+        kind: Some(put_request::Kind::Chunk(Bytes::from_static(b"abc"))),
+    };
+    let mut raw = cluster.raw().await;
+    assert!(raw
+        .put(tokio_stream::iter(vec![header, chunk]))
+        .await
+        .is_err());
+    let mut without = cluster.config.clone();
+    without.shards.clear();
+    cluster.apply(without).await;
+
+    let endpoint = cluster.endpoint();
+    eventually(
+        "the next caller gets the lease, long before its 60 s TTL",
+        Duration::from_secs(10),
+        || {
+            let (endpoint, key) = (endpoint.clone(), key.clone());
+            async move {
+                let mut b = Client::connect(endpoint).await.ok()?;
+                match b.get_or_lease(key, true, 0).await.ok()? {
+                    Fetched::Miss { lease_token } if !lease_token.is_empty() => Some(()),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
 }

@@ -19,9 +19,10 @@ use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
+use super::media::MediaCacheService;
+use super::stream::{GetItem, GetStream};
 use crate::proto::media_cache_server::MediaCacheServer;
-use crate::proto::{get_response, GetRequest, GetResponse};
-use crate::service::{GetStream, MediaCacheService};
+use crate::proto::{GetRequest, GetResponse};
 
 /// gRPC's message prefix: a compression flag and a big-endian length.
 const PREFIX: usize = 5;
@@ -94,19 +95,16 @@ async fn get(service: &MediaCacheService, request: http::Request<Body>) -> http:
     let request = tonic::Request::from_http(http::Request::from_parts(parts, message));
     match service.get_entered(request, active).await {
         Err(status) => status.into_http(),
-        Ok(response) => {
-            let (metadata, stream, extensions) = response.into_parts();
+        Ok(stream) => {
             let mut http = http::Response::new(Body::new(GetBody {
                 stream,
                 chunk: None,
                 done: false,
             }));
-            *http.headers_mut() = metadata.into_headers();
             http.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/grpc"),
             );
-            *http.extensions_mut() = extensions;
             http
         }
     }
@@ -173,14 +171,12 @@ impl http_body::Body for GetBody {
             return Poll::Ready(None);
         }
         let frame = match ready!(this.stream.as_mut().poll_next(cx)) {
-            Some(Ok(GetResponse {
-                kind: Some(get_response::Kind::Chunk(chunk)),
-            })) => {
+            Some(Ok(GetItem::Chunk(chunk))) => {
                 let header = chunk_header(chunk.len());
                 this.chunk = (!chunk.is_empty()).then_some(chunk);
                 http_body::Frame::data(header)
             }
-            Some(Ok(message)) => http_body::Frame::data(encode(&message)),
+            Some(Ok(message)) => http_body::Frame::data(encode(&GetResponse::from(message))),
             Some(Err(status)) => {
                 this.done = true;
                 http_body::Frame::trailers(trailers(&status))
@@ -238,7 +234,7 @@ fn trailers(status: &Status) -> http::HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{MediaInfo, Miss};
+    use crate::proto::MediaInfo;
     use futures_util::StreamExt;
 
     /// The body as the generated encoder would have framed the same messages.
@@ -246,7 +242,7 @@ mod tests {
         messages.iter().flat_map(|m| encode(m).to_vec()).collect()
     }
 
-    async fn drain(messages: Vec<Result<GetResponse, Status>>) -> (Vec<u8>, http::HeaderMap) {
+    async fn drain(messages: Vec<Result<GetItem, Status>>) -> (Vec<u8>, http::HeaderMap) {
         let mut body = GetBody {
             stream: futures_util::stream::iter(messages).boxed(),
             chunk: None,
@@ -265,45 +261,38 @@ mod tests {
         (data, trailers.expect("trailers"))
     }
 
-    fn chunk(bytes: Bytes) -> GetResponse {
-        GetResponse {
-            kind: Some(get_response::Kind::Chunk(bytes)),
-        }
-    }
-
     #[tokio::test]
     async fn chunks_are_framed_as_prost_frames_them() {
-        let info = GetResponse {
-            kind: Some(get_response::Kind::Info(MediaInfo {
-                content_type: "image/png".into(),
-                size: 300_000,
-                ..Default::default()
-            })),
+        let info = MediaInfo {
+            content_type: "image/png".into(),
+            size: 300_000,
+            ..Default::default()
         };
         // Lengths whose varints take 1, 2 and 3 bytes, and an empty chunk.
-        let chunks: Vec<GetResponse> = [0usize, 5, 127, 128, 16_383, 16_384, 283_488]
+        let chunks: Vec<Bytes> = [0usize, 5, 127, 128, 16_383, 16_384, 283_488]
             .iter()
-            .map(|&n| chunk(Bytes::from(vec![n as u8; n])))
+            .map(|&n| Bytes::from(vec![n as u8; n]))
             .collect();
-        let mut messages = vec![info];
-        messages.extend(chunks);
-        let (data, trailers) = drain(messages.iter().cloned().map(Ok).collect()).await;
-        assert_eq!(data, framed(&messages));
+        let items = || {
+            std::iter::once(GetItem::Info(info.clone()))
+                .chain(chunks.iter().cloned().map(GetItem::Chunk))
+        };
+        let (data, trailers) = drain(items().map(Ok).collect()).await;
+        let expected: Vec<GetResponse> = items().map(GetResponse::from).collect();
+        assert_eq!(data, framed(&expected));
         assert_eq!(trailers.get("grpc-status").unwrap(), "0");
     }
 
     #[tokio::test]
     async fn an_error_ends_the_body_with_its_status() {
-        let miss = GetResponse {
-            kind: Some(get_response::Kind::Miss(Miss::default())),
-        };
+        let miss = || GetItem::Miss(String::new());
         let (data, trailers) = drain(vec![
-            Ok(miss.clone()),
+            Ok(miss()),
             Err(Status::unavailable("shard-0 went down")),
-            Ok(miss.clone()),
+            Ok(miss()),
         ])
         .await;
-        assert_eq!(data, framed(&[miss]));
+        assert_eq!(data, framed(&[miss().into()]));
         let status = Status::from_header_map(&trailers).expect("a status");
         assert_eq!(status.code(), Code::Unavailable);
         assert_eq!(status.message(), "shard-0 went down");

@@ -1,5 +1,14 @@
 //! The Redis tier over the shard ring: one string per object (see [`crate::object`]), read in
 //! `GETRANGE` windows and written through a temporary key that is published atomically.
+//!
+//! - `scripts`: the atomic steps (publish, purge, lease release, quarantine merge) and the
+//!   events they announce.
+//! - `writer`: a Put on its way to one shard.
+//! - `sync`: this replica's quarantines merged with every shard's.
+
+mod scripts;
+mod sync;
+mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,14 +18,16 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{stream, StreamExt};
 use tracing::{debug, warn};
 
-use super::{body_ranges, chunk_slices, ChunkStream, LeaseAttempt, Range, Refusal, StoreError};
+use super::leases::LeaseAttempt;
+use super::types::{body_ranges, chunk_slices, ChunkStream, PutError, Range, StoreError};
 use crate::config::Failover;
-use crate::events::Event;
-use crate::key::{origin_pattern, origin_quarantine_field, quarantine_field, temp_key, Key};
+use crate::key::{origin_pattern, origin_quarantine_field, temp_key, Key};
 use crate::object::{self, Header, MAX_HEADER_LEN, PREFIX_LEN};
-use crate::proto::MediaInfo;
+use crate::proto::{MediaInfo, PutOutcome};
 use crate::ring::Ring;
-use crate::shard::{FirstRead, Pinned, Published, Shard, ShardError};
+use crate::shard::{FirstRead, Shard, ShardError};
+pub use writer::RedisWriter;
+use writer::TempGuard;
 
 /// Windows fetched ahead of the one being sent, so the next `GETRANGE` overlaps the send.
 const READ_AHEAD: usize = 4;
@@ -30,6 +41,8 @@ pub struct RedisStore {
     /// Body bytes per `GETRANGE`: a whole number of chunks.
     window_bytes: u64,
     temp_key_ttl: Duration,
+    /// Where this replica's quarantines stand on each shard.
+    sync: sync::Synced,
 }
 
 /// A found object: its shard, header, and the first window already read.
@@ -46,6 +59,7 @@ impl RedisStore {
             chunk_bytes,
             window_bytes: READ_WINDOW_BYTES.div_ceil(chunk_bytes).max(1) * chunk_bytes,
             temp_key_ttl,
+            sync: sync::Synced::default(),
         }
     }
 
@@ -195,16 +209,12 @@ impl RedisStore {
             .boxed()
     }
 
-    /// Starts a Put. `Err(Refusal)` when no shard can take it now. Quarantine is checked by
-    /// the caller against the replica's own set, and atomically by the publish.
-    pub async fn begin_put(
-        &self,
-        key: &Key,
-        info: &MediaInfo,
-    ) -> Result<Result<RedisWriter, Refusal>, StoreError> {
+    /// Starts a Put, refused as unavailable when no shard can take it now. Quarantine is
+    /// checked by the caller against the replica's own set, and atomically by the publish.
+    pub async fn begin_put(&self, key: &Key, info: &MediaInfo) -> Result<RedisWriter, PutError> {
         let ring = self.ring.load_full();
         let Some(shard) = Self::pick(&ring, key) else {
-            return Ok(Err(Refusal::Unavailable));
+            return Err(PutError::Refused(PutOutcome::Unavailable));
         };
         let nonce = object::new_nonce();
         // The digest is patched in at publish time when the client did not send one, so the
@@ -213,23 +223,20 @@ impl RedisStore {
         if draft.sha256.is_empty() {
             draft.sha256 = Bytes::from_static(&[0; 32]);
         }
-        let header = object::encode_header(&draft, nonce)?;
+        let header = object::encode_header(&draft, nonce).map_err(StoreError::from)?;
         let temp = temp_key();
         let started = match shard.pin() {
             Ok(conn) => conn
-                .create_temp(&temp, header.clone(), self.temp_key_ttl)
+                .set_with_ttl(&temp, header.clone(), self.temp_key_ttl)
                 .await
                 .map(|()| conn),
             Err(e) => Err(e),
         };
-        let conn = match started {
-            Ok(conn) => conn,
-            Err(e) => {
-                debug!(key = %key, error = %e, "put not started");
-                return Ok(Err(Refusal::Unavailable));
-            }
-        };
-        Ok(Ok(RedisWriter {
+        let conn = started.map_err(|e| {
+            debug!(key = %key, error = %e, "put not started");
+            PutError::from(e)
+        })?;
+        Ok(RedisWriter {
             guard: TempGuard {
                 conn: Some(conn),
                 temp,
@@ -242,7 +249,7 @@ impl RedisStore {
             written: 0,
             ttl: self.temp_key_ttl,
             refreshed: std::time::Instant::now(),
-        }))
+        })
     }
 
     /// Deletes every object of `origin` on every shard, one shard and one SCAN page at a time so
@@ -257,7 +264,6 @@ impl RedisStore {
     ) -> (u64, Vec<String>) {
         let ring = self.ring.load_full();
         let total = ring.shards().len();
-        let event = Event::PurgeOrigin(origin.to_owned()).encode();
         let mut removed = 0;
         let mut failed = Vec::new();
         for (done, shard) in ring.shards().iter().enumerate() {
@@ -266,7 +272,7 @@ impl RedisStore {
                 if let Some(until) = quarantine {
                     // Written with its tombstone, like a quarantine a replica writes back.
                     let field = origin_quarantine_field(origin);
-                    shard.sync_quarantine("", [(field.as_str(), until)]).await?;
+                    scripts::sync_quarantine(shard, "", [(field.as_str(), until)]).await?;
                 }
                 let n = shard
                     .delete_matching_with(&origin_pattern(origin), |n| {
@@ -277,7 +283,7 @@ impl RedisStore {
                 shard
                     .delete_matching(&crate::key::origin_variants_pattern(origin))
                     .await?;
-                shard.announce(event.clone()).await?;
+                scripts::announce_origin_purge(shard, origin).await?;
                 Ok::<u64, ShardError>(n)
             }
             .await;
@@ -298,7 +304,7 @@ impl RedisStore {
         let Some(shard) = Self::pick(&ring, key) else {
             return LeaseAttempt::Unavailable;
         };
-        match shard.acquire_lease(&key.lease_key(), token, ttl).await {
+        match shard.set_new(&key.lease_key(), token, ttl).await {
             Ok(true) => LeaseAttempt::Acquired,
             Ok(false) => LeaseAttempt::Held,
             Err(_) => LeaseAttempt::Unavailable,
@@ -309,7 +315,7 @@ impl RedisStore {
     pub async fn lease_left(&self, key: &Key) -> Option<Duration> {
         let ring = self.ring.load_full();
         let shard = Self::pick(&ring, key)?;
-        let ms = shard.lease_left(&key.lease_key()).await.ok()??;
+        let ms = shard.ttl_left(&key.lease_key()).await.ok()??;
         Some(Duration::from_millis(ms))
     }
 
@@ -317,8 +323,7 @@ impl RedisStore {
     pub async fn release_lease(&self, key: &Key, token: &str) {
         let ring = self.ring.load_full();
         if let Some(shard) = Self::pick(&ring, key) {
-            let event = Event::Released(key.redis_key()).encode();
-            if let Err(e) = shard.release_lease(&key.lease_key(), token, event).await {
+            if let Err(e) = scripts::release_lease(&shard, key, token).await {
                 debug!(key = %key, error = %e, "lease left to expire");
             }
         }
@@ -336,21 +341,12 @@ impl RedisStore {
         quarantine: Option<i64>,
     ) -> (u64, Vec<String>) {
         let ring = self.ring.load_full();
-        let event = Event::Purge {
-            key: key.clone(),
-            all_variants,
-        }
-        .encode();
-        let results = futures_util::future::join_all(ring.shards().iter().map(|shard| {
-            let event = event.clone();
-            async move {
-                let quarantine =
-                    quarantine.map(|until| (quarantine_field(key.origin(), key.media_id()), until));
-                let r = shard.purge(key, all_variants, quarantine, event).await;
+        let results =
+            futures_util::future::join_all(ring.shards().iter().map(|shard| async move {
+                let r = scripts::purge(shard, key, all_variants, quarantine).await;
                 (shard.name().to_owned(), r)
-            }
-        }))
-        .await;
+            }))
+            .await;
         let mut removed = 0;
         let mut failed = Vec::new();
         for (name, r) in results {
@@ -363,119 +359,5 @@ impl RedisStore {
             }
         }
         (removed, failed)
-    }
-}
-
-/// Deletes a temporary key that was never published, also when the Put's future is dropped
-/// because the client went away. The delete goes over the write's own connection, so it lands
-/// after any APPEND still in flight.
-struct TempGuard {
-    conn: Option<Pinned>,
-    temp: String,
-}
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            let temp = std::mem::take(&mut self.temp);
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    if let Err(e) = conn.del(&temp).await {
-                        // The key's TTL removes it anyway.
-                        debug!(temp = %temp, error = %e, "temporary key left to expire");
-                    }
-                });
-            }
-        }
-    }
-}
-
-/// A Put in progress on one shard.
-pub struct RedisWriter {
-    guard: TempGuard,
-    key: Key,
-    nonce: u64,
-    header_len: u64,
-    /// Small client chunks are gathered up to `chunk_bytes` before an `APPEND`.
-    pending: BytesMut,
-    chunk_bytes: usize,
-    written: u64,
-    ttl: Duration,
-    /// When the temporary key's TTL was last renewed.
-    refreshed: std::time::Instant,
-}
-
-impl RedisWriter {
-    /// The nonce this write publishes under: the version of a memory-tier copy of it.
-    pub fn version(&self) -> u64 {
-        self.nonce
-    }
-
-    pub fn shard_name(&self) -> &str {
-        self.guard.conn.as_ref().map_or("", |c| c.shard().name())
-    }
-
-    fn conn(&self) -> &Pinned {
-        self.guard
-            .conn
-            .as_ref()
-            .expect("writer has a connection until it is finished")
-    }
-
-    pub async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
-        if self.pending.is_empty() && chunk.len() >= self.chunk_bytes {
-            return self.append(chunk).await;
-        }
-        self.pending.extend_from_slice(&chunk);
-        // A writer trickling small chunks still renews its TTL well before it runs out.
-        if self.pending.len() >= self.chunk_bytes || self.refreshed.elapsed() > self.ttl / 3 {
-            let data = self.pending.split().freeze();
-            self.append(data).await?;
-        }
-        Ok(())
-    }
-
-    async fn append(&mut self, data: Bytes) -> Result<(), StoreError> {
-        let len = data.len() as u64;
-        let kept = self
-            .conn()
-            .append_temp(&self.guard.temp, data, self.ttl)
-            .await
-            .map_err(StoreError::Shard)?;
-        if !kept {
-            return Err(StoreError::Lost);
-        }
-        self.refreshed = std::time::Instant::now();
-        self.written += len;
-        Ok(())
-    }
-
-    /// Publishes under the final key with `info` (which now carries the digest), unless the
-    /// media was quarantined meanwhile or the temporary key was lost.
-    pub async fn commit(mut self, info: &MediaInfo) -> Result<Published, StoreError> {
-        if !self.pending.is_empty() {
-            let data = self.pending.split().freeze();
-            self.append(data).await?;
-        }
-        let header = object::encode_header(info, self.nonce)?;
-        if header.len() as u64 != self.header_len {
-            return Err(StoreError::Internal(
-                "header length changed between start and publish".into(),
-            ));
-        }
-        let published = self
-            .conn()
-            .publish(
-                &self.guard.temp,
-                &self.key,
-                header,
-                self.header_len + self.written,
-                self.nonce,
-            )
-            .await
-            .map_err(StoreError::Shard)?;
-        // Published, or deleted by the script: nothing is left to clean up.
-        self.guard.conn = None;
-        Ok(published)
     }
 }

@@ -1,0 +1,382 @@
+//! One Redis shard: a fred pool with connect and command timeouts, plus a health state.
+//!
+//! A shard that failed a command is marked down and skipped (a miss, or `UNAVAILABLE` for a
+//! Put) until a background ping answers again, so a dead shard costs nothing but a fast miss.
+//!
+//! This is the connection layer: it knows Redis commands, not what the cache stores with them.
+//! The store brings its own scripts and keys; the events published on a shard are handed to a
+//! [`Subscription`] the caller gives [`Shard::connect`].
+//!
+//! - `connect`: the clients, their TLS and password set-up, and the reconnect policy.
+//! - `reads`: `GETRANGE` window reads, shared by every request that asks for the same bytes.
+//! - `pinned`: one connection held for the commands of a write, in order.
+//! - `subscription`: the pub/sub loop that delivers a shard's events.
+
+mod connect;
+mod pinned;
+mod reads;
+mod subscription;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::clients::{Pipeline, SubscriberClient, WithOptions};
+use fred::prelude::*;
+use fred::types::config::Options;
+use fred::types::scan::Scanner;
+use futures_util::StreamExt;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::config::{redact_url, RedisConfig, ShardConfig};
+pub use pinned::Pinned;
+pub use reads::FirstRead;
+use reads::{InFlight, WindowRead};
+pub use subscription::Subscription;
+
+/// Why a shard operation did not return a value.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ShardError {
+    /// Known to be down; the command was not sent.
+    #[error("shard {0} is down")]
+    Down(String),
+    /// The connection failed or timed out; the shard is now marked down.
+    #[error("shard {shard}: {source}")]
+    Fault { shard: String, source: Error },
+    /// The shard answered with an error about the value (e.g. a foreign key of another type).
+    #[error("shard {shard} rejected the command: {source}")]
+    Reply { shard: String, source: Error },
+}
+
+pub struct Shard {
+    name: String,
+    /// The configured URL, kept to tell whether a reload changed the connection settings.
+    url: String,
+    /// Connection settings the pool was built with; a reload that changes them reconnects.
+    redis: RedisConfig,
+    pool: Pool,
+    up: AtomicBool,
+    /// Commands that failed for connection reasons, for metrics.
+    errors: AtomicU64,
+    /// Round trips of reads and writes, for metrics.
+    latency: Histogram,
+    command_timeout: Duration,
+    health: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Wakes requests waiting on this shard when it is found down, so a command sent just
+    /// before a crash is not left to run out its whole timeout.
+    went_down: tokio::sync::Notify,
+    /// Receives the events published on this shard (see `subscription`).
+    subscriber: SubscriberClient,
+    /// Reads in flight, shared by every request that asks for the same bytes meanwhile: a
+    /// storm of Gets for one hot object costs one read per window, not one per request.
+    first_reads: InFlight<(String, usize), FirstRead>,
+    window_reads: InFlight<WindowRead, (Bytes, Bytes)>,
+    /// Reads answered by joining one already in flight.
+    coalesced: AtomicU64,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("name", &self.name)
+            .field("url", &redact_url(&self.url))
+            .field("up", &self.is_up())
+            .finish()
+    }
+}
+
+impl Shard {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+    /// Whether this shard's client can serve `cfg` as it is: same name, URL and settings.
+    pub fn serves(&self, cfg: &ShardConfig, redis: &RedisConfig) -> bool {
+        self.name == cfg.name && self.url == cfg.url && &self.redis == redis
+    }
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Failed commands since this shard's client was created.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// Durations of this shard's reads and writes.
+    pub fn latency(&self) -> &Histogram {
+        &self.latency
+    }
+
+    fn observe(&self, started: std::time::Instant) {
+        self.latency.observe(started.elapsed().as_secs_f64());
+    }
+
+    fn set_up(&self, up: bool) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                info!(shard = %self.name, "shard up");
+            } else {
+                warn!(shard = %self.name, "shard down");
+                self.went_down.notify_waiters();
+            }
+        }
+    }
+
+    fn options(&self) -> Options {
+        Options {
+            timeout: Some(self.command_timeout),
+            fail_fast: true,
+            max_attempts: Some(1),
+            ..Default::default()
+        }
+    }
+
+    fn check_up(&self) -> Result<(), ShardError> {
+        if self.is_up() {
+            Ok(())
+        } else {
+            Err(ShardError::Down(self.name.clone()))
+        }
+    }
+
+    /// Classifies a fred error: connection trouble marks the shard down.
+    fn fail(&self, e: Error) -> ShardError {
+        match e.kind() {
+            ErrorKind::IO
+            | ErrorKind::Timeout
+            | ErrorKind::Canceled
+            | ErrorKind::Routing
+            | ErrorKind::Backpressure
+            | ErrorKind::Protocol
+            | ErrorKind::Auth => {
+                warn!(shard = %self.name, error = %e, "shard command failed");
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.set_up(false);
+                ShardError::Fault {
+                    shard: self.name.clone(),
+                    source: e,
+                }
+            }
+            _ => ShardError::Reply {
+                shard: self.name.clone(),
+                source: e,
+            },
+        }
+    }
+
+    /// A connected client of the pool, or the reason there is none.
+    fn client(&self) -> Result<&Client, ShardError> {
+        self.check_up()?;
+        let client = self.pool.next_connected();
+        if client.is_connected() {
+            Ok(client)
+        } else {
+            Err(self.fail(Error::new(ErrorKind::IO, "not connected")))
+        }
+    }
+
+    /// A pipeline on one connected client, failing fast (not queueing) if its connection drops.
+    fn pipeline(&self) -> Result<Pipeline<WithOptions<Client>>, ShardError> {
+        Ok(Pipeline::from(self.client()?.with_options(&self.options())))
+    }
+
+    /// Sends a pipeline under the command timeout. A pipeline keeps its commands in order on one
+    /// connection, which the windowed reads rely on.
+    async fn finish<R: FromValue>(
+        &self,
+        pipeline: Pipeline<WithOptions<Client>>,
+    ) -> Result<R, ShardError> {
+        self.bounded(pipeline.all::<R>()).await
+    }
+
+    /// Runs `command` under the command timeout, ended early if the shard is found down.
+    async fn bounded<R>(
+        &self,
+        command: impl std::future::Future<Output = Result<R, Error>>,
+    ) -> Result<R, ShardError> {
+        let down = self.went_down.notified();
+        tokio::pin!(down);
+        down.as_mut().enable();
+        tokio::select! {
+            done = tokio::time::timeout(self.command_timeout, command) => match done {
+                Ok(result) => result.map_err(|e| self.fail(e)),
+                Err(_) => Err(self.fail(Error::new(ErrorKind::Timeout, "command timed out"))),
+            },
+            () = &mut down => Err(ShardError::Down(self.name.clone())),
+        }
+    }
+
+    /// `SET key value NX PX ttl`: false when the key already exists.
+    pub async fn set_new(&self, key: &str, value: &str, ttl: Duration) -> Result<bool, ShardError> {
+        self.check_up()?;
+        let set: Option<String> = self
+            .pool
+            .with_options(&self.options())
+            .set(
+                key,
+                value,
+                Some(Expiration::PX(ttl.as_millis() as i64)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(set.is_some())
+    }
+
+    /// Milliseconds left on a key's TTL; `None` when the key is absent (or has no TTL).
+    pub async fn ttl_left(&self, key: &str) -> Result<Option<u64>, ShardError> {
+        self.check_up()?;
+        let ms: i64 = self
+            .pool
+            .with_options(&self.options())
+            .pttl(key)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(u64::try_from(ms).ok())
+    }
+
+    /// Publishes `message` on `channel`.
+    pub async fn publish(&self, channel: &str, message: String) -> Result<(), ShardError> {
+        self.client()?
+            .with_options(&self.options())
+            .publish::<(), _, _>(channel, message)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Runs a Lua script (`EVAL`; the shard caches the script after its first run).
+    pub async fn eval<R: FromValue>(
+        &self,
+        script: &'static str,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<R, ShardError> {
+        self.check_up()?;
+        self.pool
+            .with_options(&self.options())
+            .eval(script, keys, args)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Deletes keys; returns how many existed.
+    pub async fn del(&self, keys: Vec<String>) -> Result<u64, ShardError> {
+        self.check_up()?;
+        self.pool
+            .with_options(&self.options())
+            .del(keys)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Deletes every key matching `pattern`, a page at a time so the shard is never blocked.
+    pub async fn delete_matching(&self, pattern: &str) -> Result<u64, ShardError> {
+        self.delete_matching_with(pattern, |_| {}).await
+    }
+
+    /// Like [`Shard::delete_matching`], calling `progress` with the running count after each page.
+    ///
+    /// A walk over a large shard is long and one of its pages may be slow; that fails the walk
+    /// (the caller reports the shard as not reached) but never marks the shard down, which would
+    /// fail every other request on it. The health check alone decides that.
+    pub async fn delete_matching_with(
+        &self,
+        pattern: &str,
+        mut progress: impl FnMut(u64) + Send,
+    ) -> Result<u64, ShardError> {
+        self.check_up()?;
+        let walk_failed = |e: Error| {
+            warn!(shard = %self.name, error = %e, "scan walk failed");
+            ShardError::Fault {
+                shard: self.name.clone(),
+                source: e,
+            }
+        };
+        let client = self.pool.next_connected().clone();
+        let mut pages = client.scan(pattern, Some(500), None);
+        let mut removed = 0;
+        while let Some(page) = pages.next().await {
+            let mut page = page.map_err(walk_failed)?;
+            if let Some(keys) = page.take_results() {
+                if !keys.is_empty() {
+                    removed += client
+                        .with_options(&self.options())
+                        .del::<u64, _>(keys)
+                        .await
+                        .map_err(walk_failed)?;
+                }
+            }
+            progress(removed);
+            page.next();
+        }
+        Ok(removed)
+    }
+
+    /// `used_memory` from `INFO memory` and `DBSIZE`.
+    pub async fn usage(&self) -> Result<(u64, u64), ShardError> {
+        self.check_up()?;
+        let pool = self.pool.with_options(&self.options());
+        let info: String = pool
+            .info(Some(fred::types::InfoKind::Memory))
+            .await
+            .map_err(|e| self.fail(e))?;
+        let used = info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let keys: u64 = pool.dbsize().await.map_err(|e| self.fail(e))?;
+        Ok((used, keys))
+    }
+
+    async fn ping(&self) -> bool {
+        let pool = self.pool.with_options(&self.options());
+        matches!(pool.ping::<String>(None).await, Ok(ref s) if s == "PONG")
+    }
+
+    /// Stops health checks and closes the connections.
+    pub async fn close(&self) {
+        if let Some(task) = self.health.lock().expect("health lock").take() {
+            task.abort();
+        }
+        let _ = self.pool.quit().await;
+        let _ = self.subscriber.quit().await;
+    }
+}
+
+/// The last holder of a shard is gone: either a ring that no longer lists it, or the last request
+/// that loaded such a ring. Only now are its connections closed.
+impl Drop for Shard {
+    fn drop(&mut self) {
+        if let Some(task) = self.health.get_mut().ok().and_then(Option::take) {
+            task.abort();
+        }
+        let pool = self.pool.clone();
+        let subscriber = self.subscriber.clone();
+        let name = std::mem::take(&mut self.name);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = pool.quit().await;
+                let _ = subscriber.quit().await;
+                debug!(shard = %name, "shard connections closed");
+            });
+        }
+    }
+}
+
+async fn health_loop(shard: std::sync::Weak<Shard>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shard) = shard.upgrade() else { return };
+        let ok = shard.ping().await;
+        shard.set_up(ok);
+    }
+}

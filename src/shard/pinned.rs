@@ -1,0 +1,78 @@
+//! One connection of a shard, held for the length of a write so that its commands (and the
+//! clean-up of an abandoned write) reach Redis in the order they were sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::*;
+
+use super::{Shard, ShardError};
+
+pub struct Pinned {
+    shard: Arc<Shard>,
+    client: Client,
+}
+
+impl Shard {
+    /// Pins one connection for a write.
+    pub fn pin(self: &Arc<Self>) -> Result<Pinned, ShardError> {
+        let client = self.client()?.clone();
+        Ok(Pinned {
+            shard: self.clone(),
+            client,
+        })
+    }
+}
+
+impl Pinned {
+    pub fn shard(&self) -> &Arc<Shard> {
+        &self.shard
+    }
+
+    /// `SET key value PX ttl`.
+    pub async fn set_with_ttl(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<(), ShardError> {
+        self.shard.check_up()?;
+        self.client
+            .with_options(&self.shard.options())
+            .set::<(), _, _>(
+                key,
+                value,
+                Some(Expiration::PX(ttl.as_millis() as i64)),
+                None,
+                false,
+            )
+            .await
+            .map_err(|e| self.shard.fail(e))
+    }
+
+    /// Runs a Lua script on this connection, under the command timeout, its round trip counted
+    /// in the shard's latency.
+    pub async fn eval<R: FromValue>(
+        &self,
+        script: &'static str,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<R, ShardError> {
+        let started = std::time::Instant::now();
+        self.shard.check_up()?;
+        let client = self.client.with_options(&self.shard.options());
+        let reply = self.shard.bounded(client.eval(script, keys, args)).await?;
+        self.shard.observe(started);
+        Ok(reply)
+    }
+
+    /// Deletes a key on this connection, after every command sent before it.
+    pub async fn del(&self, key: &str) -> Result<(), ShardError> {
+        self.client
+            .with_options(&self.shard.options())
+            .del::<(), _>(key)
+            .await
+            .map_err(|e| self.shard.fail(e))
+    }
+}

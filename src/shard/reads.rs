@@ -1,0 +1,204 @@
+//! Reads of stored values in `GETRANGE` windows, each checked against the value's first bytes
+//! so that a value replaced mid-read is noticed, and shared by every request that asks for the
+//! same bytes while a read is in flight.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fred::prelude::*;
+
+use super::{Shard, ShardError};
+
+/// The first window of a value, as [`Shard::read_first`] found it.
+#[derive(Debug, Clone)]
+pub struct FirstRead {
+    pub first: Bytes,
+    /// Length of the whole value; 0 when absent (or replaced while being read).
+    pub total: u64,
+    /// Whether the key is in its media's variant index.
+    pub indexed: bool,
+}
+
+type SharedRead<T> =
+    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<T, ShardError>>>;
+/// Key, start, end and prefix length of a window read.
+pub(super) type WindowRead = (Arc<str>, u64, u64, usize);
+/// Held weakly: a read whose requests all went away is dropped, not kept for a later one.
+pub(super) type InFlight<K, T> = std::sync::Mutex<
+    std::collections::HashMap<
+        K,
+        futures_util::future::WeakShared<
+            futures_util::future::BoxFuture<'static, Result<T, ShardError>>,
+        >,
+    >,
+>;
+/// Entries of reads nobody waits for any more are swept once a map holds this many.
+const IN_FLIGHT_SWEEP: usize = 256;
+
+impl Shard {
+    /// Reads answered by joining an identical read already in flight, since this client was made.
+    pub fn coalesced_reads(&self) -> u64 {
+        self.coalesced.load(Ordering::Relaxed)
+    }
+
+    /// Joins the read of `key` in `map` if one is in flight, else starts it with `read`. The
+    /// read runs to its end even if the request that started it goes away, as long as another
+    /// waits for it; its entry is removed when it is done, so later requests read afresh.
+    fn coalesce<K, T, F>(
+        self: &Arc<Self>,
+        map: fn(&Shard) -> &InFlight<K, T>,
+        key: K,
+        read: F,
+    ) -> SharedRead<T>
+    where
+        K: std::hash::Hash + Eq + Clone + Send + 'static,
+        T: Clone + Send + Sync + 'static,
+        F: std::future::Future<Output = Result<T, ShardError>> + Send + 'static,
+    {
+        use futures_util::FutureExt;
+        let mut reads = map(self).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(read) = reads.get(&key).and_then(|weak| weak.upgrade()) {
+            self.coalesced.fetch_add(1, Ordering::Relaxed);
+            return read;
+        }
+        if reads.len() >= IN_FLIGHT_SWEEP {
+            reads.retain(|_, weak| weak.upgrade().is_some());
+        }
+        let shard = Arc::downgrade(self);
+        let entry = key.clone();
+        let shared = async move {
+            let result = read.await;
+            if let Some(shard) = shard.upgrade() {
+                map(&shard)
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&entry);
+            }
+            result
+        }
+        .boxed()
+        .shared();
+        if let Some(weak) = shared.downgrade() {
+            reads.insert(key, weak);
+        }
+        shared
+    }
+
+    /// [`Shard::read_first`], shared with identical reads in flight.
+    pub async fn read_first_shared(
+        self: &Arc<Self>,
+        key: &str,
+        index: String,
+        len: usize,
+        prefix_len: usize,
+    ) -> Result<FirstRead, ShardError> {
+        let shard = self.clone();
+        let owned = key.to_owned();
+        self.coalesce(|s| &s.first_reads, (owned.clone(), len), async move {
+            shard.read_first(&owned, &index, len, prefix_len).await
+        })
+        .await
+    }
+
+    /// [`Shard::read_window`], shared with identical reads in flight.
+    pub async fn read_window_shared(
+        self: &Arc<Self>,
+        key: &Arc<str>,
+        start: u64,
+        end: u64,
+        prefix_len: usize,
+    ) -> Result<(Bytes, Bytes), ShardError> {
+        let shard = self.clone();
+        let owned = key.clone();
+        self.coalesce(
+            |s| &s.window_reads,
+            (key.clone(), start, end, prefix_len),
+            async move { shard.read_window(&owned, start, end, prefix_len).await },
+        )
+        .await
+    }
+
+    /// The first window of a value, the value's total length, and whether the key is in its
+    /// media's variant index `index`.
+    ///
+    /// The index is asked in the same round trip: an object that is not in it would escape a
+    /// purge of every variant, so it is never served; and reading the index with every object
+    /// of the media keeps it at least as hot as they are for `allkeys-lfu`.
+    ///
+    /// A value shorter than `len` is read whole by one command, which also gives its length. A
+    /// longer one costs a second round trip for its length, with its first `prefix_len` bytes
+    /// read after it: if they still match, the length is that of the value first read.
+    pub async fn read_first(
+        &self,
+        key: &str,
+        index: &str,
+        len: usize,
+        prefix_len: usize,
+    ) -> Result<FirstRead, ShardError> {
+        let started = std::time::Instant::now();
+        let len = len.max(prefix_len).max(1);
+        let p = self.pipeline()?;
+        let queued: Result<(), Error> = async {
+            p.getrange::<(), _>(key, 0, len - 1).await?;
+            p.sismember::<(), _, _>(index, key).await
+        }
+        .await;
+        queued.map_err(|e| self.fail(e))?;
+        let (first, indexed): (Bytes, bool) = self.finish(p).await?;
+        if first.len() < len {
+            self.observe(started);
+            let total = first.len() as u64;
+            return Ok(FirstRead {
+                first,
+                total,
+                indexed,
+            });
+        }
+        let p = self.pipeline()?;
+        let queued: Result<(), Error> = async {
+            p.strlen::<(), _>(key).await?;
+            p.getrange::<(), _>(key, 0, prefix_len - 1).await
+        }
+        .await;
+        queued.map_err(|e| self.fail(e))?;
+        let (total, prefix): (u64, Bytes) = self.finish(p).await?;
+        self.observe(started);
+        if prefix[..] != first[..prefix_len] {
+            // Replaced in between: the caller answers a miss rather than trust either read.
+            return Ok(FirstRead {
+                first,
+                total: 0,
+                indexed,
+            });
+        }
+        Ok(FirstRead {
+            first,
+            total,
+            indexed,
+        })
+    }
+
+    /// Bytes `[start, end)` of a value and then its first `prefix_len` bytes, read in that
+    /// order on one connection: if the prefix still matches, the window came from the same value.
+    pub async fn read_window(
+        &self,
+        key: &str,
+        start: u64,
+        end: u64,
+        prefix_len: usize,
+    ) -> Result<(Bytes, Bytes), ShardError> {
+        let started = std::time::Instant::now();
+        let p = self.pipeline()?;
+        let queued: Result<(), Error> = async {
+            p.getrange::<(), _>(key, start as usize, end as usize - 1)
+                .await?;
+            p.getrange::<(), _>(key, 0, prefix_len - 1).await
+        }
+        .await;
+        queued.map_err(|e| self.fail(e))?;
+        let read = self.finish(p).await;
+        self.observe(started);
+        read
+    }
+}

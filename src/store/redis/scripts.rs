@@ -1,0 +1,374 @@
+//! The Redis tier's atomic steps, each one Lua script run on one shard, and the event each one
+//! announces: the keys they touch and the payloads they publish are built here and nowhere else.
+
+use bytes::Bytes;
+use fred::prelude::Value;
+
+use crate::events::{channel, Event};
+use crate::key::{
+    origin_quarantine_field, origin_tombstone_key, quarantine_field, tombstone_key, Key,
+    ORIGIN_TOMBSTONE_PREFIX, QUARANTINE_KEY, TOMBSTONE_PREFIX, VARIANTS_PREFIX,
+};
+use crate::shard::{Pinned, Shard, ShardError};
+
+/// Lua that sets `now` to the shard's clock in unix ms: quarantines end by it.
+macro_rules! lua_now {
+    () => {
+        "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    };
+}
+
+/// Publishes a temporary key under its final name, only when it holds exactly the expected
+/// number of bytes and the media is not quarantined: writes the final header over the draft one,
+/// renames, clears the TTL, adds the key to its media's variant index and announces the fill,
+/// all in one atomic step.
+/// KEYS: temporary, final, quarantine hash, variant index, media tombstone, origin tombstone
+/// (the tombstones are how releases before the quarantine hash quarantine). ARGV: expected
+/// length, header, channel, event, media field, origin field.
+/// Returns 1 published, 0 lost (temporary key missing or short), 2 quarantined.
+const PUBLISH_SCRIPT: &str = concat!(
+    lua_now!(),
+    r#"
+if redis.call('EXISTS', KEYS[5], KEYS[6]) > 0 then
+  redis.call('DEL', KEYS[1])
+  return 2
+end
+local q = redis.call('HMGET', KEYS[3], ARGV[5], ARGV[6])
+for i = 1, 2 do
+  if q[i] and (tonumber(q[i]) or 0) > now then
+    redis.call('DEL', KEYS[1])
+    return 2
+  end
+end
+if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('SADD', KEYS[4], KEYS[2])
+redis.call('SETRANGE', KEYS[1], 0, ARGV[2])
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('PERSIST', KEYS[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"#
+);
+
+/// Appends to a temporary key and renews its TTL in one step, only while the key exists: a key
+/// that expired is not recreated without its header (and never lives on without a TTL).
+/// KEYS: temporary. ARGV: bytes, TTL in ms. Returns the new length, 0 when the key was gone.
+const APPEND_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+local n = redis.call('APPEND', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return n
+"#;
+
+/// Purges one object, or with ARGV[1] = '1' every variant in its media's index, optionally
+/// quarantining first, then announces the purge; one round trip, one atomic step.
+/// The quarantine is also written as a tombstone key with a TTL, the form releases before the
+/// quarantine hash read, so that both honour it while they run side by side.
+/// KEYS: object, variant index, quarantine hash, tombstone. ARGV: all variants ('1'/'0'),
+/// quarantine field ('' for none), its end (unix ms), channel, purge event, quarantine event.
+/// Returns the objects deleted.
+const PURGE_SCRIPT: &str = concat!(
+    lua_now!(),
+    r#"
+if ARGV[2] ~= '' then
+  if redis.call('HEXISTS', KEYS[3], '~id') == 0 then
+    redis.call('HSET', KEYS[3], '~id', t[1] .. '.' .. t[2], '~gen', 0)
+  end
+  local current = tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '0') or 0
+  if tonumber(ARGV[3]) > current then
+    redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+    redis.call('HINCRBY', KEYS[3], '~gen', 1)
+  end
+  redis.call('SET', KEYS[4], '1', 'PX', math.max(1, tonumber(ARGV[3]) - now))
+  redis.call('PUBLISH', ARGV[4], ARGV[6])
+end
+local n = 0
+if ARGV[1] == '1' then
+  for _, k in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    n = n + redis.call('DEL', k)
+  end
+  n = n + redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[2])
+else
+  n = redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], KEYS[1])
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return n
+"#
+);
+
+/// Merges a replica's quarantines into the shard's hash, and tells the replica what it holds
+/// when that changed since the replica last looked.
+///
+/// The hash carries its identity in two fields: `~id` (set when the hash is created, so a hash
+/// that was evicted or lost in a restart comes back as another one) and `~gen` (bumped by every
+/// change); `id:gen` is the token a replica remembers. A pushed field that is new or longer is
+/// written, with the tombstone key that releases before the hash read; if the shard lacked it,
+/// the media's objects on this shard are deleted with its variant index (a Put may have stored
+/// them while the field was missing). Replicas learn written-back fields by pulling, not by one event per field: a
+/// hash of thousands lost at once would overflow every replica's event buffer.
+/// KEYS: quarantine hash. ARGV: variant index prefix, media tombstone prefix, origin tombstone
+/// prefix, the caller's token ('' none), then (field, end) for each pushed quarantine.
+/// Returns {n, n fields the shard lacked, token ('' while there is no hash), then (field, end)
+/// for every live quarantine only when the token differs from the caller's}. Without anything
+/// to push, a missing hash is not created.
+const QUARANTINE_SYNC_SCRIPT: &str = concat!(
+    lua_now!(),
+    r#"
+local exists = redis.call('HEXISTS', KEYS[1], '~id') == 1
+if not exists and #ARGV > 4 then
+  redis.call('HSET', KEYS[1], '~id', t[1] .. '.' .. t[2], '~gen', 0)
+  exists = true
+end
+local lacked = {}
+for i = 5, #ARGV, 2 do
+  local field = ARGV[i]
+  local want = tonumber(ARGV[i + 1])
+  local current = tonumber(redis.call('HGET', KEYS[1], field) or '0') or 0
+  if want > now and want > current then
+    redis.call('HSET', KEYS[1], field, ARGV[i + 1])
+    redis.call('HINCRBY', KEYS[1], '~gen', 1)
+    local whole_origin = string.sub(field, -2) == '|*'
+    if whole_origin then
+      redis.call('SET', ARGV[3] .. string.sub(field, 1, -3), '1', 'PX', want - now)
+    else
+      redis.call('SET', ARGV[2] .. field, '1', 'PX', want - now)
+    end
+    if current <= now then
+      table.insert(lacked, field)
+      if not whole_origin then
+        local index = ARGV[1] .. field
+        for _, k in ipairs(redis.call('SMEMBERS', index)) do
+          redis.call('DEL', k)
+        end
+        redis.call('DEL', index)
+      end
+    end
+  end
+end
+local token = ''
+if exists then
+  token = (redis.call('HGET', KEYS[1], '~id') or '') .. ':' ..
+    (redis.call('HGET', KEYS[1], '~gen') or '0')
+end
+local out = {#lacked}
+for _, f in ipairs(lacked) do
+  table.insert(out, f)
+end
+table.insert(out, token)
+if token ~= ARGV[4] and exists then
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, 1) ~= '~' then
+      if (tonumber(all[i + 1]) or 0) <= now then
+        redis.call('HDEL', KEYS[1], all[i])
+      else
+        table.insert(out, all[i])
+        table.insert(out, all[i + 1])
+      end
+    end
+  end
+end
+return out
+"#
+);
+
+/// Deletes a lease only if it is still the caller's, and announces that it is free.
+/// KEYS: lease. ARGV: token, channel, event.
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"#;
+
+/// What one quarantine merge with a shard found.
+#[derive(Debug, Clone)]
+pub struct QuarantineSync {
+    /// Fields the shard lacked and now holds again.
+    pub lacked: Vec<String>,
+    /// Every live quarantine of the shard, when its hash changed since the caller's token.
+    pub held: Option<Vec<(String, i64)>>,
+    /// The hash's token now.
+    pub token: String,
+}
+
+/// How a publish ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    Stored,
+    /// The temporary key was gone or short (expired, or the shard restarted).
+    Lost,
+    /// The media is quarantined on the shard.
+    Quarantined,
+}
+
+/// Appends to a temporary key and renews its TTL (see [`APPEND_SCRIPT`]). False when the key
+/// was gone (it expired, or the shard restarted): the write is lost.
+pub async fn append(
+    conn: &Pinned,
+    temp: &str,
+    data: Bytes,
+    ttl: std::time::Duration,
+) -> Result<bool, ShardError> {
+    let args = vec![Value::from(data), Value::from(ttl.as_millis() as i64)];
+    let length: u64 = conn
+        .eval(APPEND_SCRIPT, vec![temp.to_owned()], args)
+        .await?;
+    Ok(length > 0)
+}
+
+/// Writes `header` at the start of a complete temporary key and renames it to `key`, announcing
+/// the fill with the publish's `version` (see [`PUBLISH_SCRIPT`]).
+pub async fn publish(
+    conn: &Pinned,
+    temp: &str,
+    key: &Key,
+    header: Bytes,
+    expected_len: u64,
+    version: u64,
+) -> Result<Published, ShardError> {
+    let redis_key = key.redis_key();
+    let filled = Event::Filled {
+        key: redis_key.clone(),
+        version: Some(version),
+    };
+    let args: Vec<Value> = vec![
+        Value::from(expected_len as i64),
+        Value::from(header),
+        Value::from(channel()),
+        Value::from(filled.encode()),
+        Value::from(quarantine_field(key.origin(), key.media_id())),
+        Value::from(origin_quarantine_field(key.origin())),
+    ];
+    let keys = vec![
+        temp.to_owned(),
+        redis_key,
+        QUARANTINE_KEY.to_owned(),
+        key.variants_key(),
+        tombstone_key(key.origin(), key.media_id()),
+        origin_tombstone_key(key.origin()),
+    ];
+    let done: i64 = conn.eval(PUBLISH_SCRIPT, keys, args).await?;
+    Ok(match done {
+        1 => Published::Stored,
+        2 => Published::Quarantined,
+        _ => Published::Lost,
+    })
+}
+
+/// Releases the fill lease of `key` if `token` still holds it, and announces that it is free.
+pub async fn release_lease(shard: &Shard, key: &Key, token: &str) -> Result<bool, ShardError> {
+    let event = Event::Released(key.redis_key()).encode();
+    let args = vec![
+        Value::from(token),
+        Value::from(channel()),
+        Value::from(event),
+    ];
+    let done: i64 = shard
+        .eval(RELEASE_SCRIPT, vec![key.lease_key()], args)
+        .await?;
+    Ok(done == 1)
+}
+
+/// Merges `quarantines` (field, end in unix ms) into the shard's quarantine hash (see
+/// [`QUARANTINE_SYNC_SCRIPT`]); `known` is the token this caller saw last.
+pub async fn sync_quarantine<'a>(
+    shard: &Shard,
+    known: &str,
+    quarantines: impl IntoIterator<Item = (&'a str, i64)>,
+) -> Result<QuarantineSync, ShardError> {
+    let mut args: Vec<Value> = vec![
+        Value::from(VARIANTS_PREFIX),
+        Value::from(TOMBSTONE_PREFIX),
+        Value::from(ORIGIN_TOMBSTONE_PREFIX),
+        Value::from(known),
+    ];
+    for (field, until) in quarantines {
+        args.extend([Value::from(field), Value::from(until)]);
+    }
+    let reply: Vec<Value> = shard
+        .eval(
+            QUARANTINE_SYNC_SCRIPT,
+            vec![QUARANTINE_KEY.to_owned()],
+            args,
+        )
+        .await?;
+    let mut reply = reply.into_iter();
+    let n = reply.next().and_then(|v| v.as_u64()).unwrap_or(0);
+    let lacked: Vec<String> = reply
+        .by_ref()
+        .take(n as usize)
+        .filter_map(|v| v.as_string())
+        .collect();
+    let token = reply.next().and_then(|v| v.as_string()).unwrap_or_default();
+    let mut held = Vec::new();
+    while let (Some(field), Some(until)) = (reply.next(), reply.next()) {
+        if let (Some(field), Some(until)) = (field.as_string(), until.as_i64()) {
+            held.push((field, until));
+        }
+    }
+    let changed = token != known;
+    Ok(QuarantineSync {
+        lacked,
+        held: changed.then_some(held),
+        token,
+    })
+}
+
+/// Deletes `key` (with `all_variants`, every object in its media's variant index), first
+/// quarantining the media until `quarantine` (unix ms) if given, and announces both; one atomic
+/// step (see [`PURGE_SCRIPT`]). Returns the objects deleted.
+pub async fn purge(
+    shard: &Shard,
+    key: &Key,
+    all_variants: bool,
+    quarantine: Option<i64>,
+) -> Result<u64, ShardError> {
+    let (field, until) = match quarantine {
+        Some(until) => (quarantine_field(key.origin(), key.media_id()), until),
+        None => (String::new(), 0),
+    };
+    let announce = if field.is_empty() {
+        String::new()
+    } else {
+        Event::Quarantine {
+            field: field.clone(),
+            until,
+        }
+        .encode()
+    };
+    let purged = Event::Purge {
+        key: key.clone(),
+        all_variants,
+    };
+    let args: Vec<Value> = vec![
+        Value::from(if all_variants { "1" } else { "0" }),
+        Value::from(field),
+        Value::from(until),
+        Value::from(channel()),
+        Value::from(purged.encode()),
+        Value::from(announce),
+    ];
+    let keys = vec![
+        key.redis_key(),
+        key.variants_key(),
+        QUARANTINE_KEY.to_owned(),
+        tombstone_key(key.origin(), key.media_id()),
+    ];
+    shard.eval(PURGE_SCRIPT, keys, args).await
+}
+
+/// Tells every replica subscribed to the shard to drop `origin` from its memory tier.
+pub async fn announce_origin_purge(shard: &Shard, origin: &str) -> Result<(), ShardError> {
+    let event = Event::PurgeOrigin(origin.to_owned()).encode();
+    shard.publish(&channel(), event).await
+}

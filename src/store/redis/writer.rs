@@ -1,0 +1,126 @@
+//! A Put on its way to one shard: the body is appended to a temporary key over one pinned
+//! connection, then published under its final name in one atomic step.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tracing::debug;
+
+use super::scripts::{self, Published};
+use crate::key::Key;
+use crate::object;
+use crate::proto::{MediaInfo, PutOutcome};
+use crate::shard::Pinned;
+use crate::store::types::{PutError, StoreError};
+
+/// Deletes a temporary key that was never published, also when the Put's future is dropped
+/// because the client went away. The delete goes over the write's own connection, so it lands
+/// after any APPEND still in flight.
+pub(super) struct TempGuard {
+    pub(super) conn: Option<Pinned>,
+    pub(super) temp: String,
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let temp = std::mem::take(&mut self.temp);
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = conn.del(&temp).await {
+                        // The key's TTL removes it anyway.
+                        debug!(temp = %temp, error = %e, "temporary key left to expire");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A Put in progress on one shard.
+pub struct RedisWriter {
+    pub(super) guard: TempGuard,
+    pub(super) key: Key,
+    pub(super) nonce: u64,
+    pub(super) header_len: u64,
+    /// Small client chunks are gathered up to `chunk_bytes` before an `APPEND`.
+    pub(super) pending: BytesMut,
+    pub(super) chunk_bytes: usize,
+    pub(super) written: u64,
+    pub(super) ttl: Duration,
+    /// When the temporary key's TTL was last renewed.
+    pub(super) refreshed: std::time::Instant,
+}
+
+impl RedisWriter {
+    /// The nonce this write publishes under: the version of a memory-tier copy of it.
+    pub fn version(&self) -> u64 {
+        self.nonce
+    }
+
+    pub fn shard_name(&self) -> &str {
+        self.guard.conn.as_ref().map_or("", |c| c.shard().name())
+    }
+
+    fn conn(&self) -> &Pinned {
+        self.guard
+            .conn
+            .as_ref()
+            .expect("writer has a connection until it is finished")
+    }
+
+    pub async fn write(&mut self, chunk: Bytes) -> Result<(), PutError> {
+        if self.pending.is_empty() && chunk.len() >= self.chunk_bytes {
+            return self.append(chunk).await;
+        }
+        self.pending.extend_from_slice(&chunk);
+        // A writer trickling small chunks still renews its TTL well before it runs out.
+        if self.pending.len() >= self.chunk_bytes || self.refreshed.elapsed() > self.ttl / 3 {
+            let data = self.pending.split().freeze();
+            self.append(data).await?;
+        }
+        Ok(())
+    }
+
+    async fn append(&mut self, data: Bytes) -> Result<(), PutError> {
+        let len = data.len() as u64;
+        let kept = scripts::append(self.conn(), &self.guard.temp, data, self.ttl).await?;
+        if !kept {
+            return Err(StoreError::Lost.into());
+        }
+        self.refreshed = std::time::Instant::now();
+        self.written += len;
+        Ok(())
+    }
+
+    /// Publishes under the final key with `info` (which now carries the digest), unless the
+    /// media was quarantined meanwhile or the temporary key was lost.
+    pub async fn commit(mut self, info: &MediaInfo) -> Result<(), PutError> {
+        if !self.pending.is_empty() {
+            let data = self.pending.split().freeze();
+            self.append(data).await?;
+        }
+        let header = object::encode_header(info, self.nonce).map_err(StoreError::from)?;
+        if header.len() as u64 != self.header_len {
+            return Err(PutError::Failed(StoreError::Internal(
+                "header length changed between start and publish".into(),
+            )));
+        }
+        let published = scripts::publish(
+            self.conn(),
+            &self.guard.temp,
+            &self.key,
+            header,
+            self.header_len + self.written,
+            self.nonce,
+        )
+        .await?;
+        // Published, or deleted by the script: nothing is left to clean up.
+        self.guard.conn = None;
+        match published {
+            Published::Stored => Ok(()),
+            Published::Lost => Err(StoreError::Lost.into()),
+            Published::Quarantined => Err(PutError::Refused(PutOutcome::Quarantined)),
+        }
+    }
+}
