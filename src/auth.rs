@@ -19,7 +19,7 @@ use crate::wire::{HEALTH_PREFIX, READ_ONLY_PATHS};
 
 /// How often the token files are re-read. Kubernetes updates a mounted Secret within about a
 /// minute; reading a few small files this often costs nothing.
-pub const REREAD: Duration = Duration::from_secs(2);
+pub const TOKEN_REREAD: Duration = Duration::from_secs(2);
 
 /// How long a token file that cannot be read (but still exists) keeps its token.
 pub const UNREADABLE_GRACE: Duration = Duration::from_secs(30);
@@ -29,7 +29,7 @@ type Failing = std::collections::HashMap<PathBuf, Instant>;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
+pub enum Permission {
     /// Every RPC.
     Full,
     /// `Get`, `Stat`, `RingStatus` and `Stats`.
@@ -41,11 +41,11 @@ pub enum Access {
 /// comparison's time independent of the token.
 #[derive(Default, PartialEq)]
 struct TokenSet {
-    tokens: Vec<(PathBuf, [u8; 32], Access)>,
+    tokens: Vec<(PathBuf, [u8; 32], Permission)>,
 }
 
 impl TokenSet {
-    fn check(&self, presented: &[u8]) -> Option<Access> {
+    fn check(&self, presented: &[u8]) -> Option<Permission> {
         let digest: [u8; 32] = Sha256::digest(presented).into();
         let mut found = None;
         for (_, token, access) in &self.tokens {
@@ -53,7 +53,7 @@ impl TokenSet {
                 .iter()
                 .zip(&digest)
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            if std::hint::black_box(diff) == 0 && found != Some(Access::Full) {
+            if std::hint::black_box(diff) == 0 && found != Some(Permission::Full) {
                 found = Some(*access);
             }
         }
@@ -81,9 +81,9 @@ impl Auth {
         self.config.enabled()
     }
 
-    /// Re-reads the files every [`REREAD`] (see [`Auth::reread`]).
+    /// Re-reads the files every [`TOKEN_REREAD`] (see [`Auth::reread`]).
     pub async fn watch(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(REREAD);
+        let mut tick = tokio::time::interval(TOKEN_REREAD);
         tick.tick().await;
         let mut failing = Failing::new();
         loop {
@@ -139,7 +139,7 @@ impl Auth {
         &self,
         path: &str,
         authorization: Option<&[u8]>,
-    ) -> Result<Option<Access>, Status> {
+    ) -> Result<Option<Permission>, Status> {
         if path.starts_with(HEALTH_PREFIX) {
             return Ok(None);
         }
@@ -153,9 +153,11 @@ impl Auth {
             .or_else(|| header.strip_prefix(b"bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization: expected \"Bearer TOKEN\""))?;
         match self.tokens.load().check(token.trim_ascii()) {
-            Some(Access::Full) => Ok(Some(Access::Full)),
-            Some(Access::ReadOnly) if READ_ONLY_PATHS.contains(&path) => Ok(Some(Access::ReadOnly)),
-            Some(Access::ReadOnly) => Err(Status::permission_denied(format!(
+            Some(Permission::Full) => Ok(Some(Permission::Full)),
+            Some(Permission::ReadOnly) if READ_ONLY_PATHS.contains(&path) => {
+                Ok(Some(Permission::ReadOnly))
+            }
+            Some(Permission::ReadOnly) => Err(Status::permission_denied(format!(
                 "authorization: a read-only token may not call {path}"
             ))),
             None => Err(Status::unauthenticated(
@@ -171,7 +173,7 @@ impl TokenSet {
         self.tokens.iter().any(|(p, ..)| p == path)
     }
 
-    fn push(&mut self, path: &Path, token: &str, access: Access) {
+    fn push(&mut self, path: &Path, token: &str, access: Permission) {
         self.tokens.push((
             path.to_owned(),
             Sha256::digest(token.as_bytes()).into(),
@@ -181,12 +183,14 @@ impl TokenSet {
 }
 
 /// Every configured token file: its config key, index, path and the access it grants.
-fn token_files(config: &AuthConfig) -> impl Iterator<Item = (&'static str, usize, &Path, Access)> {
+fn token_files(
+    config: &AuthConfig,
+) -> impl Iterator<Item = (&'static str, usize, &Path, Permission)> {
     let full = config
         .token_files
         .iter()
         .enumerate()
-        .map(|(i, p)| ("auth.token_files", i, p.as_path(), Access::Full));
+        .map(|(i, p)| ("auth.token_files", i, p.as_path(), Permission::Full));
     let read_only = config
         .read_only_token_files
         .iter()
@@ -196,7 +200,7 @@ fn token_files(config: &AuthConfig) -> impl Iterator<Item = (&'static str, usize
                 "auth.read_only_token_files",
                 i,
                 p.as_path(),
-                Access::ReadOnly,
+                Permission::ReadOnly,
             )
         });
     full.chain(read_only)

@@ -2,25 +2,25 @@
 //! Redis shards, with an in-memory tier per replica.
 //!
 //! # Layout
-//! - [`auth`]: client tokens, checked by a tower layer in front of every gRPC service.
-//! - [`config`]: the YAML model, defaults and the one validation step.
-//! - [`events`]: cluster events over Redis pub/sub (fills, lease releases, purges), and what a
-//!   replica does when it may have missed some.
-//! - [`framing`]: `MediaCache.Get` framed by hand, so body chunks reach the transport uncopied.
-//! - [`key`]: media key validation and the Redis key names derived from it.
-//! - [`object`]: the layout of one stored object (header + body) in a Redis string.
-//! - [`reload`]: watches the config, validates it, and swaps in the next ring.
-//! - [`ring`]: weighted rendezvous hashing over shard names; an immutable ring of shards.
-//! - [`shard`]: one Redis shard: a fred pool with timeouts and a health state.
-//! - [`sim`]: the cache policy simulator behind `mediacache simulate`.
-//! - [`store`]: the memory tier, the Redis tier, quarantines, and the store over them.
-//! - [`service`]: the tonic services `MediaCache` and `CacheAdmin`.
+//! Modules, in the order a request meets them; each file is one concept, and imports run one way.
+//!
 //! - [`server`]: wires config, ring, store and services together and serves until shutdown.
+//! - [`auth`]: client tokens, checked by a tower layer in front of every gRPC service.
 //! - [`tls`]: TLS on the gRPC port, with certificates reloaded when their files change.
+//! - [`service`]: the gRPC services, thin adapters between the wire and the store.
+//! - [`key`]: media key validation and the Redis key names derived from it.
+//! - [`store`]: the memory tier and the Redis tier composed into one store.
+//! - [`object`]: the layout of one stored object (header + body) in a Redis string.
+//! - [`ring`]: weighted rendezvous hashing over shard names; the one ring builder.
+//! - [`shard`]: one Redis shard (pool, health, reads, pub/sub), knowing nothing of the store.
+//! - [`events`]: cluster events over pub/sub, delivered to a listener the store registers.
+//! - [`reload`]: watches the config, validates it, and swaps in the next ring.
+//! - [`config`]: the YAML model, its defaults, and the one validation step.
 //! - [`telemetry`]: Prometheus metrics, `/healthz` and `/readyz`.
-//! - [`client`]: a small typed client for Rust users and the CLI.
-//! - [`clock`]: wall-clock time shared with other processes (quarantine ends, timestamps).
 //! - [`wire`]: HTTP/2 sizes and method paths that the server and the client agree on.
+//! - [`clock`]: wall-clock time shared with other processes (quarantine ends, timestamps).
+//! - [`client`]: a small typed client for Rust users and the CLI.
+//! - [`sim`]: the cache policy simulator behind `mediacache simulate`.
 
 #![forbid(unsafe_code)]
 

@@ -248,7 +248,7 @@ pub fn generate(seed: u64, hours: f64) -> Trace {
 
 /// Hits of one policy over a trace.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Outcome {
+pub struct PolicyResult {
     pub policy: String,
     pub requests: u64,
     pub hits: u64,
@@ -256,7 +256,7 @@ pub struct Outcome {
     pub hit_bytes: u64,
 }
 
-impl Outcome {
+impl PolicyResult {
     pub fn object_hit_ratio(&self) -> f64 {
         self.hits as f64 / self.requests.max(1) as f64
     }
@@ -470,7 +470,7 @@ impl Policy for BeladySize {
 }
 
 /// Replays `trace` through every policy with the byte budget and limits of `memory`.
-pub fn run(trace: &Trace, memory: &MemoryConfig) -> Vec<Outcome> {
+pub fn run(trace: &Trace, memory: &MemoryConfig) -> Vec<PolicyResult> {
     let budget = memory.max_bytes;
     let max_object = memory.max_object_bytes.min(budget);
     let clock = Arc::new(ManualClock::default());
@@ -513,7 +513,7 @@ pub fn run(trace: &Trace, memory: &MemoryConfig) -> Vec<Outcome> {
     policies
         .iter_mut()
         .map(|p| {
-            let mut out = Outcome {
+            let mut out = PolicyResult {
                 policy: p.name(),
                 requests: 0,
                 hits: 0,

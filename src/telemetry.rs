@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 
 use crate::reload::ReloadStats;
 use crate::ring::Ring;
+use crate::shard::ShardLabel;
 use crate::store::memory::MemoryStore;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,12 +42,7 @@ pub struct Rpc {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ShardLabel {
-    pub shard: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Outcome {
+pub struct ResultLabel {
     pub result: String,
 }
 
@@ -73,8 +69,8 @@ pub struct Metrics {
     memory_entries: Gauge,
     memory_tracked_keys: Gauge,
     memory_admissions: Gauge,
-    memory_evictions: Family<Outcome, Gauge>,
-    memory_refusals: Family<Outcome, Gauge>,
+    memory_evictions: Family<ResultLabel, Gauge>,
+    memory_refusals: Family<ResultLabel, Gauge>,
     shard_up: Family<ShardLabel, Gauge>,
     shard_errors: Family<ShardLabel, Gauge>,
     shard_coalesced: Family<ShardLabel, Gauge>,
@@ -82,7 +78,7 @@ pub struct Metrics {
     shard_keys: Family<ShardLabel, Gauge>,
     ring_generation: Gauge,
     ring_shards: Gauge,
-    reloads: Family<Outcome, Gauge>,
+    reloads: Family<ResultLabel, Gauge>,
     last_reload: Gauge,
 }
 
@@ -119,7 +115,7 @@ impl Metrics {
     pub fn new(
         ring: Arc<ArcSwap<Ring>>,
         events_lost: Family<crate::events::LostLabels, Counter>,
-        quarantine_restored: Family<crate::store::quarantine::ShardLabel, Counter>,
+        quarantine_restored: Family<ShardLabel, Counter>,
     ) -> Self {
         let mut registry = Registry::with_prefix("mediacache");
         registry.register(
@@ -195,13 +191,13 @@ impl Metrics {
             "memory_admissions",
             "Objects admitted to the memory tier since start",
         );
-        let memory_evictions = Family::<Outcome, Gauge>::default();
+        let memory_evictions = Family::<ResultLabel, Gauge>::default();
         registry.register(
             "memory_evictions",
             "Objects evicted from the memory tier since start, by reason",
             memory_evictions.clone(),
         );
-        let memory_refusals = Family::<Outcome, Gauge>::default();
+        let memory_refusals = Family::<ResultLabel, Gauge>::default();
         registry.register(
             "memory_refusals",
             "Objects the memory tier did not admit since start, by reason",
@@ -235,7 +231,7 @@ impl Metrics {
             "Generation of the running ring",
         );
         let ring_shards = gauge(&mut registry, "ring_shards", "Shards in the running ring");
-        let reloads = Family::<Outcome, Gauge>::default();
+        let reloads = Family::<ResultLabel, Gauge>::default();
         registry.register(
             "reloads",
             "Config reloads since start, by result",
@@ -307,7 +303,7 @@ impl Metrics {
         self.memory_entries.set(m.entries as i64);
         self.memory_tracked_keys.set(m.tracked_keys as i64);
         self.memory_admissions.set(m.admissions as i64);
-        let reason = |r: &str| Outcome {
+        let reason = |r: &str| ResultLabel {
             result: r.to_owned(),
         };
         self.memory_evictions

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::config::TlsConfig;
 
 /// How often the certificate files are checked for changes.
-pub const REREAD: Duration = Duration::from_secs(5);
+pub const CERT_REREAD: Duration = Duration::from_secs(5);
 /// Time a client has to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes that may be in progress at once; more wait in the kernel's accept queue.
@@ -45,7 +45,7 @@ impl Tls {
     /// broken new certificate is logged and the one in use stays.
     pub async fn watch(self: Arc<Self>) {
         let mut seen = self.stamps();
-        let mut tick = tokio::time::interval(REREAD);
+        let mut tick = tokio::time::interval(CERT_REREAD);
         tick.tick().await;
         loop {
             tick.tick().await;

@@ -394,7 +394,7 @@ async fn failover_next_writes_and_reads_the_next_live_shard() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shard_closing_connections_mid_reply_gives_clean_errors_and_recovers() {
-    use common::{serve, shards_up, CuttingProxy, RedisShard};
+    use common::{CuttingProxy, RedisShard, TestCluster};
     use mediacache::config::{Config, ShardConfig};
     use sha2::{Digest, Sha256};
 
@@ -411,8 +411,8 @@ async fn shard_closing_connections_mid_reply_gives_clean_errors_and_recovers() {
     }];
     // Memory tier out of the way: every read goes to the shard.
     config.memory.min_downloads = 1_000;
-    let (addr, _stop, _server) = serve(&config).await;
-    let (mut client, _) = shards_up(&format!("http://{addr}"), 1).await;
+    let cluster = TestCluster::builder().with_config(config).start().await;
+    let mut client = cluster.client().await;
     let size = 2 * 1024 * 1024;
     let keys: Vec<_> = (0..4)
         .map(|i| media_key("example.org", &format!("cut-{i}"), ""))

@@ -135,13 +135,12 @@ async fn configmap_symlink_swap_is_seen_within_two_seconds() {
         ..Config::default()
     };
     let mut volume = ConfigMapDir::new(&yaml_serde::to_string(&config).unwrap());
-    let loaded = Config::load(&volume.path()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(mediacache::server::run(listener, loaded, async {
-        let _ = rx.await;
-    }));
+    let mut cluster = TestCluster::builder()
+        .with_config(config.clone())
+        .config_at(volume.path())
+        .start()
+        .await;
+    let endpoint = cluster.endpoint();
     let status = || {
         let endpoint = endpoint.clone();
         async move {
@@ -153,7 +152,6 @@ async fn configmap_symlink_swap_is_seen_within_two_seconds() {
                 .ok()
         }
     };
-    eventually("service up", Duration::from_secs(10), status).await;
     let mut took = Vec::new();
     for i in 0..20u32 {
         config.shards[1].weight = 2 + i;
@@ -176,8 +174,7 @@ async fn configmap_symlink_swap_is_seen_within_two_seconds() {
     let ring = status().await.unwrap();
     assert_eq!(ring.generation, 21);
     assert_eq!(ring.shards[1].weight, 21);
-    let _ = tx.send(());
-    server.await.unwrap().unwrap();
+    cluster.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{body, eventually, serve, shards_up, RedisShard};
+use common::{body, eventually, RedisShard, TestCluster};
 use mediacache::client::{media_key, Client, ClientError, ConnectOptions, Fetched};
 use mediacache::config::{AuthConfig, Config, ShardConfig, TlsConfig};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -53,8 +53,12 @@ async fn tokens_gate_every_rpc_but_health_and_rotate_without_restart() {
         },
         ..Default::default()
     };
-    let (addr, _stop, _server) = serve(&config).await;
-    let endpoint = format!("http://{addr}");
+    let cluster = TestCluster::builder()
+        .with_config(config)
+        .unready()
+        .start()
+        .await;
+    let endpoint = cluster.endpoint();
     let key = media_key("example.org", "tokened", "");
 
     // Health needs no token: probes and load balancers call it.
@@ -178,8 +182,12 @@ async fn a_read_only_caller_waits_for_fills_but_never_takes_a_lease() {
         },
         ..Default::default()
     };
-    let (addr, _stop, _server) = serve(&config).await;
-    let endpoint = format!("http://{addr}");
+    let cluster = TestCluster::builder()
+        .with_config(config)
+        .unready()
+        .start()
+        .await;
+    let endpoint = cluster.endpoint();
     let key = media_key("example.org", "leased", "");
     let mut reader = connect(&endpoint, Some(READER)).await;
     match reader.get_or_lease(key.clone(), true, 0).await.unwrap() {
@@ -280,8 +288,12 @@ async fn tls_serves_reloads_its_certificate_and_can_require_client_certificates(
         tls: Some(tls),
         ..Default::default()
     };
-    let (addr, _stop, _server) = serve(&config).await;
-    let endpoint = format!("https://127.0.0.1:{}", addr.port());
+    let cluster = TestCluster::builder()
+        .with_config(config)
+        .unready()
+        .start()
+        .await;
+    let endpoint = format!("https://127.0.0.1:{}", cluster.addr().port());
     let key = media_key("example.org", "over-tls", "");
 
     let mut client = Client::connect_with(&endpoint, first.options(None))
@@ -298,7 +310,7 @@ async fn tls_serves_reloads_its_certificate_and_can_require_client_certificates(
     assert_eq!(got, body(300_000, 4));
 
     // Plain text to a TLS port fails; so does a client that trusts another CA.
-    let mut plain = Client::connect(format!("http://{addr}")).await.ok();
+    let mut plain = Client::connect(cluster.endpoint()).await.ok();
     if let Some(plain) = plain.as_mut() {
         assert!(plain.stat(key.clone()).await.is_err());
     }
@@ -337,8 +349,12 @@ async fn tls_serves_reloads_its_certificate_and_can_require_client_certificates(
         }),
         ..Default::default()
     };
-    let (addr, _stop2, _server2) = serve(&config).await;
-    let endpoint = format!("https://127.0.0.1:{}", addr.port());
+    let mutual = TestCluster::builder()
+        .with_config(config)
+        .unready()
+        .start()
+        .await;
+    let endpoint = format!("https://127.0.0.1:{}", mutual.addr().port());
     let mut with_cert = Client::connect_with(&endpoint, first.options(Some(&clients)))
         .await
         .unwrap();
@@ -445,8 +461,12 @@ async fn shards_with_an_acl_user_and_a_password_file() {
             weight: 1,
         })
         .collect();
-    let (addr, _stop, _server) = serve(&config).await;
-    let (mut client, ring) = shards_up(&format!("http://{addr}"), 2).await;
+    let cluster = TestCluster::builder()
+        .with_config(config.clone())
+        .start()
+        .await;
+    let mut client = cluster.client().await;
+    let ring = cluster.ring_status().await;
     // The password shows nowhere in what the service reports.
     assert!(!format!("{ring:?}").contains(password));
     for i in 0..8 {
@@ -469,8 +489,12 @@ async fn shards_with_an_acl_user_and_a_password_file() {
     let mut wrong = config;
     wrong.redis.password_file = Some(write(dir.path(), "wrong", "not-the-password"));
     wrong.shards[0].url = proxy.url();
-    let (addr, _stop2, _server2) = serve(&wrong).await;
-    let mut client = Client::connect(format!("http://{addr}")).await.unwrap();
+    let wrong = TestCluster::builder()
+        .with_config(wrong)
+        .unready()
+        .start()
+        .await;
+    let mut client = wrong.client().await;
     eventually(
         "repeated failed logins",
         Duration::from_secs(10),
@@ -530,8 +554,11 @@ async fn rediss_shards_are_verified_against_the_configured_ca() {
         url: format!("rediss://127.0.0.1:{tls_port}"),
         weight: 1,
     }];
-    let (addr, _stop, _server) = serve(&config).await;
-    let (mut client, _) = shards_up(&format!("http://{addr}"), 1).await;
+    let cluster = TestCluster::builder()
+        .with_config(config.clone())
+        .start()
+        .await;
+    let mut client = cluster.client().await;
     let key = media_key("example.org", "over-rediss", "");
     assert!(
         client
@@ -557,8 +584,12 @@ async fn rediss_shards_are_verified_against_the_configured_ca() {
     // The service dials the shard through a proxy that counts its connections.
     let proxy = common::CuttingProxy::start(tls_port).await;
     wrong.shards[0].url = format!("rediss://127.0.0.1:{}", proxy.port);
-    let (addr, _stop2, _server2) = serve(&wrong).await;
-    let mut client = Client::connect(format!("http://{addr}")).await.unwrap();
+    let wrong = TestCluster::builder()
+        .with_config(wrong)
+        .unready()
+        .start()
+        .await;
+    let mut client = wrong.client().await;
     // It keeps dialling the shard again, as every handshake fails: verified connections would
     // be kept, and the count would stop at the pool's size.
     eventually(

@@ -16,7 +16,7 @@ use super::error::{field, PutEnd, ServiceError};
 use super::stream::{
     next_message, paced, Call, GetItem, GetStream, Outcome, StreamDone, StreamOutcome,
 };
-use crate::auth::Access;
+use crate::auth::Permission;
 use crate::config::LimitsConfig;
 use crate::key::{check_info, Key};
 use crate::proto::{
@@ -109,7 +109,7 @@ impl MediaCacheService {
         active: Active,
     ) -> Result<GetStream, (Call, Status)> {
         // A read-only caller may wait for a fill but never takes the lease: it could not Put.
-        let read_only = req.extensions().get::<Access>() == Some(&Access::ReadOnly);
+        let read_only = req.extensions().get::<Permission>() == Some(&Permission::ReadOnly);
         let req = req.into_inner();
         let key = match Key::from_proto(req.key.as_ref()) {
             Ok(key) => key,

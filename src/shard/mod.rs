@@ -9,15 +9,16 @@
 //!
 //! - `connect`: the clients, their TLS and password set-up, and the reconnect policy.
 //! - `reads`: `GETRANGE` window reads, shared by every request that asks for the same bytes.
-//! - `pinned`: one connection held for the commands of a write, in order.
+//! - [`pinned`]: one connection held for the commands of a write, in order.
 //! - `subscription`: the pub/sub loop that delivers a shard's events.
 
 mod connect;
-mod pinned;
+pub mod pinned;
 mod reads;
 mod subscription;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,10 +32,53 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::{redact_url, RedisConfig, ShardConfig};
-pub use pinned::Pinned;
-pub use reads::FirstRead;
-use reads::{InFlight, WindowRead};
-pub use subscription::Subscription;
+
+/// What receives the events published on a shard. The connection layer only carries them: the
+/// receiver decodes them, and decides what a possible loss means.
+pub trait Subscription: Send + Sync + 'static {
+    /// The channel to subscribe to.
+    fn channel(&self) -> String;
+    /// A message arrived on the channel.
+    fn message(&self, text: &str);
+    /// Messages of `shard` may have been missed: the subscription fell behind (`lagged`) or its
+    /// connection was re-established (`reconnected`).
+    fn lost(&self, shard: &str, reason: &'static str);
+    /// A reconnected subscription is confirmed: what was published between the loss and now
+    /// may have been missed too.
+    fn resubscribed(&self);
+}
+
+/// The first window of a value, as [`Shard::read_first`] found it.
+#[derive(Debug, Clone)]
+pub struct FirstRead {
+    pub first: Bytes,
+    /// Length of the whole value; 0 when absent (or replaced while being read).
+    pub total: u64,
+    /// Whether the key is in its media's variant index.
+    pub indexed: bool,
+}
+
+type SharedRead<T> =
+    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<T, ShardError>>>;
+/// Key, start, end and prefix length of a window read.
+type WindowRead = (Arc<str>, u64, u64, usize);
+/// Held weakly: a read whose requests all went away is dropped, not kept for a later one.
+type InFlight<K, T> = std::sync::Mutex<
+    std::collections::HashMap<
+        K,
+        futures_util::future::WeakShared<
+            futures_util::future::BoxFuture<'static, Result<T, ShardError>>,
+        >,
+    >,
+>;
+/// Entries of reads nobody waits for any more are swept once a map holds this many.
+const IN_FLIGHT_SWEEP: usize = 256;
+
+/// The label of every per-shard metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ShardLabel {
+    pub shard: String,
+}
 
 /// Why a shard operation did not return a value.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -8,33 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use fred::prelude::*;
 
-use super::{Shard, ShardError};
-
-/// The first window of a value, as [`Shard::read_first`] found it.
-#[derive(Debug, Clone)]
-pub struct FirstRead {
-    pub first: Bytes,
-    /// Length of the whole value; 0 when absent (or replaced while being read).
-    pub total: u64,
-    /// Whether the key is in its media's variant index.
-    pub indexed: bool,
-}
-
-type SharedRead<T> =
-    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<T, ShardError>>>;
-/// Key, start, end and prefix length of a window read.
-pub(super) type WindowRead = (Arc<str>, u64, u64, usize);
-/// Held weakly: a read whose requests all went away is dropped, not kept for a later one.
-pub(super) type InFlight<K, T> = std::sync::Mutex<
-    std::collections::HashMap<
-        K,
-        futures_util::future::WeakShared<
-            futures_util::future::BoxFuture<'static, Result<T, ShardError>>,
-        >,
-    >,
->;
-/// Entries of reads nobody waits for any more are swept once a map holds this many.
-const IN_FLIGHT_SWEEP: usize = 256;
+use super::{FirstRead, InFlight, Shard, ShardError, SharedRead, IN_FLIGHT_SWEEP};
 
 impl Shard {
     /// Reads answered by joining an identical read already in flight, since this client was made.

@@ -7,20 +7,7 @@ use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use tracing::debug;
 
-/// What receives the events published on a shard. The connection layer only carries them: the
-/// receiver decodes them, and decides what a possible loss means.
-pub trait Subscription: Send + Sync + 'static {
-    /// The channel to subscribe to.
-    fn channel(&self) -> String;
-    /// A message arrived on the channel.
-    fn message(&self, text: &str);
-    /// Messages of `shard` may have been missed: the subscription fell behind (`lagged`) or its
-    /// connection was re-established (`reconnected`).
-    fn lost(&self, shard: &str, reason: &'static str);
-    /// A reconnected subscription is confirmed: what was published between the loss and now
-    /// may have been missed too.
-    fn resubscribed(&self);
-}
+use super::Subscription;
 
 /// How long a reconnected subscription waits for the shard to confirm it.
 const RESUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);

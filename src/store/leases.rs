@@ -13,18 +13,9 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use super::redis::RedisStore;
+use super::types::LeaseAttempt;
 use crate::events::{Event, Events};
 use crate::key::Key;
-
-/// The answer to a request for a fill lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseAttempt {
-    Acquired,
-    /// Another caller holds it.
-    Held,
-    /// The key's shard cannot be reached.
-    Unavailable,
-}
 
 pub(super) struct Leases {
     ttl: Duration,

@@ -12,12 +12,12 @@
 //! - [`quarantine`]: the quarantines this replica knows.
 //! - `leases`: fill leases, in memory or on the ring, released where they were taken.
 //! - `fill`: copies into the memory tier, refused when a purge came in between.
-//! - `put`: a Put's way through the tiers.
+//! - [`put`]: a Put's way through the tiers.
 
 mod fill;
 mod leases;
 pub mod memory;
-mod put;
+pub mod put;
 pub mod quarantine;
 pub mod redis;
 pub mod types;
@@ -30,14 +30,13 @@ use crate::clock;
 use crate::events::{Event, Events};
 use crate::key::Key;
 use fill::{memory_chunks, tee, Copy, FillGuard};
-pub use leases::LeaseAttempt;
 use leases::Leases;
 use memory::MemoryStore;
-pub use put::Writer;
 use quarantine::Quarantine;
 use redis::RedisStore;
 pub use types::{
-    body_ranges, chunk_slices, ChunkStream, Found, Hit, Lookup, PutError, Range, StoreError, Tier,
+    body_ranges, chunk_slices, ChunkStream, Found, Hit, LeaseAttempt, Lookup, PutError, Range,
+    StoreError, Tier,
 };
 
 pub struct Store {

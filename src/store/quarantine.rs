@@ -25,12 +25,7 @@ use prometheus_client::metrics::family::Family;
 #[cfg(test)]
 use crate::key::origin_quarantine_field as origin_field;
 use crate::key::{quarantine_field as media_field, Key};
-
-/// Labels of the restored-quarantines counter.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-pub struct ShardLabel {
-    pub shard: String,
-}
+use crate::shard::ShardLabel;
 
 /// Stands for "every media" of an origin (never a valid media id).
 const WHOLE_ORIGIN: &str = "*";

@@ -122,6 +122,16 @@ pub struct Found {
     pub shard: Option<String>,
 }
 
+/// The answer to a request for a fill lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseAttempt {
+    Acquired,
+    /// Another caller holds it.
+    Held,
+    /// The key's shard cannot be reached.
+    Unavailable,
+}
+
 /// What a Get found, after waiting for a fill if it was asked to.
 pub enum Lookup {
     Hit(Hit),

@@ -392,7 +392,7 @@ pub type ServiceHandle = (
 );
 
 /// Runs the service on a free loopback port until the sender is used or dropped.
-pub async fn spawn_service(loaded: mediacache::config::Loaded) -> ServiceHandle {
+async fn spawn_service(loaded: mediacache::config::Loaded) -> ServiceHandle {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
@@ -403,13 +403,14 @@ pub async fn spawn_service(loaded: mediacache::config::Loaded) -> ServiceHandle 
 }
 
 /// Serves `config`, passed through YAML so that it meets the same validation as a real one.
-pub async fn serve(config: &Config) -> ServiceHandle {
+async fn serve(config: &Config) -> ServiceHandle {
     let yaml = yaml_serde::to_string(config).unwrap();
     spawn_service(Config::from_yaml(&yaml).expect("test config is valid")).await
 }
 
 /// Waits until the service at `endpoint` runs a ring of `n` shards, all up; returns a client
-/// and that ring.
+/// and that ring. Tests get this from [`TestCluster`]; the benchmarks call it for the service
+/// process they start from the release binary.
 pub async fn shards_up(
     endpoint: &str,
     n: usize,
@@ -509,14 +510,38 @@ pub async fn temp_key_appears(shard: &RedisShard) {
     .await;
 }
 
+/// The one way a test starts the service: [`TestCluster::builder`], then what the test needs.
 pub struct TestClusterBuilder {
     shards: usize,
     config: Config,
     config_file: bool,
     redis_args: Vec<String>,
+    wait_ready: bool,
+    config_at: Option<std::path::PathBuf>,
 }
 
 impl TestClusterBuilder {
+    /// Starts from `config` as it is, with the shards it names (ones the test started itself,
+    /// behind a proxy or over TLS); shards from [`TestClusterBuilder::shards`] are added to them.
+    pub fn with_config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Serves the config file at `path` as the test lays it out (a ConfigMap volume, say), which
+    /// must describe the builder's config; the harness neither writes nor watches it itself.
+    pub fn config_at(mut self, path: std::path::PathBuf) -> Self {
+        self.config_at = Some(path);
+        self
+    }
+
+    /// Returns once the service listens, without waiting for its shards to be up (they may never
+    /// be) or calling it without a token (it may require one, or speak TLS).
+    pub fn unready(mut self) -> Self {
+        self.wait_ready = false;
+        self
+    }
+
     pub fn shards(mut self, n: usize) -> Self {
         self.shards = n;
         self
@@ -546,14 +571,11 @@ impl TestClusterBuilder {
             shards.push(RedisShard::start_with(&format!("shard-{i}"), &args).await);
         }
         let mut config = self.config;
-        config.shards = shards
-            .iter()
-            .map(|s| ShardConfig {
-                name: s.name.clone(),
-                url: s.url(),
-                weight: 1,
-            })
-            .collect();
+        config.shards.extend(shards.iter().map(|s| ShardConfig {
+            name: s.name.clone(),
+            url: s.url(),
+            weight: 1,
+        }));
         let config_dir = self.config_file.then(|| tempfile::tempdir().unwrap());
         let mut cluster = TestCluster {
             shards,
@@ -563,8 +585,9 @@ impl TestClusterBuilder {
             shutdown: None,
             server: None,
             replicas: Vec::new(),
+            config_at: self.config_at,
         };
-        cluster.start_service().await;
+        cluster.start_service(self.wait_ready).await;
         cluster
     }
 }
@@ -578,6 +601,8 @@ pub struct TestCluster {
     server: Option<JoinHandle<anyhow::Result<()>>>,
     /// More service replicas on the same shards (stopped on drop).
     replicas: Vec<(oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>)>,
+    /// A config file laid out by the test (see [`TestClusterBuilder::config_at`]).
+    config_at: Option<std::path::PathBuf>,
 }
 
 impl TestCluster {
@@ -594,7 +619,7 @@ impl TestCluster {
         let (addr, tx, server) = serve(&config).await;
         let endpoint = format!("http://{addr}");
         self.replicas.push((tx, server));
-        shards_up(&endpoint, self.shards.len()).await;
+        shards_up(&endpoint, self.config.shards.len()).await;
         // Ready once it hears every shard's events, like every replica before it.
         let replicas = self.replicas.len() as u64 + 1;
         for shard in &self.shards {
@@ -614,10 +639,12 @@ impl TestCluster {
             config: Config::default(),
             config_file: false,
             redis_args: Vec::new(),
+            wait_ready: true,
+            config_at: None,
         }
     }
 
-    async fn start_service(&mut self) {
+    async fn start_service(&mut self, wait_ready: bool) {
         // Logs of the service under test, shown for failing tests; RUST_LOG sets the level.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -629,6 +656,9 @@ impl TestCluster {
         // Through YAML, so the test config passes the same validation as a real one.
         let yaml = yaml_serde::to_string(&self.config).unwrap();
         let loaded = match self.config_path() {
+            Some(path) if self.config_at.is_some() => {
+                Config::load(&path).expect("test config is valid")
+            }
             Some(path) => {
                 std::fs::write(&path, &yaml).unwrap();
                 Config::load(&path).expect("test config is valid")
@@ -639,7 +669,10 @@ impl TestCluster {
         self.addr = Some(addr);
         self.shutdown = Some(tx);
         self.server = Some(server);
-        shards_up(&self.endpoint(), self.shards.len()).await;
+        if !wait_ready {
+            return;
+        }
+        shards_up(&self.endpoint(), self.config.shards.len()).await;
         for shard in &self.shards {
             eventually(
                 "the service subscribed",
@@ -652,9 +685,11 @@ impl TestCluster {
 
     /// The watched config file, when the cluster was built with `config_file()`.
     pub fn config_path(&self) -> Option<std::path::PathBuf> {
-        self.config_dir
-            .as_ref()
-            .map(|d| d.path().join("config.yaml"))
+        self.config_at.clone().or_else(|| {
+            self.config_dir
+                .as_ref()
+                .map(|d| d.path().join("config.yaml"))
+        })
     }
 
     /// Writes `config` over the config file the way most tools do (a new file renamed over the
@@ -695,7 +730,12 @@ impl TestCluster {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr.expect("service started"))
+        format!("http://{}", self.addr())
+    }
+
+    /// Where the service listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("service started")
     }
 
     pub async fn client(&self) -> Client {

@@ -5,8 +5,70 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
-use super::{Admission, MemoryStats, Object, Policy, BUCKETS, MAX_POPULARITY, MAX_TRACKED_KEYS};
+use bytes::Bytes;
+
 use crate::key::Key;
+use crate::proto::MediaInfo;
+
+/// Popularity counts above this are treated as equal (the Fenwick tree's size).
+pub(super) const MAX_POPULARITY: u32 = (1 << 16) - 1;
+/// Buckets the tracked window is divided into.
+pub(super) const BUCKETS: u64 = 30;
+/// Keys the download tracker holds at most; under a flood of unique keys the oldest buckets are
+/// dropped early, so the window shrinks instead of memory growing.
+pub const MAX_TRACKED_KEYS: usize = 1_000_000;
+
+/// One cached object; readers clone the `Arc` and stream slices of `body` without copying.
+#[derive(Debug)]
+pub struct Object {
+    pub info: MediaInfo,
+    pub body: Bytes,
+    /// Which publish of the key this is (the nonce of its Redis header; 0 for memory-only Puts):
+    /// an event announcing another publish of the key drops this copy, one for this publish not.
+    pub version: u64,
+}
+
+/// The answer to an offer of an object to the tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Stored,
+    TooLarge,
+    /// Fewer than `min_downloads` downloads in the window.
+    NotPopular,
+    /// Evicted less than `min_evicted_time` ago.
+    Excluded,
+    /// Full, and the evictable entries would not free enough room.
+    NoRoom,
+    /// A purge or another publish covering the key came after the copy was started.
+    Invalidated,
+}
+
+/// Counters since start, for metrics and the simulator.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub bytes: u64,
+    pub entries: u64,
+    pub tracked_keys: u64,
+    pub admissions: u64,
+    pub evicted_for_room: u64,
+    pub refused_not_popular: u64,
+    pub refused_excluded: u64,
+    pub refused_no_room: u64,
+    pub refused_too_large: u64,
+    pub refused_invalidated: u64,
+    /// Bytes reserved by copies being gathered (fills, Puts), counted against `max_bytes`.
+    pub reserved: u64,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Policy {
+    pub(super) max_bytes: u64,
+    pub(super) max_object_bytes: u64,
+    pub(super) bucket_ms: u64,
+    pub(super) min_downloads: u32,
+    pub(super) min_cache_ms: u64,
+    pub(super) min_evicted_ms: u64,
+}
 
 /// What an invalidation covers.
 #[derive(Debug, Clone)]

@@ -1,8 +1,10 @@
 //! Tests of the memory tier: its policy, its accounting under concurrency, and the refusal
 //! of copies that an invalidation made stale.
 
-use super::inner::INVALIDATION_LOG;
+use super::inner::{INVALIDATION_LOG, MAX_POPULARITY};
 use super::*;
+use crate::proto::MediaInfo;
+use bytes::Bytes;
 
 const MIN: Duration = Duration::from_secs(60);
 

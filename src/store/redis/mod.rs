@@ -18,14 +18,15 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{stream, StreamExt};
 use tracing::{debug, warn};
 
-use super::leases::LeaseAttempt;
-use super::types::{body_ranges, chunk_slices, ChunkStream, PutError, Range, StoreError};
 use crate::config::Failover;
 use crate::key::{origin_pattern, origin_quarantine_field, temp_key, Key};
 use crate::object::{self, Header, MAX_HEADER_LEN, PREFIX_LEN};
 use crate::proto::{MediaInfo, PutOutcome};
 use crate::ring::Ring;
 use crate::shard::{FirstRead, Shard, ShardError};
+use crate::store::types::{
+    body_ranges, chunk_slices, ChunkStream, LeaseAttempt, PutError, Range, StoreError,
+};
 pub use writer::RedisWriter;
 use writer::TempGuard;
 
@@ -296,6 +297,11 @@ impl RedisStore {
             }
         }
         (removed, failed)
+    }
+
+    /// Merges this replica's quarantines with every shard's (see `sync`).
+    pub async fn sync_quarantine(&self, quarantine: &crate::store::quarantine::Quarantine) {
+        self.sync.run(&self.ring(), quarantine).await
     }
 
     /// Takes the fill lease of `key` on the shard it would be written to.

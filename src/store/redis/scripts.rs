@@ -9,7 +9,8 @@ use crate::key::{
     origin_quarantine_field, origin_tombstone_key, quarantine_field, tombstone_key, Key,
     ORIGIN_TOMBSTONE_PREFIX, QUARANTINE_KEY, TOMBSTONE_PREFIX, VARIANTS_PREFIX,
 };
-use crate::shard::{Pinned, Shard, ShardError};
+use crate::shard::pinned::Pinned;
+use crate::shard::{Shard, ShardError};
 
 /// Lua that sets `now` to the shard's clock in unix ms: quarantines end by it.
 macro_rules! lua_now {

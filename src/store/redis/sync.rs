@@ -8,7 +8,6 @@ use std::sync::Mutex;
 use tracing::{debug, warn};
 
 use super::scripts::{self, QuarantineSync};
-use super::RedisStore;
 use crate::clock;
 use crate::key::{origin_pattern, origin_variants_pattern};
 use crate::ring::Ring;
@@ -25,14 +24,13 @@ pub(super) struct Synced {
     origin_walks: Mutex<HashSet<(String, String)>>,
 }
 
-impl RedisStore {
+impl Synced {
     /// Merges `quarantine` (this replica's) with every shard's. Per shard it costs one small
     /// round trip while nothing changed: the replica pushes only the quarantines it set or
     /// learned since it last pushed to that shard, and pulls the shard's only when the shard's
     /// hash changed. A shard whose hash is another one (evicted, restarted, new to this replica)
     /// gets everything.
-    pub async fn sync_quarantine(&self, quarantine: &Quarantine) {
-        let ring = self.ring();
+    pub(super) async fn run(&self, ring: &Ring, quarantine: &Quarantine) {
         if ring.is_empty() {
             return;
         }
@@ -43,7 +41,7 @@ impl RedisStore {
                 .map(|(field, until, _)| (field.as_str(), *until))
         };
         let synced = |name: &str| {
-            let synced = self.sync.synced.lock().unwrap_or_else(|p| p.into_inner());
+            let synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
             synced.get(name).cloned().unwrap_or_default()
         };
         let results = futures_util::future::join_all(ring.shards().iter().map(|shard| {
@@ -91,11 +89,7 @@ impl RedisStore {
                     "shard had lost quarantines; written back and their media deleted there"
                 );
                 quarantine.count_restored(shard.name(), sync.lacked.len() as u64);
-                let mut walks = self
-                    .sync
-                    .origin_walks
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let mut walks = self.origin_walks.lock().unwrap_or_else(|p| p.into_inner());
                 for origin in sync.lacked.iter().filter_map(|f| f.strip_suffix("|*")) {
                     walks.insert((shard.name().to_owned(), origin.to_owned()));
                 }
@@ -103,28 +97,23 @@ impl RedisStore {
             if let Some(held) = sync.held {
                 quarantine.learn(held);
             }
-            let mut synced = self.sync.synced.lock().unwrap_or_else(|p| p.into_inner());
+            let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
             synced.insert(shard.name().to_owned(), (sync.token, generation));
         }
-        self.walk_quarantined_origins(&ring).await;
+        self.walk_quarantined_origins(ring).await;
     }
 
     /// Deletes the objects of quarantined origins from the shards that had lost the quarantine
     /// (a Put may have been stored meanwhile); a walk that fails is tried again next time.
     async fn walk_quarantined_origins(&self, ring: &Ring) {
         let walks: Vec<(String, String)> = {
-            let walks = self
-                .sync
-                .origin_walks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let walks = self.origin_walks.lock().unwrap_or_else(|p| p.into_inner());
             walks.iter().cloned().collect()
         };
         for (name, origin) in walks {
             let Some(shard) = ring.shards().iter().find(|s| s.name() == name) else {
                 // The shard left the ring: nothing of it is read any more.
-                self.sync
-                    .origin_walks
+                self.origin_walks
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&(name, origin));
@@ -140,8 +129,7 @@ impl RedisStore {
                 }
             }
             if done {
-                self.sync
-                    .origin_walks
+                self.origin_walks
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&(name, origin));

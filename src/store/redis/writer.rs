@@ -10,7 +10,7 @@ use super::scripts::{self, Published};
 use crate::key::Key;
 use crate::object;
 use crate::proto::{MediaInfo, PutOutcome};
-use crate::shard::Pinned;
+use crate::shard::pinned::Pinned;
 use crate::store::types::{PutError, StoreError};
 
 /// Deletes a temporary key that was never published, also when the Put's future is dropped
