@@ -44,26 +44,186 @@ fn module_path(file: &Path) -> String {
     parts.join("::")
 }
 
-/// The code of a file: comments removed, and the inline `mod tests` at its end cut off.
+/// The code of a file: comments and string literals removed, and the inline `mod tests`
+/// cut out.
 fn code_of(text: &str) -> String {
-    let text = match text.find("#[cfg(test)]\nmod tests {") {
-        Some(at) => &text[..at],
-        None => text,
-    };
-    text.lines()
-        .map(|line| {
-            let trimmed = line.trim_start();
-            if trimmed.starts_with("//") {
-                ""
-            } else {
-                match line.find(" // ") {
-                    Some(at) => &line[..at],
-                    None => line,
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let at = |i: usize| chars.get(i).copied().unwrap_or('\0');
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '/' && at(i + 1) == '/' {
+            while i < chars.len() && chars[i] != '\n' {
+                i += 1;
+            }
+        } else if c == '/' && at(i + 1) == '*' {
+            let mut depth = 0;
+            while i < chars.len() {
+                if chars[i] == '/' && at(i + 1) == '*' {
+                    depth += 1;
+                    i += 2;
+                } else if chars[i] == '*' && at(i + 1) == '/' {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
                 }
             }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+        } else if c == 'r'
+            && (at(i + 1) == '#' || at(i + 1) == '"')
+            && !ident(at(i.wrapping_sub(1)))
+        {
+            // A raw string: r"..." or r#"..."#.
+            let mut j = i + 1;
+            let mut hashes = 0;
+            while at(j) == '#' {
+                hashes += 1;
+                j += 1;
+            }
+            if at(j) != '"' {
+                out.push(c);
+                i += 1;
+                continue;
+            }
+            j += 1;
+            loop {
+                if j >= chars.len() {
+                    break;
+                }
+                if chars[j] == '"' && (1..=hashes).all(|k| at(j + k) == '#') {
+                    j += 1 + hashes;
+                    break;
+                }
+                j += 1;
+            }
+            out.push_str("\"\"");
+            i = j;
+        } else if c == '"' {
+            i += 1;
+            while i < chars.len() && chars[i] != '"' {
+                i += if chars[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+            out.push_str("\"\"");
+        } else if c == '\'' && at(i + 1) == '\\' {
+            // A char literal with an escape: '\n', '\'', '\u{1f}'.
+            i += 2;
+            while i < chars.len() && chars[i] != '\'' {
+                i += 1;
+            }
+            i += 1;
+        } else if c == '\'' && at(i + 2) == '\'' {
+            i += 3;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    // The unit tests: from their attribute to the brace that closes them.
+    if let Some(start) = out.find("#[cfg(test)]\nmod tests {") {
+        let open = start + out[start..].find('{').unwrap();
+        let mut depth = 0;
+        let mut end = out.len();
+        for (k, ch) in out[open..].char_indices() {
+            match ch {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = open + k + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.replace_range(start..end, "");
+    }
+    out
+}
+
+fn ident(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+/// Every path in `code` with at least two segments, `use` groups expanded:
+/// `crate::a::{b, c::{d}}` gives `crate::a::b` and `crate::a::c::d`.
+fn paths(code: &str) -> Vec<Vec<String>> {
+    let chars: Vec<char> = code.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let starts = ident(chars[i])
+            && !chars[i].is_ascii_digit()
+            && (i == 0 || (!ident(chars[i - 1]) && chars[i - 1] != ':'));
+        if starts {
+            let (trees, end) = tree(&chars, i);
+            out.extend(trees.into_iter().filter(|p| p.len() >= 2));
+            i = end.max(i + 1);
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// One path (or `use` tree) starting at `i`: its expansions and where it ends.
+fn tree(chars: &[char], mut i: usize) -> (Vec<Vec<String>>, usize) {
+    let skip_ws = |mut i: usize| {
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    let mut prefix = Vec::new();
+    loop {
+        i = skip_ws(i);
+        if chars.get(i) == Some(&'{') {
+            let mut all = Vec::new();
+            i += 1;
+            loop {
+                i = skip_ws(i);
+                match chars.get(i) {
+                    None => return (all, i),
+                    Some('}') => return (all, i + 1),
+                    Some(',') => i += 1,
+                    Some(_) => {
+                        let (subs, end) = tree(chars, i);
+                        for sub in subs {
+                            let mut p = prefix.clone();
+                            p.extend(sub.into_iter().filter(|s| s != "self"));
+                            all.push(p);
+                        }
+                        // Skip an `as` rename or a `*` up to the next separator.
+                        i = end;
+                        while i < chars.len() && !matches!(chars[i], ',' | '}') {
+                            i += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let start = i;
+        while i < chars.len() && ident(chars[i]) {
+            i += 1;
+        }
+        if i == start {
+            return (vec![prefix], i);
+        }
+        let segment: String = chars[start..i].iter().collect();
+        if segment != "self" || prefix.is_empty() {
+            prefix.push(segment);
+        }
+        if chars.get(i) == Some(&':') && chars.get(i + 1) == Some(&':') {
+            i += 2;
+        } else {
+            return (vec![prefix], i);
+        }
+    }
 }
 
 fn modules() -> BTreeMap<String, Module> {
@@ -112,68 +272,33 @@ fn resolve(known: &BTreeMap<String, Module>, base: &str, rest: &[&str]) -> Strin
     at
 }
 
-/// The identifiers of a path after `crate::` or `super::`, and of each member of a `{...}`
-/// group that follows it.
-fn paths_after(code: &str, prefix: &str) -> Vec<Vec<String>> {
-    let mut out = Vec::new();
-    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    let mut rest = code;
-    while let Some(at) = rest.find(prefix) {
-        let before = rest[..at].chars().next_back();
-        rest = &rest[at + prefix.len()..];
-        if before.is_some_and(|c| ident(c) || c == ':') {
-            continue;
-        }
-        let mut parts = Vec::new();
-        let mut tail = rest;
-        loop {
-            let end = tail.find(|c: char| !ident(c)).unwrap_or(tail.len());
-            if end == 0 {
-                break;
-            }
-            parts.push(tail[..end].to_owned());
-            tail = &tail[end..];
-            match tail.strip_prefix("::") {
-                Some(t) => tail = t,
-                None => break,
-            }
-        }
-        if let Some(group) = tail.strip_prefix('{') {
-            let close = group.find('}').unwrap_or(group.len());
-            for member in group[..close].split(',') {
-                let first = member
-                    .trim()
-                    .split("::")
-                    .next()
-                    .unwrap_or("")
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("");
-                if !first.is_empty() && first != "self" && first != "*" {
-                    let mut p = parts.clone();
-                    p.push(first.to_owned());
-                    out.push(p);
-                }
-            }
-        }
-        out.push(parts);
-    }
-    out
-}
-
-/// Which modules each module imports (by `crate::` and `super::` paths), itself excluded.
+/// Which modules each module imports, itself excluded: paths from `crate`, `super` (any number
+/// of them), `self`, or a child module's name.
 fn imports(known: &BTreeMap<String, Module>) -> BTreeMap<String, BTreeSet<String>> {
     let mut graph = BTreeMap::new();
     for (path, module) in known {
         let mut to = BTreeSet::new();
-        for parts in paths_after(&module.code, "crate::") {
-            let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
-            to.insert(resolve(known, "", &parts));
-        }
-        // `super` of a `mod.rs` or a leaf file is the enclosing module.
-        for parts in paths_after(&module.code, "super::") {
-            let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
-            to.insert(resolve(known, parent(path), &parts));
+        for segments in paths(&module.code) {
+            let mut base = path.clone();
+            let mut rest: &[String] = &segments;
+            match segments[0].as_str() {
+                "crate" => {
+                    base.clear();
+                    rest = &segments[1..];
+                }
+                "self" => rest = &segments[1..],
+                "super" => {
+                    while rest.first().is_some_and(|s| s == "super") {
+                        base = parent(&base).to_owned();
+                        rest = &rest[1..];
+                    }
+                }
+                child if known.contains_key(&join(path, child)) => {}
+                // Another crate, or an item of this module.
+                _ => continue,
+            }
+            let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+            to.insert(resolve(known, &base, &rest));
         }
         to.remove(path);
         // The crate root only declares modules and the generated protos.
@@ -314,4 +439,25 @@ fn lib_lists_every_module_on_one_line() {
         assert!(names.insert(name.to_owned()), "{name} listed twice");
     }
     assert_eq!(names, declared, "the Layout lists exactly the modules");
+}
+
+#[test]
+fn the_parser_expands_groups_and_skips_comments_and_strings() {
+    let code = code_of(
+        "use crate::a::{b, c::{d, e as f}, self};\n// crate::x::y\nlet s = \"crate::q::r\";\n\
+         /* super::z */ let v = super::super::w::V; inner::K;\n\
+         #[cfg(test)]\nmod tests {\n    use crate::t::u;\n}\n",
+    );
+    let found: Vec<String> = paths(&code).iter().map(|p| p.join("::")).collect();
+    assert_eq!(
+        found,
+        [
+            "crate::a::b",
+            "crate::a::c::d",
+            "crate::a::c::e",
+            "crate::a",
+            "super::super::w::V",
+            "inner::K"
+        ]
+    );
 }

@@ -490,3 +490,103 @@ async fn a_memory_lease_given_up_after_a_reload_frees_the_key_at_once() {
     )
     .await;
 }
+
+/// A lease taken on a shard is released on that shard even after a reload gave its key another
+/// owner: it would otherwise sit there for its whole TTL, and hold the key again the moment the
+/// ring went back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_released_on_its_shard_after_the_key_moved() {
+    let mut cluster = TestCluster::builder()
+        .shards(2)
+        .config_file()
+        .configure(|c| c.lease_ttl = Duration::from_secs(60))
+        .start()
+        .await;
+    let both = cluster.config.clone();
+    let id = (0..)
+        .map(|i| format!("moving-{i}"))
+        .find(|id| cluster.owner("remote.example", id) == 1)
+        .unwrap();
+    let key = media_key("remote.example", &id, "");
+    let lease_key = format!("mc:1:lease:remote.example|{id}|");
+    let mut first_only = both.clone();
+    first_only.shards.truncate(1);
+    cluster.apply(first_only).await;
+    let mut a = cluster.client().await;
+    let Fetched::Miss { lease_token } = a.get_or_lease(key.clone(), true, 0).await.unwrap() else {
+        panic!("expected a miss");
+    };
+    assert!(cluster.shards[0].raw_get(&lease_key).await.is_some());
+
+    cluster.apply(both).await;
+    // The holder's fetch failed: its Put ends short of the declared size.
+    let header = PutRequest {
+        kind: Some(put_request::Kind::Header(PutHeader {
+            key: Some(key.clone()),
+            info: Some(MediaInfo {
+                size: 10,
+                ..Default::default()
+            }),
+            lease_token,
+        })),
+    };
+    let chunk = PutRequest {
+        kind: Some(put_request::Kind::Chunk(Bytes::from_static(b"abc"))),
+    };
+    let mut raw = cluster.raw().await;
+    assert!(raw
+        .put(tokio_stream::iter(vec![header, chunk]))
+        .await
+        .is_err());
+    let first = &cluster.shards[0];
+    eventually(
+        "the lease gone from the shard it was taken on",
+        Duration::from_secs(10),
+        || async { first.raw_get(&lease_key).await.is_none().then_some(()) },
+    )
+    .await;
+}
+
+/// A Put refused before its body is read (too large) still gives its lease up at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_refused_as_too_large_releases_its_lease() {
+    let cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| {
+            c.lease_ttl = Duration::from_secs(60);
+            c.max_object_bytes = 1024 * 1024;
+        })
+        .start()
+        .await;
+    let key = media_key("remote.example", "huge", "");
+    let mut a = cluster.client().await;
+    let Fetched::Miss { lease_token } = a.get_or_lease(key.clone(), true, 0).await.unwrap() else {
+        panic!("expected a miss");
+    };
+    let refused = a
+        .put_with_lease(
+            key.clone(),
+            MediaInfo::default(),
+            Bytes::from(vec![0u8; 2 * 1024 * 1024]),
+            &lease_token,
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused.outcome, PutOutcome::TooLarge as i32);
+    let endpoint = cluster.endpoint();
+    eventually(
+        "the next caller gets the lease, long before its 60 s TTL",
+        Duration::from_secs(10),
+        || {
+            let (endpoint, key) = (endpoint.clone(), key.clone());
+            async move {
+                let mut b = Client::connect(endpoint).await.ok()?;
+                match b.get_or_lease(key, true, 0).await.ok()? {
+                    Fetched::Miss { lease_token } if !lease_token.is_empty() => Some(()),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+}

@@ -21,11 +21,15 @@ use crate::store::Store;
 use crate::telemetry::Metrics;
 
 pub struct CacheAdminService {
+    /// Purges and the memory tier's usage go through the store like every request.
     store: Arc<Store>,
     /// The ring now running, read for its status.
     ring: Arc<ArcSwap<Ring>>,
+    /// Written by the reloader, reported by RingStatus.
     reloads: Arc<ReloadStats>,
+    /// Shared with the media service, whose requests Stats counts.
     metrics: Arc<Metrics>,
+    /// For Stats' uptime.
     started: Instant,
 }
 

@@ -48,11 +48,15 @@ impl Drop for LeaseRelease {
 }
 
 pub struct MediaCacheService {
+    /// Where every handler's work is done; the handlers only translate.
     store: Arc<Store>,
-    /// Largest object accepted at all.
+    /// Largest object accepted at all: a bigger Put is refused before its body is read.
     max_object_bytes: u64,
+    /// Shared with the admin service (Stats reads the same counters).
     metrics: Arc<Metrics>,
+    /// Shared with the server, which closes it at shutdown and waits for it.
     drain: Arc<Drain>,
+    /// Timeouts and bounds every request is held to.
     limits: LimitsConfig,
 }
 
@@ -202,6 +206,13 @@ impl MediaCacheService {
             None => return Err(field("header", "the first message must be a header").into()),
         };
         let key = Key::from_proto(header.key.as_ref())?;
+        // Whatever way this Put ends from here (stored, refused, failed, or the client gone), the
+        // lease it names is given up at once, so waiters need not sit out its TTL.
+        let _lease = (!header.lease_token.is_empty()).then(|| LeaseRelease {
+            store: self.store.clone(),
+            key: key.clone(),
+            token: header.lease_token.clone(),
+        });
         let span = tracing::Span::current();
         span.record("key", tracing::field::display(&key));
         let mut info = header.info.ok_or_else(|| field("info", "is required"))?;
@@ -212,13 +223,6 @@ impl MediaCacheService {
         }
         info.stored_at_unix_ms = crate::clock::unix_ms();
 
-        // Whatever way this Put ends (stored, refused, failed, or the client gone), the lease it
-        // names is given up at once, so waiters need not sit out its TTL.
-        let _lease = (!header.lease_token.is_empty()).then(|| LeaseRelease {
-            store: self.store.clone(),
-            key: key.clone(),
-            token: header.lease_token.clone(),
-        });
         let mut writer = self.store.begin_put(&key, &info).await?;
         span.record("shard", writer.target().1);
 

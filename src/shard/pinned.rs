@@ -52,8 +52,9 @@ impl Pinned {
     }
 
     /// Runs a Lua script on this connection, under the command timeout, its round trip counted
-    /// in the shard's latency.
-    pub async fn eval<R: FromValue>(
+    /// in the shard's latency; it ends at once when the shard is found down meanwhile, so use it
+    /// only where giving up early leaves nothing half-done that the caller must know about.
+    pub async fn eval_bounded<R: FromValue>(
         &self,
         script: &'static str,
         keys: Vec<String>,
@@ -65,6 +66,23 @@ impl Pinned {
         let reply = self.shard.bounded(client.eval(script, keys, args)).await?;
         self.shard.observe(started);
         Ok(reply)
+    }
+
+    /// Runs a Lua script on this connection and waits for its answer (up to the command
+    /// timeout) even if the shard is found down meanwhile: the script may have run, and the
+    /// caller must not report otherwise on a guess.
+    pub async fn eval<R: FromValue>(
+        &self,
+        script: &'static str,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<R, ShardError> {
+        self.shard.check_up()?;
+        self.client
+            .with_options(&self.shard.options())
+            .eval(script, keys, args)
+            .await
+            .map_err(|e| self.shard.fail(e))
     }
 
     /// Deletes a key on this connection, after every command sent before it.

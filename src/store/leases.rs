@@ -1,9 +1,10 @@
 //! Fill leases: who fetches a missing key from the media repo's own storage while others wait.
 //!
 //! A lease is taken where the ring says at that moment: on the key's shard, or with an empty
-//! ring (memory-only mode) in this replica. It is released and looked up where it was taken,
-//! whatever the ring became since: a lease taken in memory and given up after a reload to N
-//! shards still frees its waiters at once, and a reload back to none finds no stale lease.
+//! ring (memory-only mode) in this replica. Its token names that place, and it is released
+//! there whatever the ring became since: a lease taken in memory and given up after a reload to
+//! N shards still frees its waiters at once, a reload back to none finds no stale lease, and a
+//! lease taken on a shard is released on that shard after a reload gave the key another owner.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use super::redis::RedisStore;
-use super::types::LeaseAttempt;
+use super::types::{lease_shard, lease_token, LeaseAttempt};
 use crate::events::{Event, Events};
 use crate::key::Key;
 
@@ -44,15 +45,17 @@ impl Leases {
         local
     }
 
-    pub(super) async fn acquire(&self, redis: &RedisStore, key: &Key, token: &str) -> LeaseAttempt {
+    /// Takes the key's lease where the ring says now: on its shard, or with no shards here.
+    pub(super) async fn acquire(&self, redis: &RedisStore, key: &Key) -> LeaseAttempt {
         if !redis.is_empty() {
-            return redis.acquire_lease(key, token, self.ttl).await;
+            return redis.acquire_lease(key, self.ttl).await;
         }
         match self.local().entry(key.redis_key()) {
             std::collections::hash_map::Entry::Occupied(_) => LeaseAttempt::Held,
             std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert((token.to_owned(), Instant::now() + self.ttl));
-                LeaseAttempt::Acquired
+                let token = lease_token(None);
+                v.insert((token.clone(), Instant::now() + self.ttl));
+                LeaseAttempt::Acquired(token)
             }
         }
     }
@@ -70,8 +73,12 @@ impl Leases {
     }
 
     /// Gives up a lease if `token` still holds it (a foreign or expired token changes nothing),
-    /// and wakes the waiters, where the lease was taken.
+    /// and wakes the waiters, where the lease was taken: the token names the shard, or none for
+    /// a lease taken in this replica's memory.
     pub(super) async fn release(&self, redis: &RedisStore, key: &Key, token: &str) {
+        if lease_shard(token).is_some() {
+            return redis.release_lease(key, token).await;
+        }
         let redis_key = key.redis_key();
         let released_here = {
             let mut local = self.local();
@@ -84,6 +91,7 @@ impl Leases {
         if released_here {
             self.events.handle(Event::Released(redis_key));
         } else if !redis.is_empty() {
+            // Not one of this replica's: a token from a release whose tokens named no shard.
             redis.release_lease(key, token).await;
         } else {
             debug!(key = %key, "lease to release not held (expired, or taken elsewhere)");

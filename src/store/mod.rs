@@ -40,14 +40,18 @@ pub use types::{
 };
 
 pub struct Store {
+    /// Shared with the events' listener, which drops what purges and other publishes made
+    /// stale.
     memory: Arc<MemoryStore>,
     redis: RedisStore,
+    /// The size of the chunks a memory-tier read yields.
     chunk_bytes: u64,
     /// Keys whose memory fill (a tee of a Redis read) is under way: one at a time per key.
     filling: Arc<Mutex<HashSet<Key>>>,
     /// Wakes Gets waiting for a key, on this replica and (through the shards) on every other.
     events: Arc<Events>,
     leases: Leases,
+    /// How long a purge's quarantine refuses the media.
     quarantine_ttl: Duration,
     /// The quarantines this replica knows, in both modes (see [`quarantine`]); shared with the
     /// events, which record those announced by other replicas.
@@ -56,10 +60,6 @@ pub struct Store {
 
 /// How often a waiter looks again even without an event, in case one was missed.
 const RECHECK: Duration = Duration::from_millis(250);
-
-fn new_token() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
-}
 
 /// Store settings that are not the tiers themselves.
 pub struct Settings {
@@ -125,9 +125,8 @@ impl Store {
         let deadline = Instant::now() + wait;
         loop {
             if want_lease {
-                let token = new_token();
-                match self.leases.acquire(&self.redis, key, &token).await {
-                    LeaseAttempt::Acquired => {
+                match self.leases.acquire(&self.redis, key).await {
+                    LeaseAttempt::Acquired(token) => {
                         return Ok((Lookup::Miss { lease_token: token }, waited))
                     }
                     LeaseAttempt::Held => {}
@@ -243,9 +242,6 @@ impl Store {
             }
             Err(epoch) => epoch,
         };
-        if self.redis.is_empty() {
-            return Ok(None);
-        }
         let Some(located) = self.redis.locate(key, true).await else {
             return Ok(None);
         };
@@ -278,9 +274,6 @@ impl Store {
                 tier: Tier::Memory,
                 shard: None,
             });
-        }
-        if self.redis.is_empty() {
-            return None;
         }
         let located = self.redis.locate(key, false).await?;
         Some(Found {

@@ -123,13 +123,30 @@ pub struct Found {
 }
 
 /// The answer to a request for a fill lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseAttempt {
-    Acquired,
+    /// Granted, with the token its holder Puts with.
+    Acquired(String),
     /// Another caller holds it.
     Held,
     /// The key's shard cannot be reached.
     Unavailable,
+}
+
+/// A new lease token: random, and naming the shard the lease was taken on (none for one taken
+/// in a replica's memory), so that it is released there whatever the ring became since.
+pub fn lease_token(shard: Option<&str>) -> String {
+    let random = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    match shard {
+        Some(shard) => format!("{random}@{shard}"),
+        None => random,
+    }
+}
+
+/// The shard a lease token names, if any. Shard names never hold `@`; a token from a client
+/// is only ever compared, so a made-up one names at most a shard that holds no such lease.
+pub fn lease_shard(token: &str) -> Option<&str> {
+    token.rsplit_once('@').map(|(_, shard)| shard)
 }
 
 /// What a Get found, after waiting for a fill if it was asked to.
@@ -167,6 +184,15 @@ mod tests {
         let parts: Vec<_> = body_ranges(r, 10).collect();
         assert_eq!(parts, [(3, 13), (13, 23), (23, 25)]);
         assert_eq!(body_ranges(Range { start: 5, end: 5 }, 10).count(), 0);
+    }
+
+    #[test]
+    fn lease_tokens_name_the_shard_they_were_taken_on() {
+        let ring = lease_token(Some("shard-1.a"));
+        assert_eq!(lease_shard(&ring), Some("shard-1.a"));
+        let memory = lease_token(None);
+        assert_eq!(lease_shard(&memory), None);
+        assert_ne!(lease_token(None), memory, "tokens are random");
     }
 
     #[test]

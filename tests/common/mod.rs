@@ -523,6 +523,7 @@ pub struct TestClusterBuilder {
 impl TestClusterBuilder {
     /// Starts from `config` as it is, with the shards it names (ones the test started itself,
     /// behind a proxy or over TLS); shards from [`TestClusterBuilder::shards`] are added to them.
+    /// It replaces the builder's config: call it before [`TestClusterBuilder::configure`].
     pub fn with_config(mut self, config: Config) -> Self {
         self.config = config;
         self
@@ -695,6 +696,10 @@ impl TestCluster {
     /// Writes `config` over the config file the way most tools do (a new file renamed over the
     /// old one), waits until the service runs a ring built from it, and returns its generation.
     pub async fn apply(&mut self, config: Config) -> u64 {
+        assert!(
+            self.config_at.is_none(),
+            "a config laid out by the test is changed by the test"
+        );
         let text = yaml_serde::to_string(&config).unwrap();
         let path = self
             .config_path()
@@ -747,7 +752,8 @@ impl TestCluster {
         MediaCacheClient::connect(self.endpoint()).await.unwrap()
     }
 
-    /// Index of the shard that owns `origin/media_id` in this cluster's ring.
+    /// Index in [`TestCluster::shards`] of the shard that owns `origin/media_id` in this
+    /// cluster's ring.
     pub fn owner(&self, origin: &str, media_id: &str) -> usize {
         let placement = Placement::new(
             self.config
@@ -755,9 +761,14 @@ impl TestCluster {
                 .iter()
                 .map(|s| (s.name.as_str(), s.weight)),
         );
-        placement
+        let owner = placement
             .owner(&format!("{origin}/{media_id}"))
-            .expect("cluster has shards")
+            .expect("cluster has shards");
+        let name = &self.config.shards[owner].name;
+        self.shards
+            .iter()
+            .position(|s| &s.name == name)
+            .expect("the owner is a shard the harness started")
     }
 
     /// Every key on every shard, as (shard index, key).

@@ -25,7 +25,8 @@ use crate::proto::{MediaInfo, PutOutcome};
 use crate::ring::Ring;
 use crate::shard::{FirstRead, Shard, ShardError};
 use crate::store::types::{
-    body_ranges, chunk_slices, ChunkStream, LeaseAttempt, PutError, Range, StoreError,
+    body_ranges, chunk_slices, lease_shard, lease_token, ChunkStream, LeaseAttempt, PutError,
+    Range, StoreError,
 };
 pub use writer::RedisWriter;
 use writer::TempGuard;
@@ -37,10 +38,13 @@ const READ_AHEAD: usize = 4;
 const READ_WINDOW_BYTES: u64 = 256 * 1024;
 
 pub struct RedisStore {
+    /// Swapped by the reloader; each operation loads it once and keeps that ring to its end.
     ring: Arc<ArcSwap<Ring>>,
+    /// The size of the chunks a read yields and a write gathers.
     chunk_bytes: u64,
     /// Body bytes per `GETRANGE`: a whole number of chunks.
     window_bytes: u64,
+    /// How long an unfinished Put's temporary key lives without a write.
     temp_key_ttl: Duration,
     /// Where this replica's quarantines stand on each shard.
     sync: sync::Synced,
@@ -305,13 +309,14 @@ impl RedisStore {
     }
 
     /// Takes the fill lease of `key` on the shard it would be written to.
-    pub async fn acquire_lease(&self, key: &Key, token: &str, ttl: Duration) -> LeaseAttempt {
+    pub async fn acquire_lease(&self, key: &Key, ttl: Duration) -> LeaseAttempt {
         let ring = self.ring.load_full();
         let Some(shard) = Self::pick(&ring, key) else {
             return LeaseAttempt::Unavailable;
         };
-        match shard.set_new(&key.lease_key(), token, ttl).await {
-            Ok(true) => LeaseAttempt::Acquired,
+        let token = lease_token(Some(shard.name()));
+        match shard.set_new(&key.lease_key(), &token, ttl).await {
+            Ok(true) => LeaseAttempt::Acquired(token),
             Ok(false) => LeaseAttempt::Held,
             Err(_) => LeaseAttempt::Unavailable,
         }
@@ -325,13 +330,22 @@ impl RedisStore {
         Some(Duration::from_millis(ms))
     }
 
-    /// Gives a lease up if `token` still holds it, waking waiters on every replica.
+    /// Gives a lease up if `token` still holds it, waking waiters on every replica. The release
+    /// goes to the shard the token names, even if the key has another owner since a reload; a
+    /// token that names none (from a release before tokens did) goes to the key's shard now.
     pub async fn release_lease(&self, key: &Key, token: &str) {
         let ring = self.ring.load_full();
-        if let Some(shard) = Self::pick(&ring, key) {
-            if let Err(e) = scripts::release_lease(&shard, key, token).await {
-                debug!(key = %key, error = %e, "lease left to expire");
-            }
+        let shard = match lease_shard(token) {
+            Some(name) => ring.find(name).map(|(shard, _)| shard.clone()),
+            None => Self::pick(&ring, key),
+        };
+        let Some(shard) = shard else {
+            // The shard left the ring: its lease is read by nobody, and expires.
+            debug!(key = %key, "lease's shard not in the ring; left to expire");
+            return;
+        };
+        if let Err(e) = scripts::release_lease(&shard, key, token).await {
+            debug!(key = %key, error = %e, "lease left to expire");
         }
     }
 

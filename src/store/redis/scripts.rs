@@ -204,7 +204,7 @@ pub struct QuarantineSync {
 
 /// How a publish ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Published {
+pub(super) enum Published {
     Stored,
     /// The temporary key was gone or short (expired, or the shard restarted).
     Lost,
@@ -222,7 +222,7 @@ pub async fn append(
 ) -> Result<bool, ShardError> {
     let args = vec![Value::from(data), Value::from(ttl.as_millis() as i64)];
     let length: u64 = conn
-        .eval(APPEND_SCRIPT, vec![temp.to_owned()], args)
+        .eval_bounded(APPEND_SCRIPT, vec![temp.to_owned()], args)
         .await?;
     Ok(length > 0)
 }
