@@ -45,8 +45,11 @@ const ORIGIN: &str = "bench.example";
 struct Opts {
     quick: bool,
     json: PathBuf,
-    /// Measured time per cell (after a warm-up of a fifth of it).
+    /// Measured time per path and cell, split over `rounds` (after a warm-up of a fifth of it).
     cell: Duration,
+    /// Rounds per cell: each runs every path once, in turn, so that a slow moment of the machine
+    /// falls on every path alike; a ratio is the median of its rounds'.
+    rounds: usize,
     concurrency: Vec<usize>,
     /// Object size and how many distinct objects of it each path reads.
     sizes: Vec<(usize, usize)>,
@@ -55,8 +58,8 @@ struct Opts {
     rss: bool,
 }
 
-const USAGE: &str = "usage: e2e [--quick] [--json PATH] [--size 64K|1M|16M] [--conc N] \
-[--path NAME]... [--seconds S] [--no-rss]";
+const USAGE: &str = "usage: e2e [--quick] [--json PATH] [--size 8K|64K|1M|16M] [--conc N] \
+[--path NAME]... [--seconds S] [--rounds N] [--no-rss]";
 
 fn parse_size(s: &str) -> Option<usize> {
     let (n, unit) = match s.strip_suffix(['K', 'M']) {
@@ -72,7 +75,7 @@ fn opts() -> Opts {
         env!("CARGO_MANIFEST_DIR"),
         "/target/bench/e2e.json"
     ));
-    let (mut size, mut conc, mut seconds) = (None, None, None);
+    let (mut size, mut conc, mut seconds, mut rounds) = (None, None, None, None);
     let mut only = Vec::new();
     let mut rss = true;
     let mut args = std::env::args().skip(1);
@@ -89,7 +92,8 @@ fn opts() -> Opts {
             "--quick" => quick = true,
             "--json" => json = PathBuf::from(value()),
             "--size" => {
-                size = Some(parse_size(&value()).unwrap_or_else(|| bad("--size: 64K, 1M or 16M")))
+                size =
+                    Some(parse_size(&value()).unwrap_or_else(|| bad("--size: 8K, 64K, 1M or 16M")))
             }
             "--conc" => conc = Some(value().parse().unwrap_or_else(|_| bad("--conc: a number"))),
             "--seconds" => {
@@ -97,6 +101,15 @@ fn opts() -> Opts {
                     value()
                         .parse::<f64>()
                         .unwrap_or_else(|_| bad("--seconds: a number")),
+                )
+            }
+            "--rounds" => {
+                rounds = Some(
+                    value()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .unwrap_or_else(|| bad("--rounds: a number above 0")),
                 )
             }
             "--path" => only.push(value()),
@@ -107,21 +120,22 @@ fn opts() -> Opts {
         }
     }
     let mut sizes = if quick {
-        vec![(64 * KIB, 64), (MIB, 16), (16 * MIB, 4)]
+        vec![(8 * KIB, 256), (64 * KIB, 64), (MIB, 16), (16 * MIB, 4)]
     } else {
-        vec![(64 * KIB, 256), (MIB, 64), (16 * MIB, 16)]
+        vec![(8 * KIB, 1024), (64 * KIB, 256), (MIB, 64), (16 * MIB, 16)]
     };
     if let Some(size) = size {
         sizes.retain(|&(s, _)| s == size);
         if sizes.is_empty() {
-            bad("--size: 64K, 1M or 16M");
+            bad("--size: 8K, 64K, 1M or 16M");
         }
     }
-    let default_cell = if quick { 0.25 } else { 3.0 };
+    let default_cell = if quick { 0.6 } else { 3.0 };
     Opts {
         quick,
         json,
         cell: Duration::from_secs_f64(seconds.unwrap_or(default_cell)),
+        rounds: rounds.unwrap_or(if quick { 6 } else { 5 }),
         concurrency: conc.map_or_else(|| vec![1, 16, MAX_CONCURRENCY], |c| vec![c]),
         sizes,
         only,
@@ -423,8 +437,10 @@ struct Row {
     objects_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
-    /// Throughput divided by the baseline path's in the same cell.
+    /// Throughput divided by the baseline path's in the same round, median over the rounds.
     ratio: f64,
+    /// Half the range of the rounds' ratios, relative to their median (0.05: ±5%).
+    ratio_spread: f64,
     /// p99 divided by the baseline path's p99 in the same cell.
     p99_ratio: f64,
     /// CPU seconds per GiB moved, by process.
@@ -473,6 +489,9 @@ where
     let mut latencies = Vec::new();
     let mut elapsed = 0.0;
     for (span, keep) in [(warm, false), (time, true)] {
+        if span.is_zero() && !keep {
+            continue;
+        }
         let start = Instant::now();
         let deadline = start + span;
         let tasks: Vec<_> = (0..conc)
@@ -503,18 +522,18 @@ where
     (latencies, elapsed)
 }
 
+/// One path of one cell for `time`, after `warm`.
 async fn run_cell(
     rig: &Arc<Rig>,
-    opts: &Opts,
     path: PathKind,
-    size: usize,
-    objects: usize,
-    conc: usize,
+    (size, objects, conc): (usize, usize, usize),
+    warm: Duration,
+    time: Duration,
 ) -> Row {
     let watched = watched(rig, path);
     let before = cpu_now(&watched);
     let r = rig.clone();
-    let (lat, seconds) = measure(conc, opts.cell / 5, opts.cell, move |c, n| {
+    let (lat, seconds) = measure(conc, warm, time, move |c, n| {
         let r = r.clone();
         async move { r.op(path, size, objects, c, n).await }
     })
@@ -524,7 +543,7 @@ async fn run_cell(
     let ops = lat.len();
     let bytes = (ops * size) as f64;
     let gib = bytes / (1u64 << 30) as f64;
-    let total = seconds + (opts.cell / 5).as_secs_f64();
+    let total = seconds + warm.as_secs_f64();
     let cpu_per_gib = watched
         .iter()
         .zip(before.iter().zip(&after))
@@ -541,9 +560,71 @@ async fn run_cell(
         p50_ms: percentile(&lat, 0.50),
         p99_ms: percentile(&lat, 0.99),
         ratio: f64::NAN,
+        ratio_spread: f64::NAN,
         p99_ratio: f64::NAN,
         cpu_per_gib,
     }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One row per path from its rounds: throughput over all of them, p50 and p99 the rounds'
+/// medians, and the ratio to the baseline the median of the rounds' ratios, with their spread.
+fn combine(paths: &[PathKind], rounds: &[Vec<Row>]) -> Vec<Row> {
+    let of = |round: &[Row], path: PathKind| round.iter().find(|r| r.path == path).cloned();
+    paths
+        .iter()
+        .map(|&path| {
+            let rows: Vec<Row> = rounds.iter().filter_map(|r| of(r, path)).collect();
+            let ratios: Vec<f64> = rounds
+                .iter()
+                .filter_map(|r| Some(of(r, path)?.mib_per_s / of(r, path.baseline())?.mib_per_s))
+                .collect();
+            let p99_ratios: Vec<f64> = rounds
+                .iter()
+                .filter_map(|r| Some(of(r, path)?.p99_ms / of(r, path.baseline())?.p99_ms))
+                .collect();
+            let first = rows[0].clone();
+            let ops: usize = rows.iter().map(|r| r.ops).sum();
+            let seconds: f64 = rows.iter().map(|r| r.seconds).sum();
+            let bytes = (ops * first.size) as f64;
+            let gib_of = |r: &Row| (r.ops * r.size) as f64 / (1u64 << 30) as f64;
+            let gib: f64 = rows.iter().map(gib_of).sum();
+            let cpu_per_gib = first
+                .cpu_per_gib
+                .keys()
+                .map(|&k| {
+                    let cpu: f64 = rows.iter().map(|r| r.cpu_per_gib[k] * gib_of(r)).sum();
+                    (k, cpu / gib)
+                })
+                .collect();
+            let ratio = median(ratios.clone());
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+            Row {
+                ops,
+                seconds,
+                mib_per_s: bytes / MIB as f64 / seconds,
+                objects_per_s: ops as f64 / seconds,
+                p50_ms: median(rows.iter().map(|r| r.p50_ms).collect()),
+                p99_ms: median(rows.iter().map(|r| r.p99_ms).collect()),
+                ratio,
+                ratio_spread: (hi - lo) / 2.0 / ratio,
+                p99_ratio: median(p99_ratios),
+                cpu_per_gib,
+                ..first
+            }
+        })
+        .collect()
 }
 
 async fn load(rig: &Rig, size: usize, objects: usize) {
@@ -710,8 +791,8 @@ fn machine() -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "\n{:>7} {:>4}  {:<17} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}",
-        "size", "conc", "path", "MiB/s", "obj/s", "p50 ms", "p99 ms", "× base", "p99 ×"
+        "\n{:>7} {:>4}  {:<17} {:>9} {:>9} {:>8} {:>8} {:>8} {:>6} {:>8}",
+        "size", "conc", "path", "MiB/s", "obj/s", "p50 ms", "p99 ms", "× base", "±", "p99 ×"
     );
     let mut last = (0, 0);
     for r in rows {
@@ -725,7 +806,7 @@ fn print_table(rows: &[Row]) {
             format!("{}K", r.size / KIB)
         };
         println!(
-            "{:>7} {:>4}  {:<17} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+            "{:>7} {:>4}  {:<17} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>8.2} {:>5.0}% {:>8.2}",
             size,
             r.concurrency,
             r.path.name(),
@@ -734,6 +815,7 @@ fn print_table(rows: &[Row]) {
             r.p50_ms,
             r.p99_ms,
             r.ratio,
+            r.ratio_spread * 100.0,
             r.p99_ratio
         );
     }
@@ -842,26 +924,33 @@ async fn run(opts: Opts) {
     for &(size, objects) in &opts.sizes {
         load(&rig, size, objects).await;
         for &conc in &opts.concurrency {
-            let mut cell = Vec::new();
-            for &path in &paths {
-                let row = run_cell(&rig, &opts, path, size, objects, conc).await;
-                eprintln!(
-                    "{:>9} B × {conc:>2}  {:<17} {:>8.1} MiB/s  p99 {:.2} ms",
-                    size,
-                    path.name(),
-                    row.mib_per_s,
-                    row.p99_ms
-                );
-                cell.push(row);
+            let slice = opts.cell / opts.rounds as u32;
+            let mut rounds = Vec::new();
+            for round in 0..opts.rounds {
+                let warm = if round == 0 {
+                    opts.cell / 5
+                } else {
+                    Duration::ZERO
+                };
+                let mut this = Vec::new();
+                // Each round starts at another path, so that none always runs after the same one.
+                for k in 0..paths.len() {
+                    let path = paths[(k + round) % paths.len()];
+                    this.push(run_cell(&rig, path, (size, objects, conc), warm, slice).await);
+                }
+                rounds.push(this);
             }
-            let base: BTreeMap<PathKind, (f64, f64)> = cell
-                .iter()
-                .map(|r| (r.path, (r.mib_per_s, r.p99_ms)))
-                .collect();
-            for r in &mut cell {
-                let (mib, p99) = base[&r.path.baseline()];
-                r.ratio = r.mib_per_s / mib;
-                r.p99_ratio = r.p99_ms / p99;
+            let cell = combine(&paths, &rounds);
+            for row in &cell {
+                eprintln!(
+                    "{:>9} B × {conc:>2}  {:<17} {:>8.1} MiB/s  p99 {:.2} ms  × base {:.2} ±{:.0}%",
+                    size,
+                    row.path.name(),
+                    row.mib_per_s,
+                    row.p99_ms,
+                    row.ratio,
+                    row.ratio_spread * 100.0
+                );
             }
             rows.extend(cell);
         }

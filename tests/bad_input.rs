@@ -301,19 +301,20 @@ async fn cancelled_put_leaves_nothing() {
                     .await
                     .unwrap();
             let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(async move {
+                raw.put(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+            });
             tx.send(header(
                 media_key("example.org", "cancelled", ""),
                 sized(10 * 1024 * 1024),
             ))
             .await
             .unwrap();
-            for part in body(3 * 256 * 1024, 8).chunks(256 * 1024) {
+            // Past the first write, so that the temporary key exists.
+            for part in body(6 * 256 * 1024, 8).chunks(256 * 1024) {
                 tx.send(chunk(part)).await.unwrap();
             }
-            tokio::spawn(async move {
-                raw.put(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await
-            });
             let _ = stop_rx.await;
             drop(tx);
         });

@@ -477,9 +477,10 @@ async fn a_put_whose_temporary_key_vanished_is_not_recreated() {
     let cluster = TestCluster::builder().shards(1).start().await;
     let shard = &cluster.shards[0];
     let key = media_key("example.org", "vanished", "");
-    // 100 KB sent: the temporary key holds the header, the bytes wait for a whole chunk.
+    // Past the first write: the temporary key holds the header and the first megabyte.
+    let sent = common::STREAMED_AFTER;
     let put =
-        common::OpenPut::start(cluster.raw().await, key.clone(), body(300_000, 8), 100_000).await;
+        common::OpenPut::start(cluster.raw().await, key.clone(), body(3 * sent, 8), sent).await;
     common::temp_key_appears(shard).await;
     let temp: Vec<String> = shard
         .keys()

@@ -327,8 +327,9 @@ async fn a_put_in_flight_does_not_fill_memory_past_a_purge() {
     let key = media_key("example.org", "putting", "");
     // Downloaded once (a miss): popular, so A's Put gathers a copy for its memory tier.
     assert!(a.get_bytes(key.clone()).await.unwrap().is_none());
+    let sent = common::STREAMED_AFTER;
     let put =
-        common::OpenPut::start(cluster.raw().await, key.clone(), body(300_000, 5), 100_000).await;
+        common::OpenPut::start(cluster.raw().await, key.clone(), body(2 * sent, 5), sent).await;
     common::temp_key_appears(&cluster.shards[0]).await;
     // The purge comes while A's copy is being gathered.
     b.purge(key.clone(), false, false).await.unwrap();

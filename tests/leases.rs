@@ -311,8 +311,9 @@ async fn purge_and_quarantine_reach_every_copy() {
 
     // A Put already streaming when the quarantine arrives is not published.
     let late = media_key("bad.example", "late", "");
+    let sent = common::STREAMED_AFTER;
     let put =
-        common::OpenPut::start(cluster.raw().await, late.clone(), body(600_000, 6), 300_000).await;
+        common::OpenPut::start(cluster.raw().await, late.clone(), body(2 * sent, 6), sent).await;
     let late_owner = cluster.owner("bad.example", "late");
     common::temp_key_appears(&cluster.shards[late_owner]).await;
     r1.purge(late.clone(), false, true).await.unwrap();

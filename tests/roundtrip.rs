@@ -288,3 +288,53 @@ async fn purge_reaches_copies_on_every_shard() {
     assert_eq!(client.purge(key, true, false).await.unwrap().removed, 3);
     assert!(cluster.all_keys().await.is_empty());
 }
+
+/// An object that fits the first write reaches its shard in one round trip: one `SET` of the
+/// whole value and the publish script (its one `RENAME`); nothing is appended. A bigger one
+/// streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_put_is_one_set_and_one_publish_and_a_big_one_streams() {
+    let cluster = TestCluster::builder().shards(1).start().await;
+    let shard = &cluster.shards[0];
+    let mut client = cluster.client().await;
+    let counts = || async {
+        (
+            shard.command_calls("set").await,
+            shard.command_calls("rename").await,
+            shard.command_calls("append").await,
+        )
+    };
+    let before = counts().await;
+    let small = media_key("example.org", "small-put", "");
+    assert!(
+        client
+            .put_bytes(small.clone(), Default::default(), body(900_000, 1))
+            .await
+            .unwrap()
+            .stored
+    );
+    let after = counts().await;
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1, after.2 - before.2),
+        (1, 1, 0),
+        "SET, RENAME and APPEND calls of one small Put"
+    );
+    let (_, got) = client.get_bytes(small).await.unwrap().expect("stored");
+    assert_eq!(got, body(900_000, 1));
+
+    let big = media_key("example.org", "big-put", "");
+    assert!(
+        client
+            .put_bytes(big.clone(), Default::default(), body(3_000_000, 2))
+            .await
+            .unwrap()
+            .stored
+    );
+    let streamed = counts().await;
+    assert!(
+        streamed.2 > after.2,
+        "a body past the first write is appended"
+    );
+    let (_, got) = client.get_bytes(big).await.unwrap().expect("stored");
+    assert_eq!(got, body(3_000_000, 2));
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mediacache::client::Client;
 
-use crate::common::{free_port, shards_up, RedisShard};
+use crate::common::{free_port, shards_up_within, RedisShard};
 
 /// Resident set size of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> u64 {
@@ -46,6 +46,12 @@ pub struct Service {
 impl Service {
     /// Serves `shards` with `extra` YAML (top-level keys such as `memory:`) added to the config.
     pub async fn start(shards: &[&RedisShard], extra: &str) -> Self {
+        Self::start_under(shards, extra, &[]).await
+    }
+
+    /// [`Service::start`] with the binary run by `wrapper` (e.g. `valgrind --tool=callgrind`),
+    /// given a minute to come up.
+    pub async fn start_under(shards: &[&RedisShard], extra: &str, wrapper: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let mut yaml =
@@ -61,7 +67,15 @@ impl Service {
         std::fs::write(&path, yaml).expect("write config");
         let bin = std::env::var("MEDIACACHE_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_mediacache").to_owned());
-        let child = Command::new(bin)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(&path)
@@ -69,7 +83,8 @@ impl Service {
             .spawn()
             .expect("start the service");
         let endpoint = format!("http://127.0.0.1:{port}");
-        shards_up(&endpoint, shards.len()).await;
+        let patience = if wrapper.is_empty() { 10 } else { 60 };
+        shards_up_within(&endpoint, shards.len(), Duration::from_secs(patience)).await;
         Self {
             child,
             endpoint,

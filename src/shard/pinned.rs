@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fred::clients::Pipeline;
 use fred::prelude::*;
 
 use super::{Shard, ShardError};
@@ -83,6 +84,37 @@ impl Pinned {
             .eval(script, keys, args)
             .await
             .map_err(|e| self.shard.fail(e))
+    }
+
+    /// `SET key value PX ttl`, then a Lua script, in one round trip on this connection: the
+    /// script sees the value. Waits for the answer like [`Pinned::eval`].
+    pub async fn set_then_eval<R: FromValue>(
+        &self,
+        (key, value, ttl): (&str, Bytes, Duration),
+        script: &'static str,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<R, ShardError> {
+        self.shard.check_up()?;
+        let started = std::time::Instant::now();
+        let p = Pipeline::from(self.client.with_options(&self.shard.options()));
+        let queued: Result<(), Error> = async {
+            let px = Some(Expiration::PX(ttl.as_millis() as i64));
+            p.set::<(), _, _>(key, value, px, None, false).await?;
+            // Pipelines have no `eval`; the command is spelled out: script, key count, keys, args.
+            let eval = fred::types::CustomCommand::new_static("EVAL", None::<u16>, false);
+            let mut words: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+            words.push(Value::from(script));
+            words.push(Value::from(keys.len() as i64));
+            words.extend(keys.into_iter().map(Value::from));
+            words.extend(args);
+            p.custom::<(), Value>(eval, words).await
+        }
+        .await;
+        queued.map_err(|e| self.shard.fail(e))?;
+        let (_, reply): (Value, R) = p.all().await.map_err(|e| self.shard.fail(e))?;
+        self.shard.observe(started);
+        Ok(reply)
     }
 
     /// Deletes a key on this connection, after every command sent before it.

@@ -415,17 +415,30 @@ pub async fn shards_up(
     endpoint: &str,
     n: usize,
 ) -> (Client, mediacache::proto::RingStatusResponse) {
-    eventually(
-        "service up with all shards up",
-        Duration::from_secs(10),
-        || async move {
-            let mut c = Client::connect(endpoint.to_owned()).await.ok()?;
-            let ring = c.ring_status().await.ok()?;
-            (ring.shards.len() == n && ring.shards.iter().all(|s| s.up)).then_some((c, ring))
-        },
-    )
+    shards_up_within(endpoint, n, Duration::from_secs(10)).await
+}
+
+/// [`shards_up`] with its own patience (a service under valgrind starts slowly).
+pub async fn shards_up_within(
+    endpoint: &str,
+    n: usize,
+    within: Duration,
+) -> (Client, mediacache::proto::RingStatusResponse) {
+    eventually("service up with all shards up", within, || async move {
+        let mut c = Client::connect(endpoint.to_owned()).await.ok()?;
+        let ring = c.ring_status().await.ok()?;
+        (ring.shards.len() == n && ring.shards.iter().all(|s| s.up)).then_some((c, ring))
+    })
     .await
 }
+
+/// The chunk size of an [`OpenPut`]'s messages.
+const PUT_PIECE: usize = 256 * 1024;
+
+/// The body bytes a Put must have sent before its temporary key exists on the shard: smaller
+/// objects are stored whole in one round trip at the end (the service gathers the first 1 MiB
+/// and a header of up to 4 KiB).
+pub const STREAMED_AFTER: usize = 1024 * 1024 + 4200;
 
 /// A Put of `body` that sends its header and the first `sent` bytes, then waits: send the rest
 /// through [`OpenPut::finish`]. For what must happen while a Put is under way.
@@ -452,16 +465,23 @@ impl OpenPut {
             }),
             lease_token: String::new(),
         };
-        for kind in [
-            put_request::Kind::Header(header),
-            put_request::Kind::Chunk(body.slice(..sent)),
-        ] {
-            tx.send(PutRequest { kind: Some(kind) }).await.unwrap();
-        }
         let answer = tokio::spawn(async move {
             raw.put(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await
         });
+        tx.send(PutRequest {
+            kind: Some(put_request::Kind::Header(header)),
+        })
+        .await
+        .unwrap();
+        for start in (0..sent).step_by(PUT_PIECE) {
+            let piece = body.slice(start..(start + PUT_PIECE).min(sent));
+            tx.send(PutRequest {
+                kind: Some(put_request::Kind::Chunk(piece)),
+            })
+            .await
+            .unwrap();
+        }
         Self {
             tx,
             rest: body.slice(sent..),
@@ -472,12 +492,17 @@ impl OpenPut {
     /// Sends the rest of the body and returns the answer.
     pub async fn finish(self) -> mediacache::proto::PutResponse {
         use mediacache::proto::{put_request, PutRequest};
-        self.tx
-            .send(PutRequest {
-                kind: Some(put_request::Kind::Chunk(self.rest)),
-            })
-            .await
-            .unwrap();
+        for start in (0..self.rest.len()).step_by(PUT_PIECE) {
+            let piece = self
+                .rest
+                .slice(start..(start + PUT_PIECE).min(self.rest.len()));
+            self.tx
+                .send(PutRequest {
+                    kind: Some(put_request::Kind::Chunk(piece)),
+                })
+                .await
+                .unwrap();
+        }
         drop(self.tx);
         self.answer.await.unwrap().unwrap().into_inner()
     }

@@ -229,28 +229,24 @@ impl RedisStore {
             draft.sha256 = Bytes::from_static(&[0; 32]);
         }
         let header = object::encode_header(&draft, nonce).map_err(StoreError::from)?;
-        let temp = temp_key();
-        let started = match shard.pin() {
-            Ok(conn) => conn
-                .set_with_ttl(&temp, header.clone(), self.temp_key_ttl)
-                .await
-                .map(|()| conn),
-            Err(e) => Err(e),
-        };
-        let conn = started.map_err(|e| {
+        let conn = shard.pin().map_err(|e| {
             debug!(key = %key, error = %e, "put not started");
             PutError::from(e)
         })?;
+        let total = header.len() + info.size as usize;
+        let mut pending = BytesMut::with_capacity(total.min(writer::FIRST_WRITE_BYTES));
+        pending.extend_from_slice(&header);
         Ok(RedisWriter {
             guard: TempGuard {
                 conn: Some(conn),
-                temp,
+                temp: temp_key(),
             },
             key: key.clone(),
             nonce,
             header_len: header.len() as u64,
-            pending: BytesMut::with_capacity(self.chunk_bytes as usize),
+            pending,
             chunk_bytes: self.chunk_bytes as usize,
+            created: false,
             written: 0,
             ttl: self.temp_key_ttl,
             refreshed: std::time::Instant::now(),

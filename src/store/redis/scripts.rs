@@ -227,16 +227,14 @@ pub async fn append(
     Ok(length > 0)
 }
 
-/// Writes `header` at the start of a complete temporary key and renames it to `key`, announcing
-/// the fill with the publish's `version` (see [`PUBLISH_SCRIPT`]).
-pub async fn publish(
-    conn: &Pinned,
+/// The keys and arguments of [`PUBLISH_SCRIPT`] for `key`.
+fn publish_call(
     temp: &str,
     key: &Key,
     header: Bytes,
     expected_len: u64,
     version: u64,
-) -> Result<Published, ShardError> {
+) -> (Vec<String>, Vec<Value>) {
     let redis_key = key.redis_key();
     let filled = Event::Filled {
         key: redis_key.clone(),
@@ -258,12 +256,50 @@ pub async fn publish(
         tombstone_key(key.origin(), key.media_id()),
         origin_tombstone_key(key.origin()),
     ];
-    let done: i64 = conn.eval(PUBLISH_SCRIPT, keys, args).await?;
-    Ok(match done {
+    (keys, args)
+}
+
+fn published(done: i64) -> Published {
+    match done {
         1 => Published::Stored,
         2 => Published::Quarantined,
         _ => Published::Lost,
-    })
+    }
+}
+
+/// Writes `header` at the start of a complete temporary key and renames it to `key`, announcing
+/// the fill with the publish's `version` (see [`PUBLISH_SCRIPT`]).
+pub async fn publish(
+    conn: &Pinned,
+    temp: &str,
+    key: &Key,
+    header: Bytes,
+    expected_len: u64,
+    version: u64,
+) -> Result<Published, ShardError> {
+    let (keys, args) = publish_call(temp, key, header, expected_len, version);
+    Ok(published(conn.eval(PUBLISH_SCRIPT, keys, args).await?))
+}
+
+/// A whole object in one round trip: `value` (header and body) is written to the temporary
+/// key with its TTL, and published by [`PUBLISH_SCRIPT`] right after, on the same connection.
+/// The shard never holds a partial value, and the publish is the same atomic step as for a
+/// body written in pieces.
+pub async fn store_whole(
+    conn: &Pinned,
+    (temp, ttl): (&str, std::time::Duration),
+    key: &Key,
+    value: Bytes,
+    header_len: usize,
+    version: u64,
+) -> Result<Published, ShardError> {
+    let header = value.slice(..header_len);
+    let len = value.len() as u64;
+    let (keys, args) = publish_call(temp, key, header, len, version);
+    let done = conn
+        .set_then_eval((temp, value, ttl), PUBLISH_SCRIPT, keys, args)
+        .await?;
+    Ok(published(done))
 }
 
 /// Releases the fill lease of `key` if `token` still holds it, and announces that it is free.

@@ -1,5 +1,8 @@
-//! A Put on its way to one shard: the body is appended to a temporary key over one pinned
-//! connection, then published under its final name in one atomic step.
+//! A Put on its way to one shard, over one pinned connection. A body of up to
+//! [`FIRST_WRITE_BYTES`] (with its header) is gathered here and stored in one round trip: the
+//! whole value set on a temporary key and published at once. A longer one goes to the temporary
+//! key from its first megabyte on, then in appends; it is published under its final name in the
+//! same atomic step.
 
 use std::time::Duration;
 
@@ -37,15 +40,24 @@ impl Drop for TempGuard {
     }
 }
 
+/// Bytes (header and body) gathered before the temporary key is written at all: a body that
+/// fits is stored in one round trip, and a longer one starts with one `SET` of this much
+/// instead of a `SET` of its header and an append.
+pub const FIRST_WRITE_BYTES: usize = 1024 * 1024 + object::MAX_HEADER_LEN;
+
 /// A Put in progress on one shard.
 pub struct RedisWriter {
     pub(super) guard: TempGuard,
     pub(super) key: Key,
     pub(super) nonce: u64,
     pub(super) header_len: u64,
-    /// Small client chunks are gathered up to `chunk_bytes` before an `APPEND`.
+    /// Until the temporary key exists: the draft header and the body so far. After: small
+    /// client chunks gathered up to `chunk_bytes` before an `APPEND`.
     pub(super) pending: BytesMut,
     pub(super) chunk_bytes: usize,
+    /// Whether the temporary key was written.
+    pub(super) created: bool,
+    /// Body bytes in the temporary key.
     pub(super) written: u64,
     pub(super) ttl: Duration,
     /// When the temporary key's TTL was last renewed.
@@ -70,6 +82,13 @@ impl RedisWriter {
     }
 
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), PutError> {
+        if !self.created {
+            self.pending.extend_from_slice(&chunk);
+            if self.pending.len() >= FIRST_WRITE_BYTES {
+                self.create().await?;
+            }
+            return Ok(());
+        }
         if self.pending.is_empty() && chunk.len() >= self.chunk_bytes {
             return self.append(chunk).await;
         }
@@ -79,6 +98,20 @@ impl RedisWriter {
             let data = self.pending.split().freeze();
             self.append(data).await?;
         }
+        Ok(())
+    }
+
+    /// Writes the temporary key with the draft header and the body so far.
+    async fn create(&mut self) -> Result<(), PutError> {
+        let value = self.pending.split().freeze();
+        let body = value.len() as u64 - self.header_len;
+        self.conn()
+            .set_with_ttl(&self.guard.temp, value, self.ttl)
+            .await?;
+        self.created = true;
+        self.written = body;
+        self.refreshed = std::time::Instant::now();
+        self.pending.reserve(self.chunk_bytes);
         Ok(())
     }
 
@@ -96,25 +129,39 @@ impl RedisWriter {
     /// Publishes under the final key with `info` (which now carries the digest), unless the
     /// media was quarantined meanwhile or the temporary key was lost.
     pub async fn commit(mut self, info: &MediaInfo) -> Result<(), PutError> {
-        if !self.pending.is_empty() {
-            let data = self.pending.split().freeze();
-            self.append(data).await?;
-        }
         let header = object::encode_header(info, self.nonce).map_err(StoreError::from)?;
         if header.len() as u64 != self.header_len {
             return Err(PutError::Failed(StoreError::Internal(
                 "header length changed between start and publish".into(),
             )));
         }
-        let published = scripts::publish(
-            self.conn(),
-            &self.guard.temp,
-            &self.key,
-            header,
-            self.header_len + self.written,
-            self.nonce,
-        )
-        .await?;
+        let published = if self.created {
+            if !self.pending.is_empty() {
+                let data = self.pending.split().freeze();
+                self.append(data).await?;
+            }
+            scripts::publish(
+                self.conn(),
+                &self.guard.temp,
+                &self.key,
+                header,
+                self.header_len + self.written,
+                self.nonce,
+            )
+            .await?
+        } else {
+            self.pending[..header.len()].copy_from_slice(&header);
+            let value = self.pending.split().freeze();
+            scripts::store_whole(
+                self.conn(),
+                (&self.guard.temp, self.ttl),
+                &self.key,
+                value,
+                header.len(),
+                self.nonce,
+            )
+            .await?
+        };
         // Published, or deleted by the script: nothing is left to clean up.
         self.guard.conn = None;
         match published {
