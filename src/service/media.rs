@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{stream, StreamExt};
+use futures_util::{stream, FutureExt, StreamExt};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -23,8 +23,33 @@ use crate::proto::{
     self, put_request, GetRequest, GetResponse, PurgeRequest, PurgeResponse, PutOutcome,
     PutRequest, PutResponse, StatRequest, StatResponse,
 };
-use crate::store::{Lookup, Store};
+use crate::store::{ChunkStream, Lookup, Store, StoreError};
 use crate::telemetry::Metrics;
+
+/// Largest body answered without the pacing task when it is already in hand.
+const SMALL_RESPONSE_BYTES: usize = 256 * 1024;
+
+/// The chunks of `body` that are ready now, up to `limit` bytes, and the rest of the body
+/// (`None` when the chunks taken are all of it). Nothing waits: a chunk that would is left in
+/// the rest, and so is everything after `limit`.
+fn take_ready(
+    mut body: ChunkStream,
+    limit: usize,
+) -> (Vec<Result<Bytes, StoreError>>, Option<ChunkStream>) {
+    let mut ready = Vec::new();
+    let mut bytes = 0;
+    while bytes <= limit {
+        match body.next().now_or_never() {
+            Some(Some(chunk)) => {
+                bytes += chunk.as_ref().map_or(0, Bytes::len);
+                ready.push(chunk);
+            }
+            Some(None) => return (ready, None),
+            None => break,
+        }
+    }
+    (ready, Some(body))
+}
 
 /// The longest a Get waits for another caller's fill, whatever `wait_ms` asks.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -150,6 +175,11 @@ impl MediaCacheService {
         m.get_first_byte
             .observe(call.started().elapsed().as_secs_f64());
         let deadline = tokio::time::Instant::from_std(call.started()) + self.limits.request_timeout;
+        // A small body already in hand (a memory-tier hit, or an object inside the first Redis
+        // read) is answered at once: every message is ready, so the transport writes the whole
+        // response in one go, and there is nothing left to pace.
+        let (in_hand, rest) = take_ready(hit.body, SMALL_RESPONSE_BYTES);
+        let whole = rest.is_none();
         // Counted when the stream is dropped: a hit when it completed, else an error or a client
         // that went away.
         let outcome = Arc::new(StreamOutcome::default());
@@ -158,12 +188,14 @@ impl MediaCacheService {
             call,
             outcome: outcome.clone(),
             bytes: sent.clone(),
-            _active: active.also(),
+            // A response that is whole leaves this replica's work behind: its place among the
+            // requests in flight goes back now, not when a slow client has read it.
+            _active: (!whole).then(|| active.also()),
         };
         let metrics = self.metrics.clone();
         let failed = outcome.clone();
-        let chunks = hit
-            .body
+        let body = stream::iter(in_hand).chain(rest.unwrap_or_else(|| stream::empty().boxed()));
+        let chunks = body
             .map(move |chunk| match chunk {
                 Ok(bytes) => {
                     metrics.bytes_sent.inc_by(bytes.len() as u64);
@@ -181,8 +213,12 @@ impl MediaCacheService {
                 std::task::Poll::Ready(None)
             }));
         let info = GetItem::Info(hit.info);
+        let response = stream::once(async { Ok(info) }).chain(chunks).boxed();
+        if whole {
+            return Ok(response);
+        }
         Ok(paced(
-            stream::once(async { Ok(info) }).chain(chunks).boxed(),
+            response,
             self.limits.idle_timeout,
             deadline,
             self.limits.request_timeout,

@@ -162,12 +162,13 @@ impl StreamOutcome {
 }
 
 /// Records a Get stream's outcome, bytes and duration when the stream is dropped, and holds the
-/// stream's place among the requests in flight until then.
+/// stream's place among the requests in flight until then (if it still has one).
 pub struct StreamDone {
     pub call: Call,
     pub outcome: Arc<StreamOutcome>,
     pub bytes: Arc<AtomicU64>,
-    pub _active: super::drain::Active,
+    /// The stream's place among the requests in flight, while it holds one.
+    pub _active: Option<super::drain::Active>,
 }
 
 impl Drop for StreamDone {
