@@ -31,27 +31,6 @@ impl Pinned {
         &self.shard
     }
 
-    /// `SET key value PX ttl`.
-    pub async fn set_with_ttl(
-        &self,
-        key: &str,
-        value: Bytes,
-        ttl: Duration,
-    ) -> Result<(), ShardError> {
-        self.shard.check_up()?;
-        self.client
-            .with_options(&self.shard.options())
-            .set::<(), _, _>(
-                key,
-                value,
-                Some(Expiration::PX(ttl.as_millis() as i64)),
-                None,
-                false,
-            )
-            .await
-            .map_err(|e| self.shard.fail(e))
-    }
-
     /// Runs a Lua script on this connection, under the command timeout, its round trip counted
     /// in the shard's latency; it ends at once when the shard is found down meanwhile, so use it
     /// only where giving up early leaves nothing half-done that the caller must know about.

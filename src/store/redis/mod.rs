@@ -245,7 +245,7 @@ impl RedisStore {
             nonce,
             header_len: header.len() as u64,
             pending,
-            chunk_bytes: self.chunk_bytes as usize,
+            size: info.size,
             created: false,
             written: 0,
             ttl: self.temp_key_ttl,

@@ -25,8 +25,10 @@ macro_rules! lua_now {
 /// all in one atomic step.
 /// KEYS: temporary, final, quarantine hash, variant index, media tombstone, origin tombstone
 /// (the tombstones are how releases before the quarantine hash quarantine). ARGV: expected
-/// length, header, channel, event, media field, origin field.
-/// Returns 1 published, 0 lost (temporary key missing or short), 2 quarantined.
+/// length, header, channel, event, media field, origin field, and the write counter the value
+/// must hold (see [`WRITE_SCRIPT`]; '' for a value set whole).
+/// Returns 1 published, 0 lost (temporary key missing, short, or not all written), 2
+/// quarantined.
 const PUBLISH_SCRIPT: &str = concat!(
     lua_now!(),
     r#"
@@ -45,6 +47,10 @@ if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[1]) then
   redis.call('DEL', KEYS[1])
   return 0
 end
+if ARGV[7] ~= '' and redis.call('GETRANGE', KEYS[1], 0, string.len(ARGV[7]) - 1) ~= ARGV[7] then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
 redis.call('SADD', KEYS[4], KEYS[2])
 redis.call('SETRANGE', KEYS[1], 0, ARGV[2])
 redis.call('RENAME', KEYS[1], KEYS[2])
@@ -54,17 +60,38 @@ return 1
 "#
 );
 
-/// Appends to a temporary key and renews its TTL in one step, only while the key exists: a key
-/// that expired is not recreated without its header (and never lives on without a TTL).
-/// KEYS: temporary. ARGV: bytes, TTL in ms. Returns the new length, 0 when the key was gone.
-const APPEND_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then
+/// Grows a temporary key just written with its first bytes to the value's whole length at once
+/// (zeros after what was written), and writes the write counter over its first bytes: the later
+/// writes land in place, where appends would make the shard copy the growing value again and
+/// again. KEYS: temporary. ARGV: whole length, counter.
+const PREALLOCATE_SCRIPT: &str = r#"
+if redis.call('STRLEN', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SETRANGE', KEYS[1], tonumber(ARGV[1]) - 1, '\0')
+end
+redis.call('SETRANGE', KEYS[1], 0, ARGV[2])
+return 1
+"#;
+
+/// Writes bytes into a preallocated temporary key at their offset and renews its TTL, only while
+/// the key holds the write counter this writer left in it: a key that expired is not recreated,
+/// and a value the shard brought back from an older snapshot (missing later writes) is never
+/// published. KEYS: temporary. ARGV: bytes, TTL in ms, offset, counter expected, counter after.
+/// Returns 1 written, 0 when the key was gone or not as this writer left it.
+const WRITE_SCRIPT: &str = r#"
+if redis.call('GETRANGE', KEYS[1], 0, string.len(ARGV[4]) - 1) ~= ARGV[4] then
   return 0
 end
-local n = redis.call('APPEND', KEYS[1], ARGV[1])
+redis.call('SETRANGE', KEYS[1], ARGV[3], ARGV[1])
+redis.call('SETRANGE', KEYS[1], 0, ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return n
+return 1
 "#;
+
+/// The write counter of a value being written in pieces: the body bytes written so far, over
+/// the first bytes of the draft header (the publish writes the real header over it).
+pub fn write_counter(written: u64) -> String {
+    format!("{written:012}")
+}
 
 /// Purges one object, or with ARGV[1] = '1' every variant in its media's index, optionally
 /// quarantining first, then announces the purge; one round trip, one atomic step.
@@ -212,19 +239,49 @@ pub(super) enum Published {
     Quarantined,
 }
 
-/// Appends to a temporary key and renews its TTL (see [`APPEND_SCRIPT`]). False when the key
-/// was gone (it expired, or the shard restarted): the write is lost.
-pub async fn append(
+/// Starts a temporary key for a value of `total` bytes with its first bytes (the draft header
+/// and `body` body bytes), preallocated to its whole length, in one round trip.
+pub async fn start_pieces(
     conn: &Pinned,
-    temp: &str,
-    data: Bytes,
-    ttl: std::time::Duration,
-) -> Result<bool, ShardError> {
-    let args = vec![Value::from(data), Value::from(ttl.as_millis() as i64)];
-    let length: u64 = conn
-        .eval_bounded(APPEND_SCRIPT, vec![temp.to_owned()], args)
+    (temp, ttl): (&str, std::time::Duration),
+    first: Bytes,
+    body: u64,
+    total: u64,
+) -> Result<(), ShardError> {
+    let args = vec![Value::from(total as i64), Value::from(write_counter(body))];
+    let _: i64 = conn
+        .set_then_eval(
+            (temp, first, ttl),
+            PREALLOCATE_SCRIPT,
+            vec![temp.to_owned()],
+            args,
+        )
         .await?;
-    Ok(length > 0)
+    Ok(())
+}
+
+/// Writes `data` at body offset `written` of a temporary key started by [`start_pieces`] and
+/// renews its TTL (see [`WRITE_SCRIPT`]). False when the key was gone or not as this writer left
+/// it: the write is lost.
+pub async fn write_piece(
+    conn: &Pinned,
+    (temp, ttl): (&str, std::time::Duration),
+    header_len: u64,
+    written: u64,
+    data: Bytes,
+) -> Result<bool, ShardError> {
+    let after = write_counter(written + data.len() as u64);
+    let args = vec![
+        Value::from(data),
+        Value::from(ttl.as_millis() as i64),
+        Value::from((header_len + written) as i64),
+        Value::from(write_counter(written)),
+        Value::from(after),
+    ];
+    let done: i64 = conn
+        .eval_bounded(WRITE_SCRIPT, vec![temp.to_owned()], args)
+        .await?;
+    Ok(done == 1)
 }
 
 /// The keys and arguments of [`PUBLISH_SCRIPT`] for `key`.
@@ -232,7 +289,7 @@ fn publish_call(
     temp: &str,
     key: &Key,
     header: Bytes,
-    expected_len: u64,
+    (expected_len, counter): (u64, &str),
     version: u64,
 ) -> (Vec<String>, Vec<Value>) {
     let redis_key = key.redis_key();
@@ -247,6 +304,7 @@ fn publish_call(
         Value::from(filled.encode()),
         Value::from(quarantine_field(key.origin(), key.media_id())),
         Value::from(origin_quarantine_field(key.origin())),
+        Value::from(counter),
     ];
     let keys = vec![
         temp.to_owned(),
@@ -267,17 +325,20 @@ fn published(done: i64) -> Published {
     }
 }
 
-/// Writes `header` at the start of a complete temporary key and renames it to `key`, announcing
-/// the fill with the publish's `version` (see [`PUBLISH_SCRIPT`]).
+/// Writes `header` at the start of a complete temporary key written in pieces (holding the write
+/// counter of `written` body bytes) and renames it to `key`, announcing the fill with the
+/// publish's `version` (see [`PUBLISH_SCRIPT`]).
 pub async fn publish(
     conn: &Pinned,
     temp: &str,
     key: &Key,
     header: Bytes,
-    expected_len: u64,
+    written: u64,
     version: u64,
 ) -> Result<Published, ShardError> {
-    let (keys, args) = publish_call(temp, key, header, expected_len, version);
+    let expected_len = header.len() as u64 + written;
+    let counter = write_counter(written);
+    let (keys, args) = publish_call(temp, key, header, (expected_len, &counter), version);
     Ok(published(conn.eval(PUBLISH_SCRIPT, keys, args).await?))
 }
 
@@ -295,7 +356,7 @@ pub async fn store_whole(
 ) -> Result<Published, ShardError> {
     let header = value.slice(..header_len);
     let len = value.len() as u64;
-    let (keys, args) = publish_call(temp, key, header, len, version);
+    let (keys, args) = publish_call(temp, key, header, (len, ""), version);
     let done = conn
         .set_then_eval((temp, value, ttl), PUBLISH_SCRIPT, keys, args)
         .await?;

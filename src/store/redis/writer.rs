@@ -1,8 +1,8 @@
 //! A Put on its way to one shard, over one pinned connection. A body of up to
 //! [`FIRST_WRITE_BYTES`] (with its header) is gathered here and stored in one round trip: the
-//! whole value set on a temporary key and published at once. A longer one goes to the temporary
-//! key from its first megabyte on, then in appends; it is published under its final name in the
-//! same atomic step.
+//! whole value set on a temporary key and published at once. A longer one starts the temporary
+//! key with its first megabyte, grown to the whole length at once, and writes the rest in place
+//! a megabyte at a time; it is published under its final name in the same atomic step.
 
 use std::time::Duration;
 
@@ -45,16 +45,20 @@ impl Drop for TempGuard {
 /// instead of a `SET` of its header and an append.
 pub const FIRST_WRITE_BYTES: usize = 1024 * 1024 + object::MAX_HEADER_LEN;
 
+/// Body bytes a write in place carries at most: fewer, larger writes cost the shard less.
+const WRITE_BYTES: usize = 1024 * 1024;
+
 /// A Put in progress on one shard.
 pub struct RedisWriter {
     pub(super) guard: TempGuard,
     pub(super) key: Key,
     pub(super) nonce: u64,
     pub(super) header_len: u64,
-    /// Until the temporary key exists: the draft header and the body so far. After: small
-    /// client chunks gathered up to `chunk_bytes` before an `APPEND`.
+    /// Until the temporary key exists: the draft header and the body so far. After: client
+    /// chunks gathered up to [`WRITE_BYTES`] before a write.
     pub(super) pending: BytesMut,
-    pub(super) chunk_bytes: usize,
+    /// Length of the whole body.
+    pub(super) size: u64,
     /// Whether the temporary key was written.
     pub(super) created: bool,
     /// Body bytes in the temporary key.
@@ -89,35 +93,50 @@ impl RedisWriter {
             }
             return Ok(());
         }
-        if self.pending.is_empty() && chunk.len() >= self.chunk_bytes {
+        if self.pending.is_empty() && chunk.len() >= WRITE_BYTES {
             return self.append(chunk).await;
         }
         self.pending.extend_from_slice(&chunk);
         // A writer trickling small chunks still renews its TTL well before it runs out.
-        if self.pending.len() >= self.chunk_bytes || self.refreshed.elapsed() > self.ttl / 3 {
+        if self.pending.len() >= WRITE_BYTES || self.refreshed.elapsed() > self.ttl / 3 {
             let data = self.pending.split().freeze();
             self.append(data).await?;
         }
         Ok(())
     }
 
-    /// Writes the temporary key with the draft header and the body so far.
+    /// Writes the temporary key with the draft header and the body so far, grown to the whole
+    /// value's length.
     async fn create(&mut self) -> Result<(), PutError> {
-        let value = self.pending.split().freeze();
-        let body = value.len() as u64 - self.header_len;
-        self.conn()
-            .set_with_ttl(&self.guard.temp, value, self.ttl)
-            .await?;
+        let first = self.pending.split().freeze();
+        let body = first.len() as u64 - self.header_len;
+        let total = self.header_len + self.size;
+        scripts::start_pieces(
+            self.conn(),
+            (&self.guard.temp, self.ttl),
+            first,
+            body,
+            total,
+        )
+        .await?;
         self.created = true;
         self.written = body;
         self.refreshed = std::time::Instant::now();
-        self.pending.reserve(self.chunk_bytes);
+        self.pending.reserve(WRITE_BYTES);
         Ok(())
     }
 
+    /// Writes the next body bytes in place.
     async fn append(&mut self, data: Bytes) -> Result<(), PutError> {
         let len = data.len() as u64;
-        let kept = scripts::append(self.conn(), &self.guard.temp, data, self.ttl).await?;
+        if self.written + len > self.size {
+            return Err(PutError::Failed(StoreError::Internal(
+                "more body than declared reached the writer".into(),
+            )));
+        }
+        let at = (self.guard.temp.as_str(), self.ttl);
+        let kept =
+            scripts::write_piece(self.conn(), at, self.header_len, self.written, data).await?;
         if !kept {
             return Err(StoreError::Lost.into());
         }
@@ -145,7 +164,7 @@ impl RedisWriter {
                 &self.guard.temp,
                 &self.key,
                 header,
-                self.header_len + self.written,
+                self.written,
                 self.nonce,
             )
             .await?
