@@ -32,13 +32,13 @@ use crate::store::memory::MemoryStore;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcOutcome {
-    pub rpc: String,
-    pub outcome: String,
+    pub rpc: &'static str,
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Rpc {
-    pub rpc: String,
+    pub rpc: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -272,27 +272,19 @@ impl Metrics {
     }
 
     /// A counter of requests by RPC and outcome.
-    pub fn count(&self, rpc: &str, outcome: &str) -> u64 {
+    pub fn count(&self, rpc: &'static str, outcome: &'static str) -> u64 {
         self.requests
-            .get_or_create(&RpcOutcome {
-                rpc: rpc.to_owned(),
-                outcome: outcome.to_owned(),
-            })
+            .get_or_create(&RpcOutcome { rpc, outcome })
             .get()
     }
 
-    /// Counts one finished request.
-    pub fn request(&self, rpc: &str, outcome: &str, elapsed: Duration) {
+    /// Counts one finished request. The labels are static: no allocation per request.
+    pub fn request(&self, rpc: &'static str, outcome: &'static str, elapsed: Duration) {
         self.requests
-            .get_or_create(&RpcOutcome {
-                rpc: rpc.to_owned(),
-                outcome: outcome.to_owned(),
-            })
+            .get_or_create(&RpcOutcome { rpc, outcome })
             .inc();
         self.latency
-            .get_or_create(&Rpc {
-                rpc: rpc.to_owned(),
-            })
+            .get_or_create(&Rpc { rpc })
             .observe(elapsed.as_secs_f64());
     }
 

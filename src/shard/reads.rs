@@ -10,6 +10,16 @@ use fred::prelude::*;
 
 use super::{FirstRead, InFlight, Shard, ShardError, SharedRead, IN_FLIGHT_SWEEP};
 
+/// The first bytes of a value (up to offset ARGV[1]), its length, and whether it is a member of
+/// the set KEYS[2], read at one instant. KEYS: value, set.
+const READ_FIRST_SCRIPT: &str = r#"
+return {
+  redis.call('GETRANGE', KEYS[1], 0, ARGV[1]),
+  redis.call('STRLEN', KEYS[1]),
+  redis.call('SISMEMBER', KEYS[2], KEYS[1])
+}
+"#;
+
 impl Shard {
     /// Reads answered by joining an identical read already in flight, since this client was made.
     pub fn coalesced_reads(&self) -> u64 {
@@ -65,12 +75,11 @@ impl Shard {
         key: &str,
         index: String,
         len: usize,
-        prefix_len: usize,
     ) -> Result<FirstRead, ShardError> {
         let shard = self.clone();
         let owned = key.to_owned();
         self.coalesce(|s| &s.first_reads, (owned.clone(), len), async move {
-            shard.read_first(&owned, &index, len, prefix_len).await
+            shard.read_first(&owned, &index, len).await
         })
         .await
     }
@@ -94,62 +103,30 @@ impl Shard {
     }
 
     /// The first window of a value, the value's total length, and whether the key is in its
-    /// media's variant index `index`.
+    /// media's variant index `index`, all from one script: one command, one round trip, and the
+    /// length is that of the value read, whatever its size.
     ///
-    /// The index is asked in the same round trip: an object that is not in it would escape a
-    /// purge of every variant, so it is never served; and reading the index with every object
-    /// of the media keeps it at least as hot as they are for `allkeys-lfu`.
-    ///
-    /// A value shorter than `len` is read whole by one command, which also gives its length. A
-    /// longer one costs a second round trip for its length, with its first `prefix_len` bytes
-    /// read after it: if they still match, the length is that of the value first read.
+    /// The index is asked with it: an object that is not in it would escape a purge of every
+    /// variant, so it is never served; and reading the index with every object of the media
+    /// keeps it at least as hot as they are for `allkeys-lfu`.
     pub async fn read_first(
         &self,
         key: &str,
         index: &str,
         len: usize,
-        prefix_len: usize,
     ) -> Result<FirstRead, ShardError> {
         let started = std::time::Instant::now();
-        let len = len.max(prefix_len).max(1);
-        let p = self.pipeline()?;
-        let queued: Result<(), Error> = async {
-            p.getrange::<(), _>(key, 0, len - 1).await?;
-            p.sismember::<(), _, _>(index, key).await
-        }
-        .await;
-        queued.map_err(|e| self.fail(e))?;
-        let (first, indexed): (Bytes, bool) = self.finish(p).await?;
-        if first.len() < len {
-            self.observe(started);
-            let total = first.len() as u64;
-            return Ok(FirstRead {
-                first,
-                total,
-                indexed,
-            });
-        }
-        let p = self.pipeline()?;
-        let queued: Result<(), Error> = async {
-            p.strlen::<(), _>(key).await?;
-            p.getrange::<(), _>(key, 0, prefix_len - 1).await
-        }
-        .await;
-        queued.map_err(|e| self.fail(e))?;
-        let (total, prefix): (u64, Bytes) = self.finish(p).await?;
+        let client = self.client()?.with_options(&self.options());
+        let keys = vec![key.to_owned(), index.to_owned()];
+        let args = vec![Value::from(len.max(1) as i64 - 1)];
+        let (first, total, indexed): (Bytes, u64, i64) = self
+            .bounded(client.eval(READ_FIRST_SCRIPT, keys, args))
+            .await?;
         self.observe(started);
-        if prefix[..] != first[..prefix_len] {
-            // Replaced in between: the caller answers a miss rather than trust either read.
-            return Ok(FirstRead {
-                first,
-                total: 0,
-                indexed,
-            });
-        }
         Ok(FirstRead {
             first,
             total,
-            indexed,
+            indexed: indexed == 1,
         })
     }
 

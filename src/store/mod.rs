@@ -218,20 +218,38 @@ impl Store {
     /// Opens `[offset, offset+limit)` of an object: memory first, then the ring. Every Get
     /// counts as a download of the key. `Ok(None)` is a miss.
     pub async fn get(&self, key: &Key, offset: u64, limit: u64) -> Result<Option<Hit>, StoreError> {
-        self.memory.record_download(key);
-        self.find(key, offset, limit).await
+        self.look(key, offset, limit, true).await
     }
 
     /// A Get that does not count a download (a waiter looking again). A quarantined media is a
     /// miss wherever a copy of it may still sit (a shard that lost the quarantine for a moment
     /// and took a Put meanwhile, a replica's memory).
     async fn find(&self, key: &Key, offset: u64, limit: u64) -> Result<Option<Hit>, StoreError> {
+        self.look(key, offset, limit, false).await
+    }
+
+    /// [`Store::get`] (`download`: a download is counted) or [`Store::find`].
+    async fn look(
+        &self,
+        key: &Key,
+        offset: u64,
+        limit: u64,
+        download: bool,
+    ) -> Result<Option<Hit>, StoreError> {
         if self.quarantined(key) {
+            if download {
+                self.memory.record_download(key);
+            }
             return Ok(None);
         }
         // The epoch is taken with the look in memory, before the Redis read: a purge after
-        // this point refuses the copy the read may fill.
-        let since = match self.memory.get_or_epoch(key) {
+        // this point refuses the copy the read may fill. A download is counted in the same look.
+        let in_memory = if download {
+            self.memory.download(key)
+        } else {
+            self.memory.get_or_epoch(key)
+        };
+        let since = match in_memory {
             Ok(object) => {
                 let range = Range::new(offset, limit, object.info.size)?;
                 return Ok(Some(Hit {

@@ -156,6 +156,24 @@ impl MemoryStore {
     pub fn record_download(&self, key: &Key) -> u32 {
         let h = (self.hasher)(key);
         let (mut inner, _) = self.lock();
+        self.record(&mut inner, h)
+    }
+
+    /// [`MemoryStore::record_download`] and [`MemoryStore::get_or_epoch`] under one lock: what
+    /// every Get does first. A tier with no room at all (`max_bytes: 0`) tracks nothing.
+    pub fn download(&self, key: &Key) -> Result<Arc<Object>, u64> {
+        let h = (self.hasher)(key);
+        let (mut inner, _) = self.lock();
+        if self.policy.max_bytes > 0 {
+            self.record(&mut inner, h);
+        }
+        match inner.entries.get(&h).filter(|e| e.key == *key) {
+            Some(entry) => Ok(entry.object.clone()),
+            None => Err(inner.epoch),
+        }
+    }
+
+    fn record(&self, inner: &mut Inner, h: u64) -> u32 {
         let mut changed = Vec::new();
         let total = inner.tracker.record(h, &mut changed);
         for (k, pop) in changed {

@@ -104,7 +104,7 @@ impl RedisStore {
             total,
             indexed,
         } = match shard
-            .read_first_shared(&redis_key, key.variants_key(), first_len, PREFIX_LEN)
+            .read_first_shared(&redis_key, key.variants_key(), first_len)
             .await
         {
             Ok(found) => found,
