@@ -40,14 +40,14 @@ async fn waiting(endpoints: &[String], n: u64) {
 
 /// What one media repo does on a user's request: ask the cache, and on a miss that carries the
 /// lease fetch from the origin and Put; returns the bytes it serves. The origin fetch of a
-/// lease holder lasts until `others` callers wait for it, so that every caller has asked before
-/// the object exists.
+/// lease holder lasts until `others` callers wait for it, and without leases until every caller
+/// missed (`asked`), so that every caller has asked before the object exists.
 async fn serve_media(
     endpoints: Vec<String>,
     endpoint: String,
     key: MediaKey,
     (want_lease, wait_ms, others): (bool, u32, u64),
-    origin_fetches: Arc<AtomicU64>,
+    (origin_fetches, asked): (Arc<AtomicU64>, Arc<tokio::sync::Barrier>),
     content: Bytes,
 ) -> Bytes {
     let mut client = Client::connect(endpoint).await.unwrap();
@@ -67,6 +67,8 @@ async fn serve_media(
             origin_fetches.fetch_add(1, Ordering::SeqCst);
             if !lease_token.is_empty() {
                 waiting(&endpoints, others).await;
+            } else if !want_lease {
+                asked.wait().await;
             }
             let r = client
                 .put_with_lease(key, MediaInfo::default(), content.clone(), &lease_token)
@@ -83,6 +85,7 @@ async fn simultaneous_misses(endpoints: &[String], id: &str, n: usize, leases: b
     let key = media_key("remote.example", id, "");
     let content = body(300_000, 42);
     let fetches = Arc::new(AtomicU64::new(0));
+    let asked = Arc::new(tokio::sync::Barrier::new(n));
     let tasks: Vec<_> = (0..n)
         .map(|i| {
             let (wait, lease) = if leases { (30_000, true) } else { (0, false) };
@@ -91,7 +94,7 @@ async fn simultaneous_misses(endpoints: &[String], id: &str, n: usize, leases: b
                 endpoints[i % endpoints.len()].clone(),
                 key.clone(),
                 (lease, wait, n as u64 - 1),
-                fetches.clone(),
+                (fetches.clone(), asked.clone()),
                 content.clone(),
             ))
         })

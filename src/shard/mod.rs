@@ -52,7 +52,7 @@ pub trait Subscription: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct FirstRead {
     pub first: Bytes,
-    /// Length of the whole value; 0 when absent (or replaced while being read).
+    /// Length of the value (0: absent), as a command of its own right after the read saw it.
     pub total: u64,
     /// Whether the key is in its media's variant index.
     pub indexed: bool,

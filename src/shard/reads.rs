@@ -10,16 +10,6 @@ use fred::prelude::*;
 
 use super::{FirstRead, InFlight, Shard, ShardError, SharedRead, IN_FLIGHT_SWEEP};
 
-/// The first bytes of a value (up to offset ARGV[1]), its length, and whether it is a member of
-/// the set KEYS[2], read at one instant. KEYS: value, set.
-const READ_FIRST_SCRIPT: &str = r#"
-return {
-  redis.call('GETRANGE', KEYS[1], 0, ARGV[1]),
-  redis.call('STRLEN', KEYS[1]),
-  redis.call('SISMEMBER', KEYS[2], KEYS[1])
-}
-"#;
-
 impl Shard {
     /// Reads answered by joining an identical read already in flight, since this client was made.
     pub fn coalesced_reads(&self) -> u64 {
@@ -102,13 +92,14 @@ impl Shard {
         .await
     }
 
-    /// The first window of a value, the value's total length, and whether the key is in its
-    /// media's variant index `index`, all from one script: one command, one round trip, and the
-    /// length is that of the value read, whatever its size.
+    /// The first `len` bytes of a value, its length, and whether the key is in its media's
+    /// variant index `index`, in one round trip.
     ///
     /// The index is asked with it: an object that is not in it would escape a purge of every
     /// variant, so it is never served; and reading the index with every object of the media
-    /// keeps it at least as hot as they are for `allkeys-lfu`.
+    /// keeps it at least as hot as they are for `allkeys-lfu`. The length comes from a command
+    /// of its own: if it does not match what was read, [`Shard::length_and_prefix`] tells a
+    /// value replaced in between from one that is not what it says.
     pub async fn read_first(
         &self,
         key: &str,
@@ -116,18 +107,38 @@ impl Shard {
         len: usize,
     ) -> Result<FirstRead, ShardError> {
         let started = std::time::Instant::now();
-        let client = self.client()?.with_options(&self.options());
-        let keys = vec![key.to_owned(), index.to_owned()];
-        let args = vec![Value::from(len.max(1) as i64 - 1)];
-        let (first, total, indexed): (Bytes, u64, i64) = self
-            .bounded(client.eval(READ_FIRST_SCRIPT, keys, args))
-            .await?;
+        let len = len.max(1);
+        let p = self.pipeline()?;
+        let queued: Result<(), Error> = async {
+            p.getrange::<(), _>(key, 0, len - 1).await?;
+            p.strlen::<(), _>(key).await?;
+            p.sismember::<(), _, _>(index, key).await
+        }
+        .await;
+        queued.map_err(|e| self.fail(e))?;
+        let (first, total, indexed): (Bytes, u64, bool) = self.finish(p).await?;
         self.observe(started);
         Ok(FirstRead {
             first,
             total,
-            indexed: indexed == 1,
+            indexed,
         })
+    }
+
+    /// A value's length and then its first `prefix_len` bytes, in that order on one connection.
+    pub async fn length_and_prefix(
+        &self,
+        key: &str,
+        prefix_len: usize,
+    ) -> Result<(u64, Bytes), ShardError> {
+        let p = self.pipeline()?;
+        let queued: Result<(), Error> = async {
+            p.strlen::<(), _>(key).await?;
+            p.getrange::<(), _>(key, 0, prefix_len - 1).await
+        }
+        .await;
+        queued.map_err(|e| self.fail(e))?;
+        self.finish(p).await
     }
 
     /// Bytes `[start, end)` of a value and then its first `prefix_len` bytes, read in that

@@ -118,7 +118,7 @@ impl RedisStore {
                 return None;
             }
         };
-        if total == 0 {
+        if total == 0 && first.is_empty() {
             return None;
         }
         if !indexed {
@@ -128,22 +128,41 @@ impl RedisStore {
             debug!(key = %key, "not in its media's variant index; a miss");
             return None;
         }
-        let header = match object::decode_header(&first).and_then(|h| {
-            if h.value_len() == total {
-                Ok(h)
-            } else {
-                Err(object::LayoutError::WrongLength {
-                    expected: h.value_len(),
-                    actual: total,
-                })
-            }
-        }) {
+        let header = match object::decode_header(&first) {
             Ok(h) => h,
             Err(e) => {
                 Self::discard(&shard, key, redis_key, &e).await;
                 return None;
             }
         };
+        let read = first.len() as u64;
+        if header.value_len() != total {
+            // Read whole, the value is what was read: a length that is not the header's means
+            // it is not a whole object. Read in part, the length may be another value's, put in
+            // between: the value is looked at again before anything is deleted.
+            let now = if read < first_len as u64 {
+                Some(read)
+            } else {
+                match shard.length_and_prefix(&redis_key, PREFIX_LEN).await {
+                    Ok((now, prefix)) if prefix[..] == header.prefix[..] => Some(now),
+                    // Replaced (or gone) in between: a miss, nothing deleted.
+                    Ok(_) => None,
+                    Err(e) => {
+                        debug!(key = %key, error = %e, "read failed, answering a miss");
+                        None
+                    }
+                }
+            };
+            let actual = now?;
+            if actual != header.value_len() {
+                let e = object::LayoutError::WrongLength {
+                    expected: header.value_len(),
+                    actual,
+                };
+                Self::discard(&shard, key, redis_key, &e).await;
+                return None;
+            }
+        }
         Some(Located {
             shard,
             header,

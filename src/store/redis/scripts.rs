@@ -63,8 +63,13 @@ return 1
 /// Grows a temporary key just written with its first bytes to the value's whole length at once
 /// (zeros after what was written), and writes the write counter over its first bytes: the later
 /// writes land in place, where appends would make the shard copy the growing value again and
-/// again. KEYS: temporary. ARGV: whole length, counter.
+/// again. Only a key as the first write left it is grown: one that vanished in between is not
+/// recreated. KEYS: temporary. ARGV: whole length, counter, length of the first write.
+/// Returns 1, or 0 when the key was not as the first write left it.
 const PREALLOCATE_SCRIPT: &str = r#"
+if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[3]) then
+  return 0
+end
 if redis.call('STRLEN', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('SETRANGE', KEYS[1], tonumber(ARGV[1]) - 1, '\0')
 end
@@ -240,16 +245,21 @@ pub(super) enum Published {
 }
 
 /// Starts a temporary key for a value of `total` bytes with its first bytes (the draft header
-/// and `body` body bytes), preallocated to its whole length, in one round trip.
+/// and `body` body bytes), preallocated to its whole length, in one round trip. False when the
+/// key vanished between the two steps: the write is lost.
 pub async fn start_pieces(
     conn: &Pinned,
     (temp, ttl): (&str, std::time::Duration),
     first: Bytes,
     body: u64,
     total: u64,
-) -> Result<(), ShardError> {
-    let args = vec![Value::from(total as i64), Value::from(write_counter(body))];
-    let _: i64 = conn
+) -> Result<bool, ShardError> {
+    let args = vec![
+        Value::from(total as i64),
+        Value::from(write_counter(body)),
+        Value::from(first.len() as i64),
+    ];
+    let done: i64 = conn
         .set_then_eval(
             (temp, first, ttl),
             PREALLOCATE_SCRIPT,
@@ -257,7 +267,7 @@ pub async fn start_pieces(
             args,
         )
         .await?;
-    Ok(())
+    Ok(done == 1)
 }
 
 /// Writes `data` at body offset `written` of a temporary key started by [`start_pieces`] and

@@ -111,7 +111,7 @@ impl RedisWriter {
         let first = self.pending.split().freeze();
         let body = first.len() as u64 - self.header_len;
         let total = self.header_len + self.size;
-        scripts::start_pieces(
+        let started = scripts::start_pieces(
             self.conn(),
             (&self.guard.temp, self.ttl),
             first,
@@ -119,6 +119,9 @@ impl RedisWriter {
             total,
         )
         .await?;
+        if !started {
+            return Err(StoreError::Lost.into());
+        }
         self.created = true;
         self.written = body;
         self.refreshed = std::time::Instant::now();
