@@ -1,7 +1,8 @@
 //! The service next to raw Redis and twemproxy, measured side by side in one run.
 //!
-//! `cargo bench --bench e2e` (a few minutes) or `cargo bench --bench e2e -- --quick` (under a
-//! minute); `--json PATH` moves the JSON report from `target/bench/e2e.json`.
+//! `cargo bench --bench e2e` (a few minutes) or `cargo bench --bench e2e -- --quick` (about two
+//! minutes); `--json PATH` moves the JSON report from `target/bench/e2e.json`. Each cell runs in
+//! rounds, every path once per round in turn, and a ratio is the median of its rounds'.
 //!
 //! Starts its own `redis-server` shards, two service processes from the release binary (one with
 //! the memory tier off, one serving from it) and, when `nutcracker` is installed, a twemproxy in
@@ -130,12 +131,12 @@ fn opts() -> Opts {
             bad("--size: 8K, 64K, 1M or 16M");
         }
     }
-    let default_cell = if quick { 0.6 } else { 3.0 };
+    let default_cell = if quick { 1.2 } else { 3.0 };
     Opts {
         quick,
         json,
         cell: Duration::from_secs_f64(seconds.unwrap_or(default_cell)),
-        rounds: rounds.unwrap_or(if quick { 6 } else { 5 }),
+        rounds: rounds.unwrap_or(if quick { 12 } else { 6 }),
         concurrency: conc.map_or_else(|| vec![1, 16, MAX_CONCURRENCY], |c| vec![c]),
         sizes,
         only,

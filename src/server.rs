@@ -154,6 +154,10 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let drain = Arc::new(Drain::new(config.limits.max_streams));
+    // Dropped (and so stopped) when `run` returns.
+    let _lent = AbortOnDrop(tokio::spawn(drain.clone().take_back_expired(
+        (config.limits.idle_timeout / 4).min(Duration::from_secs(1)),
+    )));
     let grace = config.shutdown_grace;
     let signal = {
         let health = health.clone();

@@ -504,33 +504,38 @@ async fn a_put_whose_temporary_key_vanished_is_not_recreated() {
 }
 
 /// A shard that comes back with an older copy of a temporary key (a restart from a snapshot
-/// taken mid-Put) holds a value with writes missing: the Put's next write notices, and nothing
-/// with a hole in it is ever published.
+/// taken mid-Put) holds a value with writes missing: the Put's next write notices, or its
+/// publish when no write is left, and nothing with a hole in it is ever published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_whose_temporary_key_went_back_in_time_is_not_published() {
     let cluster = TestCluster::builder().shards(1).start().await;
     let shard = &cluster.shards[0];
-    let key = media_key("example.org", "rolled-back", "");
     let sent = common::STREAMED_AFTER;
-    let put =
-        common::OpenPut::start(cluster.raw().await, key.clone(), body(3 * sent, 9), sent).await;
-    common::temp_key_appears(shard).await;
-    let temp = shard
-        .keys()
-        .await
-        .into_iter()
-        .find(|k| k.starts_with("mc:1:tmp:"))
-        .unwrap();
-    // What the value looked like before its first megabyte was written: the same length
-    // (written whole at once), its write counter at zero.
-    shard
-        .raw_command("SETRANGE", vec![temp, "0".into(), "000000000000".into()])
+    // More to write after the rollback (the write notices), and nothing (the publish does).
+    for (id, size) in [("rolled-back", 3 * sent), ("rolled-back-last", sent)] {
+        let key = media_key("example.org", id, "");
+        let put =
+            common::OpenPut::start(cluster.raw().await, key.clone(), body(size, 9), sent).await;
+        common::temp_key_appears(shard).await;
+        let temp = shard
+            .keys()
+            .await
+            .into_iter()
+            .find(|k| k.starts_with("mc:1:tmp:"))
+            .unwrap();
+        // What the value looked like before its first megabyte was written: its write counter
+        // at zero.
+        shard
+            .raw_command("SETRANGE", vec![temp, "0".into(), "000000000000".into()])
+            .await;
+        let answer = put.finish().await;
+        assert!(!answer.stored, "{id}");
+        assert_eq!(answer.outcome, PutOutcome::Unavailable as i32, "{id}");
+        eventually(
+            "nothing published, nothing left behind",
+            Duration::from_secs(10),
+            || async { shard.keys().await.is_empty().then_some(()) },
+        )
         .await;
-    let answer = put.finish().await;
-    assert!(!answer.stored);
-    assert_eq!(answer.outcome, PutOutcome::Unavailable as i32);
-    assert!(
-        shard.keys().await.is_empty(),
-        "nothing published, nothing left behind"
-    );
+    }
 }

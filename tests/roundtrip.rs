@@ -302,6 +302,7 @@ async fn a_small_put_is_one_set_and_one_publish_and_a_big_one_streams() {
             shard.command_calls("set").await,
             shard.command_calls("rename").await,
             shard.command_calls("setrange").await,
+            shard.command_calls("append").await,
         )
     };
     let before = counts().await;
@@ -315,9 +316,14 @@ async fn a_small_put_is_one_set_and_one_publish_and_a_big_one_streams() {
     );
     let after = counts().await;
     assert_eq!(
-        (after.0 - before.0, after.1 - before.1, after.2 - before.2),
-        (1, 1, 1),
-        "SET, RENAME and SETRANGE calls of one small Put"
+        (
+            after.0 - before.0,
+            after.1 - before.1,
+            after.2 - before.2,
+            after.3 - before.3
+        ),
+        (1, 1, 1, 0),
+        "SET, RENAME, SETRANGE and APPEND calls of one small Put"
     );
     let (_, got) = client.get_bytes(small).await.unwrap().expect("stored");
     assert_eq!(got, body(900_000, 1));

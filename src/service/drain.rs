@@ -2,8 +2,10 @@
 //! shutdown that refuses new requests and waits for those in flight before the transport closes
 //! their connections.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tonic::Status;
@@ -17,6 +19,18 @@ pub struct Drain {
     closing: AtomicBool,
     /// Notified when the last [`Active`] goes, for [`Drain::close`].
     idle: Notify,
+    /// Places lent to responses handed whole to the transport, oldest first, with the instant
+    /// each is taken back (see [`Drain::lend`]).
+    lent: Mutex<VecDeque<(tokio::time::Instant, Weak<Slot>)>>,
+}
+
+/// A lent place, emptied when it is taken back.
+type Slot = Mutex<Option<Active>>;
+
+/// A place lent to a response the transport holds; given back when dropped, or by
+/// [`Drain::take_back_expired`] at its deadline.
+pub struct Lent {
+    _slot: Arc<Slot>,
 }
 
 /// Held for as long as a request (or a Get's stream) runs.
@@ -46,6 +60,47 @@ impl Drain {
             max,
             closing: Default::default(),
             idle: Default::default(),
+            lent: Mutex::default(),
+        }
+    }
+
+    /// Lends `active` to a response handed whole to the transport: a client that reads it
+    /// holds the place until it is done, one that does not, only until `until`. Only the place
+    /// is taken back; the transport keeps the bytes it was given, as with a paced stream cut.
+    pub fn lend(&self, active: Active, until: tokio::time::Instant) -> Lent {
+        let slot = Arc::new(Mutex::new(Some(active)));
+        let mut lent = self.lent.lock().unwrap_or_else(|p| p.into_inner());
+        // Responses read in time are done long before their deadline: drop them from the front
+        // as they go, so the queue holds little more than the responses still unread.
+        while lent.front().is_some_and(|(_, w)| w.strong_count() == 0) {
+            lent.pop_front();
+        }
+        lent.push_back((until, Arc::downgrade(&slot)));
+        Lent { _slot: slot }
+    }
+
+    /// Takes back the places of lent responses past their deadline, every `every`, for as long
+    /// as the service runs.
+    pub async fn take_back_expired(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = tokio::time::Instant::now();
+            let expired: Vec<_> = {
+                let mut lent = self.lent.lock().unwrap_or_else(|p| p.into_inner());
+                let mut expired = Vec::new();
+                // Deadlines are in lending order: they all come from one idle timeout.
+                while lent.front().is_some_and(|(until, _)| *until <= now) {
+                    if let Some((_, slot)) = lent.pop_front() {
+                        expired.extend(slot.upgrade());
+                    }
+                }
+                expired
+            };
+            for slot in expired {
+                slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            }
         }
     }
 
@@ -113,6 +168,27 @@ mod tests {
             .await
             .expect("closed once the last stream ended")
             .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lent_place_comes_back_at_its_deadline_or_when_the_response_is_done() {
+        let drain = Arc::new(Drain::new(2));
+        tokio::spawn(drain.clone().take_back_expired(Duration::from_secs(1)));
+        let now = tokio::time::Instant::now();
+        // One response its client never reads, one read at once.
+        let unread = drain.lend(drain.enter().unwrap(), now + Duration::from_secs(30));
+        let read = drain.lend(drain.enter().unwrap(), now + Duration::from_secs(30));
+        assert!(drain.enter().is_err(), "both places are lent");
+        drop(read);
+        let third = drain.enter().expect("a response read gives its place back");
+        assert!(drain.enter().is_err());
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert!(drain.enter().is_err(), "taken back before the deadline");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let _fourth = drain
+            .enter()
+            .expect("the unread response's place is taken back at its deadline");
+        drop((unread, third));
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use tracing::Instrument;
 use super::drain::{Active, Drain};
 use super::error::{field, PutEnd, ServiceError};
 use super::stream::{
-    next_message, paced, Call, GetItem, GetStream, Outcome, StreamDone, StreamOutcome,
+    next_message, paced, Call, GetItem, GetStream, Outcome, Place, StreamDone, StreamOutcome,
 };
 use crate::auth::Permission;
 use crate::config::LimitsConfig;
@@ -188,9 +188,18 @@ impl MediaCacheService {
             call,
             outcome: outcome.clone(),
             bytes: sent.clone(),
-            // A response that is whole leaves this replica's work behind: its place among the
-            // requests in flight goes back now, not when a slow client has read it.
-            _active: (!whole).then(|| active.also()),
+            // A response handed whole to the transport keeps its place until its client has
+            // read it, or for the idle timeout at most: nothing paces it to cut it off.
+            _place: if whole {
+                let until = tokio::time::Instant::now() + self.limits.idle_timeout;
+                Place::Lent {
+                    _lent: self.drain.lend(active.also(), until),
+                }
+            } else {
+                Place::Held {
+                    _active: active.also(),
+                }
+            },
         };
         let metrics = self.metrics.clone();
         let failed = outcome.clone();

@@ -161,14 +161,21 @@ impl StreamOutcome {
     }
 }
 
+/// Where a Get stream's place among the requests in flight is.
+pub enum Place {
+    Held { _active: super::drain::Active },
+    Lent { _lent: super::drain::Lent },
+}
+
 /// Records a Get stream's outcome, bytes and duration when the stream is dropped, and holds the
-/// stream's place among the requests in flight until then (if it still has one).
+/// stream's place among the requests in flight until then.
 pub struct StreamDone {
     pub call: Call,
     pub outcome: Arc<StreamOutcome>,
     pub bytes: Arc<AtomicU64>,
-    /// The stream's place among the requests in flight, while it holds one.
-    pub _active: Option<super::drain::Active>,
+    /// The stream's place among the requests in flight: its own while it is paced, lent while
+    /// the transport holds it whole.
+    pub _place: Place,
 }
 
 impl Drop for StreamDone {

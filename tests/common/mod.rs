@@ -496,12 +496,16 @@ impl OpenPut {
             let piece = self
                 .rest
                 .slice(start..(start + PUT_PIECE).min(self.rest.len()));
-            self.tx
+            // The service may answer before the end (the Put failed): the rest goes nowhere.
+            let sent = self
+                .tx
                 .send(PutRequest {
                     kind: Some(put_request::Kind::Chunk(piece)),
                 })
-                .await
-                .unwrap();
+                .await;
+            if sent.is_err() {
+                break;
+            }
         }
         drop(self.tx);
         self.answer.await.unwrap().unwrap().into_inner()

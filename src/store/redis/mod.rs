@@ -118,7 +118,8 @@ impl RedisStore {
                 return None;
             }
         };
-        if total == 0 && first.is_empty() {
+        // Absent; or, with a length, published between the read and the length: a miss.
+        if first.is_empty() {
             return None;
         }
         if !indexed {
@@ -128,14 +129,24 @@ impl RedisStore {
             debug!(key = %key, "not in its media's variant index; a miss");
             return None;
         }
+        let read = first.len() as u64;
         let header = match object::decode_header(&first) {
             Ok(h) => h,
             Err(e) => {
-                Self::discard(&shard, key, redis_key, &e).await;
+                // Deleted only if the value is still the one read: read whole, or with the same
+                // first bytes now. Anything else may be an object published in between.
+                let same = read == total
+                    || (read >= PREFIX_LEN as u64
+                        && matches!(
+                            shard.length_and_prefix(&redis_key, PREFIX_LEN).await,
+                            Ok((_, prefix)) if prefix[..] == first[..PREFIX_LEN]
+                        ));
+                if same {
+                    Self::discard(&shard, key, redis_key, &e).await;
+                }
                 return None;
             }
         };
-        let read = first.len() as u64;
         if header.value_len() != total {
             // Read whole, the value is what was read: a length that is not the header's means
             // it is not a whole object. Read in part, the length may be another value's, put in

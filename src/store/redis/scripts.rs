@@ -60,31 +60,36 @@ return 1
 "#
 );
 
-/// Grows a temporary key just written with its first bytes to the value's whole length at once
-/// (zeros after what was written), and writes the write counter over its first bytes: the later
-/// writes land in place, where appends would make the shard copy the growing value again and
-/// again. Only a key as the first write left it is grown: one that vanished in between is not
-/// recreated. KEYS: temporary. ARGV: whole length, counter, length of the first write.
+/// Writes the write counter over the first bytes of a temporary key just written with its
+/// first bytes, only while the key is as that write left it: one that vanished in between is
+/// not recreated. KEYS: temporary. ARGV: counter, length of the first write.
 /// Returns 1, or 0 when the key was not as the first write left it.
-const PREALLOCATE_SCRIPT: &str = r#"
-if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[3]) then
+const START_SCRIPT: &str = r#"
+if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[2]) then
   return 0
 end
-if redis.call('STRLEN', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('SETRANGE', KEYS[1], tonumber(ARGV[1]) - 1, '\0')
-end
-redis.call('SETRANGE', KEYS[1], 0, ARGV[2])
+redis.call('SETRANGE', KEYS[1], 0, ARGV[1])
 return 1
 "#;
 
-/// Writes bytes into a preallocated temporary key at their offset and renews its TTL, only while
-/// the key holds the write counter this writer left in it: a key that expired is not recreated,
-/// and a value the shard brought back from an older snapshot (missing later writes) is never
-/// published. KEYS: temporary. ARGV: bytes, TTL in ms, offset, counter expected, counter after.
-/// Returns 1 written, 0 when the key was gone or not as this writer left it.
+/// Writes bytes into a temporary key at their offset and renews its TTL, only while the key holds
+/// the write counter this writer left in it: a key that expired is not recreated, and a value
+/// the shard brought back from an older snapshot (missing later writes) is never published.
+///
+/// A key too short for the bytes is first grown to twice its length (zeros after what was
+/// written, never past the whole value's length): the shard copies a value as it grows a few
+/// times, not at every write as appends made it, and never holds more than twice what was sent.
+/// KEYS: temporary. ARGV: bytes, TTL in ms, offset, counter expected, counter after, whole
+/// length. Returns 1 written, 0 when the key was gone or not as this writer left it.
 const WRITE_SCRIPT: &str = r#"
 if redis.call('GETRANGE', KEYS[1], 0, string.len(ARGV[4]) - 1) ~= ARGV[4] then
   return 0
+end
+local len = redis.call('STRLEN', KEYS[1])
+local need = tonumber(ARGV[3]) + string.len(ARGV[1])
+if len < need then
+  local grown = math.min(tonumber(ARGV[6]), math.max(need, 2 * len))
+  redis.call('SETRANGE', KEYS[1], grown - 1, '\0')
 end
 redis.call('SETRANGE', KEYS[1], ARGV[3], ARGV[1])
 redis.call('SETRANGE', KEYS[1], 0, ARGV[5])
@@ -244,25 +249,23 @@ pub(super) enum Published {
     Quarantined,
 }
 
-/// Starts a temporary key for a value of `total` bytes with its first bytes (the draft header
-/// and `body` body bytes), preallocated to its whole length, in one round trip. False when the
-/// key vanished between the two steps: the write is lost.
+/// Starts a temporary key with its first bytes (the draft header and `body` body bytes) and its
+/// write counter, in one round trip. False when the key vanished between the two steps: the
+/// write is lost.
 pub async fn start_pieces(
     conn: &Pinned,
     (temp, ttl): (&str, std::time::Duration),
     first: Bytes,
     body: u64,
-    total: u64,
 ) -> Result<bool, ShardError> {
     let args = vec![
-        Value::from(total as i64),
         Value::from(write_counter(body)),
         Value::from(first.len() as i64),
     ];
     let done: i64 = conn
         .set_then_eval(
             (temp, first, ttl),
-            PREALLOCATE_SCRIPT,
+            START_SCRIPT,
             vec![temp.to_owned()],
             args,
         )
@@ -270,13 +273,14 @@ pub async fn start_pieces(
     Ok(done == 1)
 }
 
-/// Writes `data` at body offset `written` of a temporary key started by [`start_pieces`] and
+/// Writes `data` at body offset `written` of a value of `total` bytes started by
+/// [`start_pieces`] and
 /// renews its TTL (see [`WRITE_SCRIPT`]). False when the key was gone or not as this writer left
 /// it: the write is lost.
 pub async fn write_piece(
     conn: &Pinned,
     (temp, ttl): (&str, std::time::Duration),
-    header_len: u64,
+    (header_len, total): (u64, u64),
     written: u64,
     data: Bytes,
 ) -> Result<bool, ShardError> {
@@ -287,6 +291,7 @@ pub async fn write_piece(
         Value::from((header_len + written) as i64),
         Value::from(write_counter(written)),
         Value::from(after),
+        Value::from(total as i64),
     ];
     let done: i64 = conn
         .eval_bounded(WRITE_SCRIPT, vec![temp.to_owned()], args)

@@ -1,8 +1,9 @@
 //! A Put on its way to one shard, over one pinned connection. A body of up to
 //! [`FIRST_WRITE_BYTES`] (with its header) is gathered here and stored in one round trip: the
 //! whole value set on a temporary key and published at once. A longer one starts the temporary
-//! key with its first megabyte, grown to the whole length at once, and writes the rest in place
-//! a megabyte at a time; it is published under its final name in the same atomic step.
+//! key with its first megabyte and writes the rest a megabyte at a time at its offset, the key
+//! grown by doubling (see `scripts`); it is published under its final name in the same atomic
+//! step.
 
 use std::time::Duration;
 
@@ -105,20 +106,12 @@ impl RedisWriter {
         Ok(())
     }
 
-    /// Writes the temporary key with the draft header and the body so far, grown to the whole
-    /// value's length.
+    /// Writes the temporary key with the draft header and the body so far.
     async fn create(&mut self) -> Result<(), PutError> {
         let first = self.pending.split().freeze();
         let body = first.len() as u64 - self.header_len;
-        let total = self.header_len + self.size;
-        let started = scripts::start_pieces(
-            self.conn(),
-            (&self.guard.temp, self.ttl),
-            first,
-            body,
-            total,
-        )
-        .await?;
+        let at = (self.guard.temp.as_str(), self.ttl);
+        let started = scripts::start_pieces(self.conn(), at, first, body).await?;
         if !started {
             return Err(StoreError::Lost.into());
         }
@@ -138,8 +131,8 @@ impl RedisWriter {
             )));
         }
         let at = (self.guard.temp.as_str(), self.ttl);
-        let kept =
-            scripts::write_piece(self.conn(), at, self.header_len, self.written, data).await?;
+        let sizes = (self.header_len, self.header_len + self.size);
+        let kept = scripts::write_piece(self.conn(), at, sizes, self.written, data).await?;
         if !kept {
             return Err(StoreError::Lost.into());
         }
