@@ -19,7 +19,7 @@ use crate::store::types::{PutError, StoreError};
 
 /// Deletes a temporary key that was never published, also when the Put's future is dropped
 /// because the client went away. The delete goes over the write's own connection, so it lands
-/// after any APPEND still in flight.
+/// after any write still in flight.
 pub(super) struct TempGuard {
     pub(super) conn: Option<Pinned>,
     pub(super) temp: String,
@@ -95,13 +95,13 @@ impl RedisWriter {
             return Ok(());
         }
         if self.pending.is_empty() && chunk.len() >= WRITE_BYTES {
-            return self.append(chunk).await;
+            return self.write_piece(chunk).await;
         }
         self.pending.extend_from_slice(&chunk);
         // A writer trickling small chunks still renews its TTL well before it runs out.
         if self.pending.len() >= WRITE_BYTES || self.refreshed.elapsed() > self.ttl / 3 {
             let data = self.pending.split().freeze();
-            self.append(data).await?;
+            self.write_piece(data).await?;
         }
         Ok(())
     }
@@ -123,7 +123,7 @@ impl RedisWriter {
     }
 
     /// Writes the next body bytes in place.
-    async fn append(&mut self, data: Bytes) -> Result<(), PutError> {
+    async fn write_piece(&mut self, data: Bytes) -> Result<(), PutError> {
         let len = data.len() as u64;
         if self.written + len > self.size {
             return Err(PutError::Failed(StoreError::Internal(
@@ -153,7 +153,7 @@ impl RedisWriter {
         let published = if self.created {
             if !self.pending.is_empty() {
                 let data = self.pending.split().freeze();
-                self.append(data).await?;
+                self.write_piece(data).await?;
             }
             scripts::publish(
                 self.conn(),
