@@ -10,6 +10,11 @@ use fred::prelude::*;
 
 use super::{FirstRead, InFlight, Shard, ShardError, SharedRead, IN_FLIGHT_SWEEP};
 
+/// The length of the value KEYS[1] and whether it is a member of the set KEYS[2].
+const LENGTH_AND_MEMBER_SCRIPT: &str = r#"
+return {redis.call('STRLEN', KEYS[1]), redis.call('SISMEMBER', KEYS[2], KEYS[1])}
+"#;
+
 impl Shard {
     /// Reads answered by joining an identical read already in flight, since this client was made.
     pub fn coalesced_reads(&self) -> u64 {
@@ -93,7 +98,7 @@ impl Shard {
     }
 
     /// The first `len` bytes of a value, its length, and whether the key is in its media's
-    /// variant index `index`, in one round trip.
+    /// variant index `index`, in one round trip of two commands.
     ///
     /// The index is asked with it: an object that is not in it would escape a purge of every
     /// variant, so it is never served; and reading the index with every object of the media
@@ -109,19 +114,27 @@ impl Shard {
         let started = std::time::Instant::now();
         let len = len.max(1);
         let p = self.pipeline()?;
+        // The length and the index membership come from one small script: the client writes
+        // each command of a pipeline on its own, and two writes cost less than three.
+        let eval = fred::types::CustomCommand::new_static("EVAL", None::<u16>, false);
+        let meta = vec![
+            Value::from(LENGTH_AND_MEMBER_SCRIPT),
+            Value::from(2),
+            Value::from(key),
+            Value::from(index),
+        ];
         let queued: Result<(), Error> = async {
             p.getrange::<(), _>(key, 0, len - 1).await?;
-            p.strlen::<(), _>(key).await?;
-            p.sismember::<(), _, _>(index, key).await
+            p.custom::<(), Value>(eval, meta).await
         }
         .await;
         queued.map_err(|e| self.fail(e))?;
-        let (first, total, indexed): (Bytes, u64, bool) = self.finish(p).await?;
+        let (first, (total, member)): (Bytes, (u64, i64)) = self.finish(p).await?;
         self.observe(started);
         Ok(FirstRead {
             first,
             total,
-            indexed,
+            indexed: member == 1,
         })
     }
 
