@@ -57,19 +57,28 @@ shards:
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid (1 shards"));
 }
 
+/// Runs `serve` on the config `yaml` and returns how it exited and what it wrote to stderr.
+fn serve_config(yaml: &str) -> (Option<i32>, String) {
+    let file = write_config(yaml);
+    let out = bin()
+        .args(["serve", "--config"])
+        .arg(file.path())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn serve_refuses_an_invalid_config_before_binding() {
     let port = free_port();
-    let bad = write_config(&format!(
+    let (code, err) = serve_config(&format!(
         "listen: 127.0.0.1:{port}\nshards:\n  - {{ name: '', url: 'redis://x:1' }}\n"
     ));
-    let out = bin()
-        .args(["serve", "--config"])
-        .arg(bad.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("shards[0].name"));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("shards[0].name"));
     // The port was never taken.
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("port still free");
 }
@@ -408,16 +417,10 @@ async fn stats_counts_hits_and_json_logs_are_json() {
 #[test]
 fn serve_refuses_a_temp_key_ttl_shorter_than_two_client_pauses() {
     let port = free_port();
-    let bad = write_config(&format!(
+    let (code, err) = serve_config(&format!(
         "listen: 127.0.0.1:{port}\nredis: {{ temp_key_ttl: 45s }}\nlimits: {{ idle_timeout: 30s }}\n"
     ));
-    let out = bin()
-        .args(["serve", "--config"])
-        .arg(bad.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, Some(2));
     assert!(
         err.contains("redis.temp_key_ttl: must be at least twice limits.idle_timeout"),
         "{err}"

@@ -38,6 +38,45 @@ async fn waiting(endpoints: &[String], n: u64) {
     .await;
 }
 
+/// A Put of `key` under `lease_token` that fails after its first 3 bytes (`info` declares a body
+/// they do not make): the way a holder's fetch from the origin fails.
+async fn failing_put(cluster: &TestCluster, key: &MediaKey, info: MediaInfo, lease_token: String) {
+    let header = PutRequest {
+        kind: Some(put_request::Kind::Header(PutHeader {
+            key: Some(key.clone()),
+            info: Some(info),
+            lease_token,
+        })),
+    };
+    let chunk = PutRequest {
+        kind: Some(put_request::Kind::Chunk(Bytes::from_static(b"abc"))),
+    };
+    let mut raw = cluster.raw().await;
+    assert!(raw
+        .put(tokio_stream::iter(vec![header, chunk]))
+        .await
+        .is_err());
+}
+
+/// Waits until a new caller of `endpoint` gets the lease of `key`, long before its 60 s TTL.
+async fn next_caller_gets_the_lease(endpoint: String, key: &MediaKey) {
+    eventually(
+        "the next caller gets the lease, long before its 60 s TTL",
+        Duration::from_secs(10),
+        || {
+            let (endpoint, key) = (endpoint.clone(), key.clone());
+            async move {
+                let mut b = Client::connect(endpoint).await.ok()?;
+                match b.get_or_lease(key, true, 0).await.ok()? {
+                    Fetched::Miss { lease_token } if !lease_token.is_empty() => Some(()),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+}
+
 /// What one media repo does on a user's request: ask the cache, and on a miss that carries the
 /// lease fetch from the origin and Put; returns the bytes it serves. The origin fetch of a
 /// lease holder lasts until `others` callers wait for it, and without leases until every caller
@@ -200,25 +239,12 @@ async fn a_failed_put_releases_its_lease_at_once_and_a_foreign_token_breaks_noth
     };
     waiting(&[cluster.endpoint()], 1).await;
     // The holder's Put fails (its body does not match the declared digest).
-    let mut raw = cluster.raw().await;
-    let header = PutRequest {
-        kind: Some(put_request::Kind::Header(PutHeader {
-            key: Some(key.clone()),
-            info: Some(MediaInfo {
-                size: 3,
-                sha256: vec![0; 32].into(),
-                ..Default::default()
-            }),
-            lease_token: lease_token.clone(),
-        })),
+    let info = MediaInfo {
+        size: 3,
+        sha256: vec![0; 32].into(),
+        ..Default::default()
     };
-    let chunk = PutRequest {
-        kind: Some(put_request::Kind::Chunk(Bytes::from_static(b"abc"))),
-    };
-    assert!(raw
-        .put(tokio_stream::iter(vec![header, chunk]))
-        .await
-        .is_err());
+    failing_put(&cluster, &key, info, lease_token.clone()).await;
     let (got, waited) = waiter.await.unwrap();
     let Fetched::Miss { lease_token: next } = got else {
         panic!("expected the lease");
@@ -455,44 +481,16 @@ async fn a_memory_lease_given_up_after_a_reload_frees_the_key_at_once() {
     }];
     cluster.apply(with_shard).await;
     // The holder's fetch failed: its Put ends short of the declared size, giving the lease up.
-    let header = PutRequest {
-        kind: Some(put_request::Kind::Header(PutHeader {
-            key: Some(key.clone()),
-            info: Some(MediaInfo {
-                size: 10,
-                ..Default::default()
-            }),
-            lease_token,
-        })),
+    let info = MediaInfo {
+        size: 10,
+        ..Default::default()
     };
-    let chunk = PutRequest {
-        kind: Some(put_request::Kind::Chunk(Bytes::from_static(b"abc"))),
-    };
-    let mut raw = cluster.raw().await;
-    assert!(raw
-        .put(tokio_stream::iter(vec![header, chunk]))
-        .await
-        .is_err());
+    failing_put(&cluster, &key, info, lease_token).await;
     let mut without = cluster.config.clone();
     without.shards.clear();
     cluster.apply(without).await;
 
-    let endpoint = cluster.endpoint();
-    eventually(
-        "the next caller gets the lease, long before its 60 s TTL",
-        Duration::from_secs(10),
-        || {
-            let (endpoint, key) = (endpoint.clone(), key.clone());
-            async move {
-                let mut b = Client::connect(endpoint).await.ok()?;
-                match b.get_or_lease(key, true, 0).await.ok()? {
-                    Fetched::Miss { lease_token } if !lease_token.is_empty() => Some(()),
-                    _ => None,
-                }
-            }
-        },
-    )
-    .await;
+    next_caller_gets_the_lease(cluster.endpoint(), &key).await;
 }
 
 /// A lease taken on a shard is released on that shard even after a reload gave its key another
@@ -524,24 +522,11 @@ async fn a_lease_is_released_on_its_shard_after_the_key_moved() {
 
     cluster.apply(both).await;
     // The holder's fetch failed: its Put ends short of the declared size.
-    let header = PutRequest {
-        kind: Some(put_request::Kind::Header(PutHeader {
-            key: Some(key.clone()),
-            info: Some(MediaInfo {
-                size: 10,
-                ..Default::default()
-            }),
-            lease_token,
-        })),
+    let info = MediaInfo {
+        size: 10,
+        ..Default::default()
     };
-    let chunk = PutRequest {
-        kind: Some(put_request::Kind::Chunk(Bytes::from_static(b"abc"))),
-    };
-    let mut raw = cluster.raw().await;
-    assert!(raw
-        .put(tokio_stream::iter(vec![header, chunk]))
-        .await
-        .is_err());
+    failing_put(&cluster, &key, info, lease_token).await;
     let first = &cluster.shards[0];
     eventually(
         "the lease gone from the shard it was taken on",
@@ -577,20 +562,5 @@ async fn a_put_refused_as_too_large_releases_its_lease() {
         .await
         .unwrap();
     assert_eq!(refused.outcome, PutOutcome::TooLarge as i32);
-    let endpoint = cluster.endpoint();
-    eventually(
-        "the next caller gets the lease, long before its 60 s TTL",
-        Duration::from_secs(10),
-        || {
-            let (endpoint, key) = (endpoint.clone(), key.clone());
-            async move {
-                let mut b = Client::connect(endpoint).await.ok()?;
-                match b.get_or_lease(key, true, 0).await.ok()? {
-                    Fetched::Miss { lease_token } if !lease_token.is_empty() => Some(()),
-                    _ => None,
-                }
-            }
-        },
-    )
-    .await;
+    next_caller_gets_the_lease(cluster.endpoint(), &key).await;
 }

@@ -74,6 +74,23 @@ type InFlight<K, T> = std::sync::Mutex<
 /// Entries of reads nobody waits for any more are swept once a map holds this many.
 const IN_FLIGHT_SWEEP: usize = 256;
 
+/// Queues `EVAL script` on a pipeline, which has no `eval` of its own: the command spelled out,
+/// script, key count, keys, arguments.
+async fn queue_eval(
+    p: &Pipeline<WithOptions<Client>>,
+    script: &'static str,
+    keys: Vec<String>,
+    args: Vec<Value>,
+) -> Result<(), Error> {
+    let eval = fred::types::CustomCommand::new_static("EVAL", None::<u16>, false);
+    let mut words: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+    words.push(Value::from(script));
+    words.push(Value::from(keys.len() as i64));
+    words.extend(keys.into_iter().map(Value::from));
+    words.extend(args);
+    p.custom::<(), Value>(eval, words).await
+}
+
 /// The label of every per-shard metric.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct ShardLabel {
@@ -301,12 +318,19 @@ impl Shard {
         keys: Vec<String>,
         args: Vec<Value>,
     ) -> Result<R, ShardError> {
+        self.eval_on(&self.pool, script, keys, args).await
+    }
+
+    /// [`Shard::eval`] on `on`: the pool, or one pinned connection of it.
+    async fn eval_on<R: FromValue>(
+        &self,
+        on: &impl LuaInterface,
+        script: &'static str,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<R, ShardError> {
         self.check_up()?;
-        self.pool
-            .with_options(&self.options())
-            .eval(script, keys, args)
-            .await
-            .map_err(|e| self.fail(e))
+        on.eval(script, keys, args).await.map_err(|e| self.fail(e))
     }
 
     /// Deletes keys; returns how many existed.

@@ -57,10 +57,21 @@ impl Pinned {
         keys: Vec<String>,
         args: Vec<Value>,
     ) -> Result<R, ShardError> {
+        self.shard.eval_on(&self.client, script, keys, args).await
+    }
+
+    /// `SET key value PX ttl`.
+    pub async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), ShardError> {
         self.shard.check_up()?;
         self.client
             .with_options(&self.shard.options())
-            .eval(script, keys, args)
+            .set::<(), _, _>(
+                key,
+                value,
+                Some(Expiration::PX(ttl.as_millis() as i64)),
+                None,
+                false,
+            )
             .await
             .map_err(|e| self.shard.fail(e))
     }
@@ -80,14 +91,7 @@ impl Pinned {
         let queued: Result<(), Error> = async {
             let px = Some(Expiration::PX(ttl.as_millis() as i64));
             p.set::<(), _, _>(key, value, px, None, false).await?;
-            // Pipelines have no `eval`; the command is spelled out: script, key count, keys, args.
-            let eval = fred::types::CustomCommand::new_static("EVAL", None::<u16>, false);
-            let mut words: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
-            words.push(Value::from(script));
-            words.push(Value::from(keys.len() as i64));
-            words.extend(keys.into_iter().map(Value::from));
-            words.extend(args);
-            p.custom::<(), Value>(eval, words).await
+            super::queue_eval(&p, script, keys, args).await
         }
         .await;
         queued.map_err(|e| self.shard.fail(e))?;

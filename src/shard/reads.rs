@@ -116,16 +116,10 @@ impl Shard {
         let p = self.pipeline()?;
         // The length and the index membership come from one small script: the client writes
         // each command of a pipeline on its own, and two writes cost less than three.
-        let eval = fred::types::CustomCommand::new_static("EVAL", None::<u16>, false);
-        let meta = vec![
-            Value::from(LENGTH_AND_MEMBER_SCRIPT),
-            Value::from(2),
-            Value::from(key),
-            Value::from(index),
-        ];
+        let both = vec![key.to_owned(), index.to_owned()];
         let queued: Result<(), Error> = async {
             p.getrange::<(), _>(key, 0, len - 1).await?;
-            p.custom::<(), Value>(eval, meta).await
+            super::queue_eval(&p, LENGTH_AND_MEMBER_SCRIPT, both, Vec::new()).await
         }
         .await;
         queued.map_err(|e| self.fail(e))?;

@@ -15,7 +15,7 @@ use tracing::debug;
 
 use super::redis::RedisStore;
 use super::types::{lease_shard, lease_token, LeaseAttempt};
-use crate::events::{Event, Events};
+use crate::events::Events;
 use crate::key::Key;
 
 pub(super) struct Leases {
@@ -89,7 +89,7 @@ impl Leases {
             mine
         };
         if released_here {
-            self.events.handle(Event::Released(redis_key));
+            self.events.wake(&redis_key);
         } else if !redis.is_empty() {
             // Not one of this replica's: a token from a release whose tokens named no shard.
             redis.release_lease(key, token).await;

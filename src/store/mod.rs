@@ -266,7 +266,7 @@ impl Store {
         let info = located.header.info.clone();
         let version = located.header.nonce();
         let range = Range::new(offset, limit, info.size)?;
-        let mut body = self.redis.stream(key, located, range);
+        let mut body = self.redis.stream(located, range);
         let whole = range.start == 0 && range.end == info.size;
         if whole {
             if let Some(fill) = FillGuard::start(&self.filling, key) {

@@ -55,6 +55,14 @@ fn refused(outcome: PutOutcome) -> PutError {
     PutError::Refused(outcome)
 }
 
+/// How a memory-only Put the memory tier did not take is answered.
+fn not_stored(why: Admission) -> PutOutcome {
+    match why {
+        Admission::TooLarge => PutOutcome::TooLarge,
+        _ => PutOutcome::NotAdmitted,
+    }
+}
+
 impl Store {
     /// Starts a Put of an object whose info was validated.
     pub async fn begin_put(&self, key: &Key, info: &MediaInfo) -> Result<Writer, PutError> {
@@ -71,8 +79,7 @@ impl Store {
                     key: key.clone(),
                     copy,
                 })),
-                Err(Admission::TooLarge) => Err(refused(PutOutcome::TooLarge)),
-                Err(_) => Err(refused(PutOutcome::NotAdmitted)),
+                Err(why) => Err(refused(not_stored(why))),
             };
         }
         let redis = self.redis.begin_put(key, info).await?;
@@ -97,8 +104,7 @@ impl Store {
                         self.events.wake(&redis_key);
                         Ok(())
                     }
-                    Admission::TooLarge => Err(refused(PutOutcome::TooLarge)),
-                    _ => Err(refused(PutOutcome::NotAdmitted)),
+                    why => Err(refused(not_stored(why))),
                 }
             }
             WriterTo::Redis { key, redis, memory } => {

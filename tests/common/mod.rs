@@ -409,8 +409,8 @@ async fn serve(config: &Config) -> ServiceHandle {
 }
 
 /// Waits until the service at `endpoint` runs a ring of `n` shards, all up; returns a client
-/// and that ring. Tests get this from [`TestCluster`]; the benchmarks call it for the service
-/// process they start from the release binary.
+/// and that ring. Tests get this from [`TestCluster`]; the benchmarks call
+/// [`shards_up_within`] for the service process they start from the release binary.
 pub async fn shards_up(
     endpoint: &str,
     n: usize,

@@ -162,9 +162,15 @@ impl MemoryStore {
     /// [`MemoryStore::record_download`] and [`MemoryStore::get_or_epoch`] under one lock: what
     /// every Get does first. A tier with no room at all (`max_bytes: 0`) tracks nothing.
     pub fn download(&self, key: &Key) -> Result<Arc<Object>, u64> {
+        self.look(key, self.policy.max_bytes > 0)
+    }
+
+    /// The entry of `key`, or the invalidation epoch now; with `count`, a download of it is
+    /// counted under the same lock.
+    fn look(&self, key: &Key, count: bool) -> Result<Arc<Object>, u64> {
         let h = (self.hasher)(key);
         let (mut inner, _) = self.lock();
-        if self.policy.max_bytes > 0 {
+        if count {
             self.record(&mut inner, h);
         }
         match inner.entries.get(&h).filter(|e| e.key == *key) {
@@ -194,13 +200,7 @@ impl MemoryStore {
     }
 
     pub fn get(&self, key: &Key) -> Option<Arc<Object>> {
-        let h = (self.hasher)(key);
-        let (inner, _) = self.lock();
-        inner
-            .entries
-            .get(&h)
-            .filter(|e| e.key == *key)
-            .map(|e| e.object.clone())
+        self.look(key, false).ok()
     }
 
     /// The current invalidation epoch: taken before a copy starts (before its source is read),
@@ -212,12 +212,7 @@ impl MemoryStore {
     /// [`MemoryStore::get`], or when the key is not held, the current [`MemoryStore::epoch`]:
     /// one look for a read that may go on to fill the tier.
     pub fn get_or_epoch(&self, key: &Key) -> Result<Arc<Object>, u64> {
-        let h = (self.hasher)(key);
-        let (inner, _) = self.lock();
-        match inner.entries.get(&h).filter(|e| e.key == *key) {
-            Some(entry) => Ok(entry.object.clone()),
-            None => Err(inner.epoch),
-        }
+        self.look(key, false)
     }
 
     /// Reserves room for a copy of `key` of `size` bytes that is about to be gathered: checked

@@ -55,6 +55,8 @@ pub struct Located {
     pub shard: Arc<Shard>,
     pub header: Header,
     first: Bytes,
+    /// The object's Redis key, named once per Get.
+    redis_key: String,
 }
 
 impl RedisStore {
@@ -137,10 +139,9 @@ impl RedisStore {
                 // first bytes now. Anything else may be an object published in between.
                 let same = read == total
                     || (read >= PREFIX_LEN as u64
-                        && matches!(
-                            shard.length_and_prefix(&redis_key, PREFIX_LEN).await,
-                            Ok((_, prefix)) if prefix[..] == first[..PREFIX_LEN]
-                        ));
+                        && Self::length_if_same(&shard, &redis_key, &first)
+                            .await
+                            .is_some());
                 if same {
                     Self::discard(&shard, key, redis_key, &e).await;
                 }
@@ -151,20 +152,12 @@ impl RedisStore {
             // Read whole, the value is what was read: a length that is not the header's means
             // it is not a whole object. Read in part, the length may be another value's, put in
             // between: the value is looked at again before anything is deleted.
-            let now = if read < first_len as u64 {
-                Some(read)
+            let actual = if read < first_len as u64 {
+                read
             } else {
-                match shard.length_and_prefix(&redis_key, PREFIX_LEN).await {
-                    Ok((now, prefix)) if prefix[..] == header.prefix[..] => Some(now),
-                    // Replaced (or gone) in between: a miss, nothing deleted.
-                    Ok(_) => None,
-                    Err(e) => {
-                        debug!(key = %key, error = %e, "read failed, answering a miss");
-                        None
-                    }
-                }
+                // Replaced (or gone) in between: a miss, nothing deleted.
+                Self::length_if_same(&shard, &redis_key, &first).await?
             };
-            let actual = now?;
             if actual != header.value_len() {
                 let e = object::LayoutError::WrongLength {
                     expected: header.value_len(),
@@ -178,7 +171,20 @@ impl RedisStore {
             shard,
             header,
             first,
+            redis_key,
         })
+    }
+
+    /// The value's length now, if it still begins as `first` did (the same publish: its first
+    /// bytes hold the publish's nonce); `None` for another value, none, or no answer.
+    async fn length_if_same(shard: &Shard, redis_key: &str, first: &[u8]) -> Option<u64> {
+        match shard.length_and_prefix(redis_key, PREFIX_LEN).await {
+            Ok((now, prefix)) => (prefix[..] == first[..PREFIX_LEN]).then_some(now),
+            Err(e) => {
+                debug!(key = %redis_key, error = %e, "read failed, answering a miss");
+                None
+            }
+        }
     }
 
     /// Deletes a value under our key that is not a whole object of ours.
@@ -196,14 +202,15 @@ impl RedisStore {
 
     /// Streams `range` of a located object: slices of the first window where it covers them,
     /// else windows read with a check that the value was not replaced in between.
-    pub fn stream(&self, key: &Key, located: Located, range: Range) -> ChunkStream {
+    pub fn stream(&self, located: Located, range: Range) -> ChunkStream {
         let Located {
             shard,
             header,
             first,
+            redis_key,
         } = located;
         // Shared by every window's read instead of a copy of the name per window.
-        let redis_key: Arc<str> = key.redis_key().into();
+        let redis_key: Arc<str> = redis_key.into();
         let header_len = header.len as u64;
         let prefix = header.prefix;
         let chunk_bytes = self.chunk_bytes;

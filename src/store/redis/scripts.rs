@@ -60,18 +60,6 @@ return 1
 "#
 );
 
-/// Writes the write counter over the first bytes of a temporary key just written with its
-/// first bytes, only while the key is as that write left it: one that vanished in between is
-/// not recreated. KEYS: temporary. ARGV: counter, length of the first write.
-/// Returns 1, or 0 when the key was not as the first write left it.
-const START_SCRIPT: &str = r#"
-if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[2]) then
-  return 0
-end
-redis.call('SETRANGE', KEYS[1], 0, ARGV[1])
-return 1
-"#;
-
 /// Writes bytes into a temporary key at their offset and renews its TTL, only while the key holds
 /// the write counter this writer left in it: a key that expired is not recreated, and a value
 /// the shard brought back from an older snapshot (missing later writes) is never published.
@@ -249,32 +237,8 @@ pub(super) enum Published {
     Quarantined,
 }
 
-/// Starts a temporary key with its first bytes (the draft header and `body` body bytes) and its
-/// write counter, in one round trip. False when the key vanished between the two steps: the
-/// write is lost.
-pub async fn start_pieces(
-    conn: &Pinned,
-    (temp, ttl): (&str, std::time::Duration),
-    first: Bytes,
-    body: u64,
-) -> Result<bool, ShardError> {
-    let args = vec![
-        Value::from(write_counter(body)),
-        Value::from(first.len() as i64),
-    ];
-    let done: i64 = conn
-        .set_then_eval(
-            (temp, first, ttl),
-            START_SCRIPT,
-            vec![temp.to_owned()],
-            args,
-        )
-        .await?;
-    Ok(done == 1)
-}
-
 /// Writes `data` at body offset `written` of a value of `total` bytes started by
-/// [`start_pieces`] and
+/// [`RedisWriter`](super::writer::RedisWriter)'s first write and
 /// renews its TTL (see [`WRITE_SCRIPT`]). False when the key was gone or not as this writer left
 /// it: the write is lost.
 pub async fn write_piece(

@@ -111,7 +111,7 @@ impl Synced {
             walks.iter().cloned().collect()
         };
         for (name, origin) in walks {
-            let Some(shard) = ring.shards().iter().find(|s| s.name() == name) else {
+            let Some((shard, _)) = ring.find(&name) else {
                 // The shard left the ring: nothing of it is read any more.
                 self.origin_walks
                     .lock()

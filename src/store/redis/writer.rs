@@ -108,13 +108,13 @@ impl RedisWriter {
 
     /// Writes the temporary key with the draft header and the body so far.
     async fn create(&mut self) -> Result<(), PutError> {
+        let body = self.pending.len() as u64 - self.header_len;
+        // The write counter goes over the draft header's first bytes before the value is sent:
+        // a key that vanishes after this write fails the next write's check of it.
+        let counter = scripts::write_counter(body);
+        self.pending[..counter.len()].copy_from_slice(counter.as_bytes());
         let first = self.pending.split().freeze();
-        let body = first.len() as u64 - self.header_len;
-        let at = (self.guard.temp.as_str(), self.ttl);
-        let started = scripts::start_pieces(self.conn(), at, first, body).await?;
-        if !started {
-            return Err(StoreError::Lost.into());
-        }
+        self.conn().set(&self.guard.temp, first, self.ttl).await?;
         self.created = true;
         self.written = body;
         self.refreshed = std::time::Instant::now();
