@@ -132,7 +132,7 @@ pub struct Shard {
     subscriber: SubscriberClient,
     /// Reads in flight, shared by every request that asks for the same bytes meanwhile: a
     /// storm of Gets for one hot object costs one read per window, not one per request.
-    first_reads: InFlight<(String, usize), FirstRead>,
+    first_reads: InFlight<(Arc<str>, usize), FirstRead>,
     window_reads: InFlight<WindowRead, (Bytes, Bytes)>,
     /// Reads answered by joining one already in flight.
     coalesced: AtomicU64,

@@ -67,13 +67,13 @@ impl Shard {
     /// [`Shard::read_first`], shared with identical reads in flight.
     pub async fn read_first_shared(
         self: &Arc<Self>,
-        key: &str,
+        key: &Arc<str>,
         index: String,
         len: usize,
     ) -> Result<FirstRead, ShardError> {
         let shard = self.clone();
-        let owned = key.to_owned();
-        self.coalesce(|s| &s.first_reads, (owned.clone(), len), async move {
+        let owned = key.clone();
+        self.coalesce(|s| &s.first_reads, (key.clone(), len), async move {
             shard.read_first(&owned, &index, len).await
         })
         .await

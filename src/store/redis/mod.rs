@@ -4,7 +4,8 @@
 //! - `scripts`: the atomic steps (publish, purge, lease release, quarantine merge) and the
 //!   events they announce.
 //! - `writer`: a Put on its way to one shard.
-//! - `sync`: this replica's quarantines merged with every shard's.
+//! - `sync`: this replica's quarantines merged with every shard's, and an origin's objects
+//!   deleted from a shard.
 
 mod scripts;
 mod sync;
@@ -19,7 +20,7 @@ use futures_util::{stream, StreamExt};
 use tracing::{debug, warn};
 
 use crate::config::Failover;
-use crate::key::{origin_pattern, origin_quarantine_field, temp_key, Key};
+use crate::key::{origin_quarantine_field, temp_key, Key};
 use crate::object::{self, Header, MAX_HEADER_LEN, PREFIX_LEN};
 use crate::proto::{MediaInfo, PutOutcome};
 use crate::ring::Ring;
@@ -55,8 +56,8 @@ pub struct Located {
     pub shard: Arc<Shard>,
     pub header: Header,
     first: Bytes,
-    /// The object's Redis key, named once per Get.
-    redis_key: String,
+    /// The object's Redis key, named once per Get and shared by its reads.
+    redis_key: Arc<str>,
 }
 
 impl RedisStore {
@@ -94,7 +95,7 @@ impl RedisStore {
     pub async fn locate(&self, key: &Key, with_body: bool) -> Option<Located> {
         let ring = self.ring.load_full();
         let shard = Self::pick(&ring, key)?;
-        let redis_key = key.redis_key();
+        let redis_key: Arc<str> = key.redis_key().into();
         let first_len = MAX_HEADER_LEN
             + if with_body {
                 self.window_bytes as usize
@@ -112,7 +113,7 @@ impl RedisStore {
             Ok(found) => found,
             Err(e @ ShardError::Reply { .. }) => {
                 // WRONGTYPE and the like: something that is not a string sits under our name.
-                Self::discard(&shard, key, redis_key, &e).await;
+                Self::discard(&shard, key, &redis_key, &e).await;
                 return None;
             }
             Err(e) => {
@@ -143,7 +144,7 @@ impl RedisStore {
                             .await
                             .is_some());
                 if same {
-                    Self::discard(&shard, key, redis_key, &e).await;
+                    Self::discard(&shard, key, &redis_key, &e).await;
                 }
                 return None;
             }
@@ -163,7 +164,7 @@ impl RedisStore {
                     expected: header.value_len(),
                     actual,
                 };
-                Self::discard(&shard, key, redis_key, &e).await;
+                Self::discard(&shard, key, &redis_key, &e).await;
                 return None;
             }
         }
@@ -191,11 +192,11 @@ impl RedisStore {
     async fn discard(
         shard: &Shard,
         key: &Key,
-        redis_key: String,
+        redis_key: &str,
         why: &(dyn std::fmt::Display + Sync),
     ) {
         warn!(key = %key, shard = %shard.name(), error = %why, "deleting a value that is not a whole object");
-        if let Err(e) = shard.del(vec![redis_key]).await {
+        if let Err(e) = shard.del(vec![redis_key.to_owned()]).await {
             warn!(key = %key, error = %e, "could not delete a bad value");
         }
     }
@@ -210,7 +211,6 @@ impl RedisStore {
             redis_key,
         } = located;
         // Shared by every window's read instead of a copy of the name per window.
-        let redis_key: Arc<str> = redis_key.into();
         let header_len = header.len as u64;
         let prefix = header.prefix;
         let chunk_bytes = self.chunk_bytes;
@@ -312,15 +312,10 @@ impl RedisStore {
                     let field = origin_quarantine_field(origin);
                     scripts::sync_quarantine(shard, "", [(field.as_str(), until)]).await?;
                 }
-                let n = shard
-                    .delete_matching_with(&origin_pattern(origin), |n| {
-                        progress(shard.name(), before + n, done, total)
-                    })
-                    .await?;
-                // The origin's variant indexes go with its objects.
-                shard
-                    .delete_matching(&crate::key::origin_variants_pattern(origin))
-                    .await?;
+                let n = sync::delete_origin(shard, origin, |n| {
+                    progress(shard.name(), before + n, done, total)
+                })
+                .await?;
                 scripts::announce_origin_purge(shard, origin).await?;
                 Ok::<u64, ShardError>(n)
             }

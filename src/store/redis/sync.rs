@@ -11,6 +11,7 @@ use super::scripts::{self, QuarantineSync};
 use crate::clock;
 use crate::key::{origin_pattern, origin_variants_pattern};
 use crate::ring::Ring;
+use crate::shard::{Shard, ShardError};
 use crate::store::quarantine::Quarantine;
 
 /// Where this replica's quarantines stand on each shard.
@@ -119,15 +120,13 @@ impl Synced {
                     .remove(&(name, origin));
                 continue;
             };
-            let patterns = [origin_pattern(&origin), origin_variants_pattern(&origin)];
-            let mut done = true;
-            for pattern in patterns {
-                if let Err(e) = shard.delete_matching(&pattern).await {
+            let done = match delete_origin(shard, &origin, |_| {}).await {
+                Ok(_) => true,
+                Err(e) => {
                     warn!(shard = %name, origin, error = %e, "quarantined origin not deleted yet; trying again at the next sync");
-                    done = false;
-                    break;
+                    false
                 }
-            }
+            };
             if done {
                 self.origin_walks
                     .lock()
@@ -136,4 +135,20 @@ impl Synced {
             }
         }
     }
+}
+
+/// Deletes every object of `origin` on `shard` and then their variant indexes, a `SCAN` page at
+/// a time, calling `progress` with the objects removed so far; returns how many.
+pub(super) async fn delete_origin(
+    shard: &Shard,
+    origin: &str,
+    progress: impl FnMut(u64) + Send,
+) -> Result<u64, ShardError> {
+    let removed = shard
+        .delete_matching_with(&origin_pattern(origin), progress)
+        .await?;
+    shard
+        .delete_matching(&origin_variants_pattern(origin))
+        .await?;
+    Ok(removed)
 }
