@@ -89,9 +89,12 @@ fn main() {
 async fn run() {
     let shard = RedisShard::start("shard-0").await;
     let dir = tempfile::tempdir().unwrap();
+    // `CALLGRIND_KEEP=<dir>` keeps the dumps there, for `callgrind_annotate`.
+    let kept = std::env::var_os("CALLGRIND_KEEP").map(std::path::PathBuf::from);
+    let dump_dir = kept.as_deref().unwrap_or(dir.path());
     let out = format!(
         "--callgrind-out-file={}/callgrind.out.%p",
-        dir.path().display()
+        dump_dir.display()
     );
     let wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", &out];
     let mut rows = Vec::new();
@@ -114,7 +117,7 @@ async fn run() {
                 .unwrap();
             // A read fills the memory tier where it is on.
             let _ = c.get_bytes(key.clone()).await.unwrap();
-            let get = count(pid, dir.path(), |_| {
+            let get = count(pid, dump_dir, |_| {
                 let (mut c, key) = (client.clone(), key.clone());
                 async move {
                     let (_, got) = c.get_bytes(key).await.unwrap().expect("a hit");
@@ -124,7 +127,7 @@ async fn run() {
             .await;
             rows.push((format!("Get {}K, {tier} tier", size / 1024), get));
             if tier == "redis" {
-                let put = count(pid, dir.path(), |i| {
+                let put = count(pid, dump_dir, |i| {
                     let mut c = client.clone();
                     let key = media_key("bench.example", &format!("put-{size}-{i}"), "");
                     let data = data.clone();

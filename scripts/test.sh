@@ -39,6 +39,17 @@ if ! command -v helm >/dev/null 2>&1; then
 fi
 helm version --short >&2
 
+# buf checks the wire contract: lint (the STANDARD rules) and no breaking change against the
+# released contract. It comes from the npm registry (@bufbuild/buf), installed once into
+# target/tools/buf.
+BUF="$(command -v buf || echo "$TOOLS/buf/node_modules/.bin/buf")"
+if [ ! -x "$BUF" ]; then
+  echo "installing buf (from the npm package @bufbuild/buf)" >&2
+  npm install --silent --no-audit --no-fund --prefix "$TOOLS/buf" "@bufbuild/buf@1" >/dev/null
+fi
+"$BUF" lint
+"$BUF" breaking --against proto/released-v1.binpb
+
 # A CI run builds once from a clean tree: incremental caches would only take disk.
 if [ -n "${CI:-}" ]; then
   export CARGO_INCREMENTAL=0

@@ -348,8 +348,8 @@ mod tests {
             &["full-token-aaaaaaaaaaaa", "full-token-bbbbbbbbbbbb"],
             &["read-token-cccccccccccc"],
         );
-        let get = "/mediacache.v1.MediaCache/Get";
-        let put = "/mediacache.v1.MediaCache/Put";
+        let get = "/mediacache.v1.MediaCacheService/Get";
+        let put = "/mediacache.v1.MediaCacheService/Put";
         let bearer = |t: &str| format!("Bearer {t}").into_bytes();
         assert!(auth
             .authorize(get, Some(&bearer("full-token-aaaaaaaaaaaa")))
@@ -382,7 +382,7 @@ mod tests {
             &["full-token-aaaaaaaaaaaa", "full-token-bbbbbbbbbbbb"],
             &["read-token-cccccccccccc"],
         );
-        let get = "/mediacache.v1.MediaCache/Get";
+        let get = "/mediacache.v1.MediaCacheService/Get";
         let ok = |t: &str| {
             auth.authorize(get, Some(format!("Bearer {t}").as_bytes()))
                 .is_ok()

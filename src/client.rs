@@ -23,10 +23,11 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Request, Status, Streaming};
 
 use crate::proto::{
-    cache_admin_client::CacheAdminClient, get_response, media_cache_client::MediaCacheClient,
-    put_request, GetRequest, GetResponse, MediaInfo, MediaKey, PurgeOriginProgress,
-    PurgeOriginRequest, PurgeRequest, PurgeResponse, PutHeader, PutRequest, PutResponse,
-    RingStatusRequest, RingStatusResponse, StatRequest, StatResponse, StatsRequest, StatsResponse,
+    cache_admin_service_client::CacheAdminServiceClient, get_response,
+    media_cache_service_client::MediaCacheServiceClient, put_request, GetRequest, GetResponse,
+    MediaInfo, MediaKey, PurgeOriginRequest, PurgeOriginResponse, PurgeRequest, PurgeResponse,
+    PutHeader, PutRequest, PutResponse, RingStatusRequest, RingStatusResponse, StatRequest,
+    StatResponse, StatsRequest, StatsResponse,
 };
 use crate::wire;
 
@@ -91,8 +92,8 @@ type Authed = InterceptedService<Channel, Bearer>;
 
 #[derive(Clone)]
 pub struct Client {
-    cache: MediaCacheClient<Authed>,
-    admin: CacheAdminClient<Authed>,
+    cache: MediaCacheServiceClient<Authed>,
+    admin: CacheAdminServiceClient<Authed>,
 }
 
 /// What [`Client::get_or_lease`] found.
@@ -207,8 +208,8 @@ impl Client {
 
     fn with_bearer(channel: Channel, bearer: Bearer) -> Self {
         Self {
-            cache: MediaCacheClient::with_interceptor(channel.clone(), bearer.clone()),
-            admin: CacheAdminClient::with_interceptor(channel, bearer),
+            cache: MediaCacheServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            admin: CacheAdminServiceClient::with_interceptor(channel, bearer),
         }
     }
 
@@ -320,6 +321,29 @@ impl Client {
             .into_inner())
     }
 
+    /// Gives up a fill lease without storing anything, for a filler whose origin fetch failed:
+    /// a caller waiting for the key gets the next lease at once instead of after `lease_ttl`.
+    /// A token that is not the key's current lease changes nothing.
+    pub async fn release_lease(
+        &mut self,
+        key: MediaKey,
+        lease_token: &str,
+    ) -> Result<PutResponse, ClientError> {
+        let header = PutRequest {
+            kind: Some(put_request::Kind::Header(PutHeader {
+                key: Some(key),
+                info: None,
+                lease_token: lease_token.to_owned(),
+                release_lease: true,
+            })),
+        };
+        Ok(self
+            .cache
+            .put(tokio_stream::iter([header]))
+            .await?
+            .into_inner())
+    }
+
     /// Streams `info.size` bytes from `reader`. A read error ends the Put (the server then
     /// stores nothing) and is returned.
     pub async fn put_reader<R>(
@@ -392,7 +416,7 @@ impl Client {
         &mut self,
         origin: &str,
         quarantine: bool,
-        mut progress: impl FnMut(&PurgeOriginProgress),
+        mut progress: impl FnMut(&PurgeOriginResponse),
     ) -> Result<u64, ClientError> {
         let mut stream = self
             .admin
@@ -429,7 +453,7 @@ fn header_message(key: MediaKey, info: MediaInfo) -> PutRequest {
         kind: Some(put_request::Kind::Header(PutHeader {
             key: Some(key),
             info: Some(info),
-            lease_token: String::new(),
+            ..Default::default()
         })),
     }
 }

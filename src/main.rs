@@ -406,7 +406,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 answer
             };
             let outcome = PutOutcome::try_from(answer.outcome).unwrap_or(PutOutcome::Unspecified);
-            println!("{}", outcome.as_str_name().to_lowercase());
+            let name = outcome.as_str_name();
+            println!("{}", name.trim_start_matches("PUT_OUTCOME_").to_lowercase());
             Ok(if answer.stored {
                 ExitCode::SUCCESS
             } else {

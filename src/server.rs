@@ -16,11 +16,12 @@ use crate::auth::{Auth, AuthLayer};
 use crate::config::Loaded;
 use crate::events::Events;
 use crate::proto::{
-    self, cache_admin_server::CacheAdminServer, media_cache_server::MediaCacheServer,
+    self, cache_admin_service_server::CacheAdminServiceServer,
+    media_cache_service_server::MediaCacheServiceServer,
 };
 use crate::reload::{ReloadStats, Reloader};
 use crate::ring::Ring;
-use crate::service::{CacheAdminService, Drain, MediaCacheRoutes, MediaCacheService};
+use crate::service::{AdminHandlers, Drain, MediaCacheRoutes, MediaHandlers};
 use crate::store::{
     memory::MemoryStore, quarantine::Quarantine, redis::RedisStore, Settings, Store, StoreListener,
 };
@@ -142,15 +143,19 @@ pub async fn run(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<MediaCacheServer<MediaCacheService>>()
+        .set_serving::<MediaCacheServiceServer<MediaHandlers>>()
         .await;
     health
-        .set_serving::<CacheAdminServer<CacheAdminService>>()
+        .set_serving::<CacheAdminServiceServer<AdminHandlers>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions: older grpcurl builds and many GUI clients speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection, reflection_v1alpha) =
+        (reflection().build_v1()?, reflection().build_v1alpha()?);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let drain = Arc::new(Drain::new(config.limits.max_streams));
@@ -168,7 +173,7 @@ pub async fn run(
             info!("shutting down: refusing new requests, draining streams");
             ready.store(false, std::sync::atomic::Ordering::Relaxed);
             health
-                .set_not_serving::<MediaCacheServer<MediaCacheService>>()
+                .set_not_serving::<MediaCacheServiceServer<MediaHandlers>>()
                 .await;
             let _ = stop_tx.send(true);
             // Requests in flight finish here, before the transport starts closing connections.
@@ -206,8 +211,9 @@ pub async fn run(
         .layer(AuthLayer(auth))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(MediaCacheRoutes::new(
-            MediaCacheService::new(
+            MediaHandlers::new(
                 store.clone(),
                 config.max_object_bytes,
                 metrics.clone(),
@@ -216,7 +222,7 @@ pub async fn run(
             ),
             MAX_MESSAGE_BYTES,
         ))
-        .add_service(CacheAdminServer::new(CacheAdminService::new(
+        .add_service(CacheAdminServiceServer::new(AdminHandlers::new(
             store.clone(),
             ring.clone(),
             reloads,

@@ -16,14 +16,14 @@ pub const CLIENT_CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 pub const SERVER_STREAM_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
 pub const SERVER_CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 
-/// `MediaCache.Get`, which the service frames by hand.
-pub const GET_PATH: &str = "/mediacache.v1.MediaCache/Get";
+/// `MediaCacheService.Get`, which the service frames by hand.
+pub const GET_PATH: &str = "/mediacache.v1.MediaCacheService/Get";
 /// The methods a read-only token may call.
 pub const READ_ONLY_PATHS: &[&str] = &[
     GET_PATH,
-    "/mediacache.v1.MediaCache/Stat",
-    "/mediacache.v1.CacheAdmin/RingStatus",
-    "/mediacache.v1.CacheAdmin/Stats",
+    "/mediacache.v1.MediaCacheService/Stat",
+    "/mediacache.v1.CacheAdminService/RingStatus",
+    "/mediacache.v1.CacheAdminService/Stats",
 ];
 /// Paths open to everyone: health checks come from probes and load balancers.
 pub const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";

@@ -19,7 +19,7 @@ fn header(key: MediaKey, info: MediaInfo) -> PutRequest {
         kind: Some(put_request::Kind::Header(PutHeader {
             key: Some(key),
             info: Some(info),
-            lease_token: String::new(),
+            ..Default::default()
         })),
     }
 }
@@ -139,7 +139,7 @@ async fn bad_puts_are_errors_and_store_nothing() {
                     kind: Some(put_request::Kind::Header(PutHeader {
                         key: None,
                         info: Some(sized(1)),
-                        lease_token: String::new(),
+                        ..Default::default()
                     })),
                 },
                 chunk(b"x"),
@@ -153,7 +153,7 @@ async fn bad_puts_are_errors_and_store_nothing() {
                     kind: Some(put_request::Kind::Header(PutHeader {
                         key: Some(key()),
                         info: None,
-                        lease_token: String::new(),
+                        ..Default::default()
                     })),
                 },
                 chunk(b"x"),
@@ -297,9 +297,11 @@ async fn cancelled_put_leaves_nothing() {
             .unwrap();
         rt.block_on(async move {
             let mut raw =
-                mediacache::proto::media_cache_client::MediaCacheClient::connect(endpoint)
-                    .await
-                    .unwrap();
+                mediacache::proto::media_cache_service_client::MediaCacheServiceClient::connect(
+                    endpoint,
+                )
+                .await
+                .unwrap();
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             tokio::spawn(async move {
                 raw.put(tokio_stream::wrappers::ReceiverStream::new(rx))

@@ -3,6 +3,7 @@
 
 mod common;
 
+use prost::Message;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -325,7 +326,11 @@ async fn health_reflection_and_clean_exit_on_sigterm() {
         .await
         .unwrap();
     let mut health = HealthClient::new(channel.clone());
-    for service in ["", "mediacache.v1.MediaCache", "mediacache.v1.CacheAdmin"] {
+    for service in [
+        "",
+        "mediacache.v1.MediaCacheService",
+        "mediacache.v1.CacheAdminService",
+    ] {
         let status = health
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -353,11 +358,48 @@ async fn health_reflection_and_clean_exit_on_sigterm() {
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     for expected in [
-        "mediacache.v1.MediaCache",
-        "mediacache.v1.CacheAdmin",
+        "mediacache.v1.MediaCacheService",
+        "mediacache.v1.CacheAdminService",
         "grpc.health.v1.Health",
     ] {
         assert!(names.iter().any(|n| n == expected), "{names:?}");
+    }
+
+    // The same through v1alpha, which older grpcurl builds and GUI clients speak.
+    {
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "mediacache.v1.MediaCacheService".into(),
+            )),
+        };
+        let answer = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await
+            .unwrap()
+            .unwrap();
+        let Some(MessageResponse::FileDescriptorResponse(files)) = answer.message_response else {
+            panic!("unexpected v1alpha reflection answer: {answer:?}");
+        };
+        let file =
+            prost_types::FileDescriptorProto::decode(&files.file_descriptor_proto[0][..]).unwrap();
+        assert_eq!(file.package(), "mediacache.v1");
+        let services: Vec<&str> = file.service.iter().map(|s| s.name()).collect();
+        assert!(services.contains(&"MediaCacheService"), "{services:?}");
     }
 
     let pid = server.0.id().to_string();

@@ -201,7 +201,8 @@ async fn a_fill_in_flight_does_not_bring_purged_media_back() {
         .connect()
         .await
         .unwrap();
-    let mut raw = mediacache::proto::media_cache_client::MediaCacheClient::new(channel);
+    let mut raw =
+        mediacache::proto::media_cache_service_client::MediaCacheServiceClient::new(channel);
     let mut stream = raw
         .get(GetRequest {
             key: Some(key.clone()),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{body, eventually, TestCluster};
-use mediacache::client::{media_key, Client, Fetched};
+use mediacache::client::{media_key, Client, ClientError, Fetched};
 use mediacache::config::ShardConfig;
 use mediacache::proto::{put_request, MediaInfo, MediaKey, PutHeader, PutOutcome, PutRequest};
 
@@ -46,6 +46,7 @@ async fn failing_put(cluster: &TestCluster, key: &MediaKey, info: MediaInfo, lea
             key: Some(key.clone()),
             info: Some(info),
             lease_token,
+            ..Default::default()
         })),
     };
     let chunk = PutRequest {
@@ -214,6 +215,64 @@ async fn an_abandoned_lease_passes_to_a_waiter_after_its_ttl() {
         panic!("expected a miss");
     };
     assert!(none.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_given_up_by_its_holder_passes_to_a_waiter_at_once() {
+    let cluster = TestCluster::builder()
+        .shards(3)
+        .configure(|c| c.lease_ttl = Duration::from_secs(60))
+        .start()
+        .await;
+    let key = media_key("remote.example", "given-up", "");
+    let mut a = cluster.client().await;
+    let Fetched::Miss { lease_token } = a.get_or_lease(key.clone(), true, 0).await.unwrap() else {
+        panic!("expected a miss");
+    };
+    assert!(!lease_token.is_empty());
+
+    // No token, or a token that is not the lease: refused or ignored, the lease stays.
+    let Err(err) = a.release_lease(key.clone(), "").await else {
+        panic!("a release without a token is refused");
+    };
+    let ClientError::Status(status) = err else {
+        panic!("expected a status: {err}");
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().starts_with("lease_token:"), "{status:?}");
+    let r = a.release_lease(key.clone(), "not-the-token").await.unwrap();
+    assert_eq!(r.outcome(), PutOutcome::LeaseReleased);
+    let owner = cluster.owner("remote.example", "given-up");
+    let lease = cluster.shards[owner]
+        .raw_get("mc:1:lease:remote.example|given-up|")
+        .await
+        .expect("the holder's lease is still there");
+    assert_eq!(lease, lease_token.as_bytes());
+
+    let waiter = {
+        let mut b = cluster.client().await;
+        let key = key.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let got = b.get_or_lease(key, true, 30_000).await.unwrap();
+            (got, started.elapsed())
+        })
+    };
+    waiting(&[cluster.endpoint()], 1).await;
+    let r = a.release_lease(key.clone(), &lease_token).await.unwrap();
+    assert!(!r.stored);
+    assert_eq!(r.outcome(), PutOutcome::LeaseReleased);
+    let (got, waited) = waiter.await.unwrap();
+    let Fetched::Miss { lease_token: next } = got else {
+        panic!("expected the lease");
+    };
+    assert!(!next.is_empty() && next != lease_token);
+    assert!(
+        waited < Duration::from_secs(10),
+        "released at once, not after the 60 s TTL: {waited:?}"
+    );
+    // Nothing was stored.
+    assert!(!a.stat(key).await.unwrap().found);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

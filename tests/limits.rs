@@ -19,7 +19,7 @@ fn header(media_id: &str, size: u64) -> PutRequest {
                 size,
                 ..Default::default()
             }),
-            lease_token: String::new(),
+            ..Default::default()
         })),
     }
 }
@@ -362,7 +362,9 @@ async fn a_get_whose_request_never_arrives_holds_a_place_only_until_the_idle_tim
     let silent = tokio::spawn(async move {
         grpc.streaming::<_, _, mediacache::proto::GetResponse, _>(
             tonic::Request::new(futures_util::stream::pending::<GetRequest>()),
-            tonic::codegen::http::uri::PathAndQuery::from_static("/mediacache.v1.MediaCache/Get"),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/mediacache.v1.MediaCacheService/Get",
+            ),
             tonic_prost::ProstCodec::default(),
         )
         .await

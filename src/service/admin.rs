@@ -1,4 +1,4 @@
-//! `mediacache.v1.CacheAdmin`: origin purges, the replica's counters, and the ring's state.
+//! `mediacache.v1.CacheAdminService`: origin purges, the replica's counters, and the ring's state.
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use super::error::ServiceError;
 use super::stream::Outcome;
 use crate::proto::{
-    self, PurgeOriginProgress, PurgeOriginRequest, RingStatusRequest, RingStatusResponse,
+    self, PurgeOriginRequest, PurgeOriginResponse, RingStatusRequest, RingStatusResponse,
     ShardStatus, StatsRequest, StatsResponse,
 };
 use crate::reload::ReloadStats;
@@ -20,7 +20,7 @@ use crate::ring::Ring;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
-pub struct CacheAdminService {
+pub struct AdminHandlers {
     /// Purges and the memory tier's usage go through the store like every request.
     store: Arc<Store>,
     /// The ring now running, read for its status.
@@ -33,7 +33,7 @@ pub struct CacheAdminService {
     started: Instant,
 }
 
-impl CacheAdminService {
+impl AdminHandlers {
     pub fn new(
         store: Arc<Store>,
         ring: Arc<ArcSwap<Ring>>,
@@ -51,9 +51,9 @@ impl CacheAdminService {
 }
 
 #[tonic::async_trait]
-impl proto::cache_admin_server::CacheAdmin for CacheAdminService {
+impl proto::cache_admin_service_server::CacheAdminService for AdminHandlers {
     type PurgeOriginStream =
-        Pin<Box<dyn Stream<Item = Result<PurgeOriginProgress, Status>> + Send>>;
+        Pin<Box<dyn Stream<Item = Result<PurgeOriginResponse, Status>> + Send>>;
 
     /// Runs in its own task, so a slow purge neither blocks nor is cancelled by the caller;
     /// progress goes out as it is made (dropped, not queued, if the caller reads slowly).
@@ -74,7 +74,7 @@ impl proto::cache_admin_server::CacheAdmin for CacheAdminService {
                     &req.origin,
                     req.quarantine,
                     |shard, removed, done, total| {
-                        let _ = progress.try_send(Ok(PurgeOriginProgress {
+                        let _ = progress.try_send(Ok(PurgeOriginResponse {
                             shard: shard.to_owned(),
                             removed,
                             shards_done: done as u32,
@@ -86,7 +86,7 @@ impl proto::cache_admin_server::CacheAdmin for CacheAdminService {
                 .await;
             let last = if failed.is_empty() {
                 let shards = ring.load().shards().len();
-                Ok(PurgeOriginProgress {
+                Ok(PurgeOriginResponse {
                     shard: String::new(),
                     removed,
                     shards_done: shards as u32,

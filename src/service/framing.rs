@@ -1,4 +1,4 @@
-//! `MediaCache.Get` answered with gRPC frames made by hand, so a body chunk goes to the
+//! `MediaCacheService.Get` answered with gRPC frames made by hand, so a body chunk goes to the
 //! transport as the very `Bytes` the store produced (a slice of a Redis reply or of a memory
 //! tier entry). tonic's generated encoder copies every message into its own buffer first: on the
 //! Get path that copy, and the page faults of the fresh buffer it lands in, took about a quarter
@@ -19,9 +19,9 @@ use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
-use super::media::MediaCacheService;
+use super::media::MediaHandlers;
 use super::stream::{GetItem, GetStream};
-use crate::proto::media_cache_server::MediaCacheServer;
+use crate::proto::media_cache_service_server::MediaCacheServiceServer;
 use crate::proto::{GetRequest, GetResponse};
 
 /// gRPC's message prefix: a compression flag and a big-endian length.
@@ -31,19 +31,19 @@ const MAX_GET_REQUEST_BYTES: usize = 64 * 1024;
 /// Field number of `GetResponse.chunk`.
 const CHUNK_FIELD: u32 = 2;
 
-/// The `MediaCache` service: Get framed here, the rest by the generated server.
+/// The `MediaCacheService` service: Get framed here, the rest by the generated server.
 #[derive(Clone)]
 pub struct MediaCacheRoutes {
-    service: Arc<MediaCacheService>,
-    generated: MediaCacheServer<MediaCacheService>,
+    service: Arc<MediaHandlers>,
+    generated: MediaCacheServiceServer<MediaHandlers>,
 }
 
 impl MediaCacheRoutes {
     /// `max_decoding_message_size` bounds the messages of the generated methods (Put's chunks).
-    pub fn new(service: MediaCacheService, max_decoding_message_size: usize) -> Self {
+    pub fn new(service: MediaHandlers, max_decoding_message_size: usize) -> Self {
         let service = Arc::new(service);
         Self {
-            generated: MediaCacheServer::from_arc(service.clone())
+            generated: MediaCacheServiceServer::from_arc(service.clone())
                 .max_decoding_message_size(max_decoding_message_size),
             service,
         }
@@ -51,7 +51,7 @@ impl MediaCacheRoutes {
 }
 
 impl NamedService for MediaCacheRoutes {
-    const NAME: &'static str = <MediaCacheServer<MediaCacheService> as NamedService>::NAME;
+    const NAME: &'static str = <MediaCacheServiceServer<MediaHandlers> as NamedService>::NAME;
 }
 
 impl tower_service::Service<http::Request<Body>> for MediaCacheRoutes {
@@ -72,7 +72,7 @@ impl tower_service::Service<http::Request<Body>> for MediaCacheRoutes {
     }
 }
 
-async fn get(service: &MediaCacheService, request: http::Request<Body>) -> http::Response<Body> {
+async fn get(service: &MediaHandlers, request: http::Request<Body>) -> http::Response<Body> {
     // The request's place among the streams in flight is taken before its body is read, and
     // the body must arrive within the idle timeout: a client that opens Gets and never sends
     // them holds neither memory nor a place for long.

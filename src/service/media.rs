@@ -1,4 +1,4 @@
-//! `mediacache.v1.MediaCache`: the handlers of Get, Put, Stat and Purge, each a thin adapter
+//! `mediacache.v1.MediaCacheService`: the handlers of Get, Put, Stat and Purge, each a thin adapter
 //! from the request to the store and back.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,7 +72,7 @@ impl Drop for LeaseRelease {
     }
 }
 
-pub struct MediaCacheService {
+pub struct MediaHandlers {
     /// Where every handler's work is done; the handlers only translate.
     store: Arc<Store>,
     /// Largest object accepted at all: a bigger Put is refused before its body is read.
@@ -85,7 +85,7 @@ pub struct MediaCacheService {
     limits: LimitsConfig,
 }
 
-impl MediaCacheService {
+impl MediaHandlers {
     pub fn new(
         store: Arc<Store>,
         max_object_bytes: u64,
@@ -251,6 +251,14 @@ impl MediaCacheService {
             None => return Err(field("header", "the first message must be a header").into()),
         };
         let key = Key::from_proto(header.key.as_ref())?;
+        if header.release_lease {
+            if header.lease_token.is_empty() {
+                return Err(field("lease_token", "release_lease needs the lease's token").into());
+            }
+            // Given up before the answer, so a caller told "released" finds the key free.
+            self.store.release_lease(&key, &header.lease_token).await;
+            return Err(PutEnd::Answer(PutOutcome::LeaseReleased));
+        }
         // Whatever way this Put ends from here (stored, refused, failed, or the client gone), the
         // lease it names is given up at once, so waiters need not sit out its TTL.
         let _lease = (!header.lease_token.is_empty()).then(|| LeaseRelease {
@@ -351,7 +359,7 @@ impl MediaCacheService {
 }
 
 #[tonic::async_trait]
-impl proto::media_cache_server::MediaCache for MediaCacheService {
+impl proto::media_cache_service_server::MediaCacheService for MediaHandlers {
     type GetStream =
         std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<GetResponse, Status>> + Send>>;
 
@@ -381,6 +389,9 @@ impl proto::media_cache_server::MediaCache for MediaCacheService {
             });
         let (outcome, answer) = match ended {
             Ok(()) => (Outcome::Stored, Ok(PutOutcome::Stored)),
+            Err(PutEnd::Answer(PutOutcome::LeaseReleased)) => {
+                (Outcome::Ok, Ok(PutOutcome::LeaseReleased))
+            }
             Err(PutEnd::Answer(refused)) => (Outcome::Refused, Ok(refused)),
             Err(PutEnd::Status(status)) => (Outcome::Error, Err(status)),
         };

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use fred::prelude::{Builder, ClientLike, Config as FredConfig, KeysInterface, Value};
 use mediacache::client::Client;
 use mediacache::config::{Config, ShardConfig};
-use mediacache::proto::media_cache_client::MediaCacheClient;
+use mediacache::proto::media_cache_service_client::MediaCacheServiceClient;
 use mediacache::ring::Placement;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -450,7 +450,7 @@ pub struct OpenPut {
 
 impl OpenPut {
     pub async fn start(
-        mut raw: MediaCacheClient<Channel>,
+        mut raw: MediaCacheServiceClient<Channel>,
         key: mediacache::proto::MediaKey,
         body: bytes::Bytes,
         sent: usize,
@@ -463,7 +463,7 @@ impl OpenPut {
                 size: body.len() as u64,
                 ..Default::default()
             }),
-            lease_token: String::new(),
+            ..Default::default()
         };
         let answer = tokio::spawn(async move {
             raw.put(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -777,8 +777,10 @@ impl TestCluster {
     }
 
     /// The generated stub, for sending messages the typed client never would.
-    pub async fn raw(&self) -> MediaCacheClient<Channel> {
-        MediaCacheClient::connect(self.endpoint()).await.unwrap()
+    pub async fn raw(&self) -> MediaCacheServiceClient<Channel> {
+        MediaCacheServiceClient::connect(self.endpoint())
+            .await
+            .unwrap()
     }
 
     /// Index in [`TestCluster::shards`] of the shard that owns `origin/media_id` in this
