@@ -58,17 +58,10 @@ fi
 "$BUF" lint
 "$BUF" breaking --against proto/released-v1.binpb
 
-# A CI run builds once from a clean tree: incremental caches would only take disk.
-if [ -n "${CI:-}" ]; then
-  export CARGO_INCREMENTAL=0
-fi
-
-cargo test --locked "$@"
-
-# The Python client (clients/python) against the binary cargo test just built. Its packages come
-# from PyPI into a virtualenv under target/tools: the current grpcio and protobuf releases for the
-# tests, and grpcio-tools 1.71 (the version the committed stubs were generated with) in a second
-# one, to fail when the stubs are stale.
+# Python for the clients/python tests and for kubernetes-validate (the chart tests): packages
+# from PyPI in virtualenvs under target/tools. One holds the current grpcio and protobuf releases,
+# pytest, matrix-synapse and kubernetes-validate; the other grpcio-tools 1.71, the version the
+# committed stubs were generated with, to fail when they are stale.
 PY="$TOOLS/python"
 PYGEN="$TOOLS/python-gen"
 if [ ! -x "$PYGEN/bin/python" ] || ! "$PYGEN/bin/python" -c 'import grpc_tools' 2>/dev/null; then
@@ -76,11 +69,23 @@ if [ ! -x "$PYGEN/bin/python" ] || ! "$PYGEN/bin/python" -c 'import grpc_tools' 
   "$PYGEN/bin/pip" install -q --disable-pip-version-check "grpcio-tools==1.71.0"
 fi
 "$PYGEN/bin/python" clients/python/generate.py --check
-if [ ! -x "$PY/bin/python" ] || ! "$PY/bin/python" -c 'import grpc, pytest, synapse, kubernetes_validate' 2>/dev/null; then
+if [ ! -x "$PY/bin/python" ] ||
+  ! "$PY/bin/python" -c 'import grpc, pytest, synapse, kubernetes_validate, cryptography' 2>/dev/null; then
   python3 -m venv "$PY"
-  "$PY/bin/pip" install -q --disable-pip-version-check grpcio protobuf pytest matrix-synapse kubernetes-validate
+  "$PY/bin/pip" install -q --disable-pip-version-check \
+    grpcio protobuf pytest matrix-synapse kubernetes-validate cryptography
 fi
 "$PY/bin/pip" install -q --disable-pip-version-check --no-deps -e clients/python
+export KUBERNETES_VALIDATE="$PY/bin/kubernetes-validate"
+
+# A CI run builds once from a clean tree: incremental caches would only take disk.
+if [ -n "${CI:-}" ]; then
+  export CARGO_INCREMENTAL=0
+fi
+
+cargo test --locked "$@"
+
+# The Python client and the Synapse storage provider, against the binary cargo test just built.
 MEDIACACHE_BIN="$PWD/target/debug/mediacache" "$PY/bin/python" -m pytest -q -p no:cacheprovider clients/python
 
 # The soak test (random traffic while shards die and the ring changes; minutes, not hours) runs

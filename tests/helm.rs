@@ -57,8 +57,8 @@ fn name(case: &Option<PathBuf>) -> String {
     })
 }
 
-/// Renders the chart; `Err` holds helm's stderr.
-fn template(values: Option<&Path>, set: &[&str]) -> Result<Vec<Value>, String> {
+/// The chart rendered as text; `Err` holds helm's stderr.
+fn template_text(values: Option<&Path>, set: &[&str]) -> Result<String, String> {
     let mut cmd = helm();
     cmd.args(["template", "rel", CHART, "--namespace", "media"]);
     if let Some(v) = values {
@@ -71,7 +71,12 @@ fn template(values: Option<&Path>, set: &[&str]) -> Result<Vec<Value>, String> {
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
-    let text = String::from_utf8(out.stdout).unwrap();
+    Ok(String::from_utf8(out.stdout).unwrap())
+}
+
+/// Renders the chart; `Err` holds helm's stderr.
+fn template(values: Option<&Path>, set: &[&str]) -> Result<Vec<Value>, String> {
+    let text = template_text(values, set)?;
     let mut docs = Vec::new();
     for doc in yaml_serde::Deserializer::from_str(&text) {
         let value = Value::deserialize(doc).expect("helm template renders valid YAML");
@@ -125,6 +130,79 @@ fn lint_strict_passes_on_every_values_file() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// `kubernetes-validate` (PyPI), from `$KUBERNETES_VALIDATE` or the PATH.
+fn kubernetes_validate() -> Command {
+    let program = std::env::var_os("KUBERNETES_VALIDATE").unwrap_or("kubernetes-validate".into());
+    let mut cmd = Command::new(program);
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+fn validate_output(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run kubernetes-validate ({e}): run the suite with ./scripts/test.sh, which \
+             installs it"
+        )
+    })
+}
+
+/// The minor versions of `major.minor` in `text` (e.g. `">=1.30.0-0"` → 30).
+fn minor_of(text: &str) -> u32 {
+    let digits = text.trim_start_matches(|c: char| !c.is_ascii_digit());
+    let mut parts = digits.split(['.', '-']);
+    assert_eq!(
+        parts.next(),
+        Some("1"),
+        "a Kubernetes 1.x version: {text:?}"
+    );
+    parts
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no minor in {text:?}"))
+}
+
+#[test]
+fn rendered_objects_are_valid_for_every_supported_kubernetes_version() {
+    // From the chart's own kubeVersion floor up to the newest API the validator knows (its
+    // version is the Kubernetes version of its newest schemas).
+    let chart: Value = yaml_serde::from_str(
+        &std::fs::read_to_string(Path::new(CHART).join("Chart.yaml")).unwrap(),
+    )
+    .unwrap();
+    let oldest = minor_of(str_of(&chart["kubeVersion"]));
+    let version = validate_output(kubernetes_validate().arg("--version"));
+    let newest = minor_of(&String::from_utf8_lossy(&version.stdout));
+    assert!(
+        oldest <= newest,
+        "kubernetes-validate knows 1.{newest}, the chart needs 1.{oldest}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for case in cases() {
+        let rendered = dir
+            .path()
+            .join(format!("{}.yaml", name(&case).replace(' ', "-")));
+        let text = template_text(case.as_deref(), &[])
+            .unwrap_or_else(|e| panic!("helm template failed: {e}"));
+        std::fs::write(&rendered, text).unwrap();
+        for minor in oldest..=newest {
+            let out = validate_output(
+                kubernetes_validate()
+                    .args(["--strict", "--quiet", "--kubernetes-version"])
+                    .arg(format!("1.{minor}.0"))
+                    .arg(&rendered),
+            );
+            assert!(
+                out.status.success(),
+                "{} against Kubernetes 1.{minor}: {}{}",
+                name(&case),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }
 
