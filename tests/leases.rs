@@ -12,6 +12,7 @@ use common::{body, eventually, TestCluster};
 use mediacache::client::{media_key, Client, ClientError, Fetched};
 use mediacache::config::ShardConfig;
 use mediacache::proto::{put_request, MediaInfo, MediaKey, PutHeader, PutOutcome, PutRequest};
+use tokio::task::JoinHandle;
 
 /// Gets waiting for a fill right now, over every replica.
 async fn waiters(endpoints: &[String]) -> u64 {
@@ -217,19 +218,53 @@ async fn an_abandoned_lease_passes_to_a_waiter_after_its_ttl() {
     assert!(none.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lease_given_up_by_its_holder_passes_to_a_waiter_at_once() {
+/// Three shards whose leases live 60 s, and a client holding the lease of `media_id`.
+async fn leased(media_id: &str) -> (TestCluster, MediaKey, Client, String) {
     let cluster = TestCluster::builder()
         .shards(3)
         .configure(|c| c.lease_ttl = Duration::from_secs(60))
         .start()
         .await;
-    let key = media_key("remote.example", "given-up", "");
-    let mut a = cluster.client().await;
-    let Fetched::Miss { lease_token } = a.get_or_lease(key.clone(), true, 0).await.unwrap() else {
+    let key = media_key("remote.example", media_id, "");
+    let mut holder = cluster.client().await;
+    let Fetched::Miss { lease_token } = holder.get_or_lease(key.clone(), true, 0).await.unwrap()
+    else {
         panic!("expected a miss");
     };
     assert!(!lease_token.is_empty());
+    (cluster, key, holder, lease_token)
+}
+
+/// A second caller waiting for the fill of `key`, once it waits.
+async fn waiter(cluster: &TestCluster, key: &MediaKey) -> JoinHandle<(Fetched, Duration)> {
+    let mut b = cluster.client().await;
+    let key = key.clone();
+    let waiter = tokio::spawn(async move {
+        let started = Instant::now();
+        let got = b.get_or_lease(key, true, 30_000).await.unwrap();
+        (got, started.elapsed())
+    });
+    waiting(&[cluster.endpoint()], 1).await;
+    waiter
+}
+
+/// The waiter got the next lease, long before the 60 s TTL of the one given up; its token.
+async fn gets_the_next_lease(waiter: JoinHandle<(Fetched, Duration)>, given_up: &str) -> String {
+    let (got, waited) = waiter.await.unwrap();
+    let Fetched::Miss { lease_token: next } = got else {
+        panic!("expected the lease");
+    };
+    assert!(!next.is_empty() && next != given_up);
+    assert!(
+        waited < Duration::from_secs(10),
+        "released at once, not after the 60 s TTL: {waited:?}"
+    );
+    next
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_given_up_by_its_holder_passes_to_a_waiter_at_once() {
+    let (cluster, key, mut a, lease_token) = leased("given-up").await;
 
     // No token, or a token that is not the lease: refused or ignored, the lease stays.
     let Err(err) = a.release_lease(key.clone(), "").await else {
@@ -249,54 +284,19 @@ async fn a_lease_given_up_by_its_holder_passes_to_a_waiter_at_once() {
         .expect("the holder's lease is still there");
     assert_eq!(lease, lease_token.as_bytes());
 
-    let waiter = {
-        let mut b = cluster.client().await;
-        let key = key.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let got = b.get_or_lease(key, true, 30_000).await.unwrap();
-            (got, started.elapsed())
-        })
-    };
-    waiting(&[cluster.endpoint()], 1).await;
+    let waiting = waiter(&cluster, &key).await;
     let r = a.release_lease(key.clone(), &lease_token).await.unwrap();
     assert!(!r.stored);
     assert_eq!(r.outcome(), PutOutcome::LeaseReleased);
-    let (got, waited) = waiter.await.unwrap();
-    let Fetched::Miss { lease_token: next } = got else {
-        panic!("expected the lease");
-    };
-    assert!(!next.is_empty() && next != lease_token);
-    assert!(
-        waited < Duration::from_secs(10),
-        "released at once, not after the 60 s TTL: {waited:?}"
-    );
+    gets_the_next_lease(waiting, &lease_token).await;
     // Nothing was stored.
     assert!(!a.stat(key).await.unwrap().found);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_put_releases_its_lease_at_once_and_a_foreign_token_breaks_nothing() {
-    let cluster = TestCluster::builder()
-        .shards(3)
-        .configure(|c| c.lease_ttl = Duration::from_secs(60))
-        .start()
-        .await;
-    let key = media_key("remote.example", "failing", "");
-    let mut a = cluster.client().await;
-    let Fetched::Miss { lease_token } = a.get_or_lease(key.clone(), true, 0).await.unwrap() else {
-        panic!("expected a miss");
-    };
-    let waiter = {
-        let mut b = cluster.client().await;
-        let key = key.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let got = b.get_or_lease(key, true, 30_000).await.unwrap();
-            (got, started.elapsed())
-        })
-    };
-    waiting(&[cluster.endpoint()], 1).await;
+    let (cluster, key, mut a, lease_token) = leased("failing").await;
+    let waiting = waiter(&cluster, &key).await;
     // The holder's Put fails (its body does not match the declared digest).
     let info = MediaInfo {
         size: 3,
@@ -304,15 +304,7 @@ async fn a_failed_put_releases_its_lease_at_once_and_a_foreign_token_breaks_noth
         ..Default::default()
     };
     failing_put(&cluster, &key, info, lease_token.clone()).await;
-    let (got, waited) = waiter.await.unwrap();
-    let Fetched::Miss { lease_token: next } = got else {
-        panic!("expected the lease");
-    };
-    assert!(!next.is_empty());
-    assert!(
-        waited < Duration::from_secs(10),
-        "released at once, not after the 60 s TTL: {waited:?}"
-    );
+    let next = gets_the_next_lease(waiting, &lease_token).await;
 
     // A Put with a foreign token stores (the bytes are fine) and leaves the holder's lease alone.
     let r = a

@@ -233,6 +233,9 @@ def test_config_is_checked_with_the_key_named(tmp_path):
     for bad, key in [
         ({}, "address"),
         ({"address": "x:1", "tls_ca_file": str(tmp_path / "none")}, "tls_ca_file"),
+        ({"address": "x:1", "token_file": str(tmp_path / "none")}, "token_file"),
+        ({"address": "x:1", "tls_ca_file": __file__, "tls_cert_file": __file__}, "tls_key_file"),
+        ({"address": "x:1", "tls_cert_file": __file__, "tls_key_file": __file__}, "tls_ca_file"),
         ({"address": "x:1", "timeout": "soon"}, "timeout"),
         ({"address": "x:1", "colour": "blue"}, "colour"),
         ({"address": "x:1", "threads": 0}, "threads"),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from typing import BinaryIO, Callable, Iterator, NamedTuple, Optional, Union
 
 import grpc
 
 from ._proto import mediacache_pb2 as pb
+
+logger = logging.getLogger("mediacache_client")
 
 # Chunk size of a Put's body messages (the server accepts up to 4 MiB messages).
 PUT_CHUNK_BYTES = 256 * 1024
@@ -392,7 +395,7 @@ class Reading:
     """The state of one Get stream as its messages arrive (shared by both clients).
 
     `first` takes the first message: a miss (with or without a lease token) or the info of a
-    hit. The body chunks then go to `chunk`; `complete` tells whether exactly the bytes the info
+    hit. The body chunks then go to `chunk`; `finish` tells whether exactly the bytes the info
     and the range promise arrived. Anything else means the stream is not a whole object: a
     miss, by the contract.
     """
@@ -426,5 +429,56 @@ class Reading:
         rest = max(self.info.size - self.offset, 0)
         return min(rest, self.limit) if self.limit else rest
 
-    def complete(self) -> bool:
-        return self.received == self.expected()
+    def broken(self, error: Exception) -> "Reading":
+        """The stream ended in error after its first message: a miss."""
+        logger.debug("a Get ended in error after its info, so it is a miss: %s", error)
+        self.info = None
+        return self
+
+    def finish(self) -> "Reading":
+        """The stream ended: a miss unless exactly the promised bytes arrived."""
+        if self.received != self.expected():
+            logger.warning("a Get sent %d of %d bytes; a miss", self.received, self.expected())
+            self.info = None
+        return self
+
+    def object(self, parts: list) -> Optional[Object]:
+        return None if self.info is None else Object(self.info, b"".join(parts))
+
+
+# get_or_fill, written once for both clients: a generator that yields the calls to make and is
+# sent their results (or thrown their errors) by the client driving it.
+READ, FETCH, RELEASE, PUT = "read", "fetch", "release", "put"
+
+
+def fill_plan(key: Key, wait_ms: int):
+    """The lease dance of `get_or_fill`; returns the Object the caller gets."""
+    parts: list = []
+    request = get_request(key, want_lease=True, wait_ms=wait_ms)
+    try:
+        reading = yield (READ, request, parts.append)
+    except MediaCacheError as e:
+        if not e.transient:
+            raise
+        # Fail open: the origin answers; nothing is stored.
+        logger.warning("cache unavailable, fetching %s from the origin: %s", key, e)
+        return filled_object(fill_parts((yield (FETCH,))))
+    if reading.info is not None:
+        return reading.object(parts)
+    token = reading.lease_token
+    try:
+        fill = fill_parts((yield (FETCH,)))
+    except BaseException:
+        if token:
+            try:
+                yield (RELEASE, key, token)
+            except MediaCacheError as e:
+                logger.warning("could not release the lease of %s: %s", key, e)
+        raise
+    try:
+        answer = yield (PUT, key, fill, token)
+        if not answer.stored:
+            logger.info("fill of %s not stored: %s", key, answer.outcome)
+    except MediaCacheError as e:
+        logger.warning("fill of %s not stored: %s", key, e)
+    return filled_object(fill)

@@ -69,30 +69,17 @@ class AsyncClient:
             if not reading.first(first):
                 return reading
             try:
-                while True:
-                    message = await call.read()
-                    if message is grpc.aio.EOF:
-                        break
+                while (message := await call.read()) is not grpc.aio.EOF:
                     write(reading.chunk(message))
             except grpc.RpcError as e:
-                logger.debug("a Get ended in error after its info, so it is a miss: %s", e)
-                reading.info = None
-                return reading
-            if not reading.complete():
-                logger.warning(
-                    "a Get sent %d of %d bytes; a miss", reading.received, reading.expected()
-                )
-                reading.info = None
-            return reading
+                return reading.broken(e)
+            return reading.finish()
         finally:
             call.cancel()
 
     async def get(self, key: Key, offset: int = 0, limit: int = 0) -> Optional[Object]:
         parts: list = []
-        reading = await self._read(c.get_request(key, offset, limit), parts.append)
-        if reading.info is None:
-            return None
-        return Object(reading.info, b"".join(parts))
+        return (await self._read(c.get_request(key, offset, limit), parts.append)).object(parts)
 
     async def get_to(
         self, key: Key, file: BinaryIO, offset: int = 0, limit: int = 0
@@ -133,47 +120,32 @@ class AsyncClient:
     ) -> Object:
         """As `Client.get_or_fill`; `fetch` may be a coroutine function."""
 
-        async def fetched() -> c.Fill:
-            result = fetch()
-            if inspect.isawaitable(result):
-                result = await result
-            return c.fill_parts(result)
+        plan = c.fill_plan(key, wait_ms)
+        result, error = None, None
+        while True:
+            try:
+                step = plan.send(result) if error is None else plan.throw(error)
+            except StopIteration as done:
+                return done.value
+            result, error = None, None
+            try:
+                result = await self._fill_step(step, fetch)
+            except BaseException as e:  # handed to the plan, which decides
+                error = e
 
-        parts: list = []
-        try:
-            reading = await self._read(
-                c.get_request(key, want_lease=True, wait_ms=wait_ms), parts.append
-            )
-        except c.MediaCacheError as e:
-            if not e.transient:
-                raise
-            logger.warning("cache unavailable, fetching %s from the origin: %s", key, e)
-            return c.filled_object(await fetched())
-        if reading.info is not None:
-            return Object(reading.info, b"".join(parts))
-        token = reading.lease_token
-        try:
-            fill = await fetched()
-        except BaseException:
-            if token:
-                try:
-                    await self.release_lease(key, token)
-                except c.MediaCacheError as e:
-                    logger.warning("could not release the lease of %s: %s", key, e)
-            raise
-        try:
-            answer = await self.put(
-                key,
-                fill.body,
-                content_type=fill.content_type,
-                file_name=fill.file_name,
-                lease_token=token,
-            )
-            if not answer.stored:
-                logger.info("fill of %s not stored: %s", key, answer.outcome)
-        except c.MediaCacheError as e:
-            logger.warning("fill of %s not stored: %s", key, e)
-        return c.filled_object(fill)
+    async def _fill_step(self, step: tuple, fetch: AsyncFetch):
+        kind, *args = step
+        if kind == c.READ:
+            return await self._read(*args)
+        if kind == c.FETCH:
+            result = fetch()
+            return await result if inspect.isawaitable(result) else result
+        if kind == c.RELEASE:
+            return await self.release_lease(*args)
+        key, fill, token = args
+        return await self.put(
+            key, fill.body, content_type=fill.content_type, file_name=fill.file_name, lease_token=token
+        )
 
     async def stat(self, key: Key) -> Stat:
         request = pb.StatRequest(key=Key(*key).to_proto())

@@ -76,15 +76,8 @@ class Client:
                 for message in stream:
                     write(reading.chunk(message))
             except grpc.RpcError as e:
-                logger.debug("a Get ended in error after its info, so it is a miss: %s", e)
-                reading.info = None
-                return reading
-            if not reading.complete():
-                logger.warning(
-                    "a Get sent %d of %d bytes; a miss", reading.received, reading.expected()
-                )
-                reading.info = None
-            return reading
+                return reading.broken(e)
+            return reading.finish()
         finally:
             # Stops the stream when `write` raised; a no-op once it ended.
             stream.cancel()
@@ -92,10 +85,7 @@ class Client:
     def get(self, key: Key, offset: int = 0, limit: int = 0) -> Optional[Object]:
         """The object (or `limit` bytes of it from `offset`; 0: to the end), or None on a miss."""
         parts: list = []
-        reading = self._read(c.get_request(key, offset, limit), parts.append)
-        if reading.info is None:
-            return None
-        return Object(reading.info, b"".join(parts))
+        return self._read(c.get_request(key, offset, limit), parts.append).object(parts)
 
     def get_to(self, key: Key, file: BinaryIO, offset: int = 0, limit: int = 0) -> Optional[c.Info]:
         """Writes the object (or a range of it) to `file` as it arrives; its info, or None.
@@ -155,40 +145,31 @@ class Client:
         error propagates. If the tier is down or slow (a transient error), `fetch` is called
         and its result returned without storing: the cache never fails the request.
         """
-        reading = None
-        parts: list = []
-        try:
-            reading = self._read(c.get_request(key, want_lease=True, wait_ms=wait_ms), parts.append)
-        except c.MediaCacheError as e:
-            if not e.transient:
-                raise
-            logger.warning("cache unavailable, fetching %s from the origin: %s", key, e)
-            return c.filled_object(c.fill_parts(fetch()))
-        if reading.info is not None:
-            return Object(reading.info, b"".join(parts))
-        token = reading.lease_token
-        try:
-            fill = c.fill_parts(fetch())
-        except BaseException:
-            if token:
-                try:
-                    self.release_lease(key, token)
-                except c.MediaCacheError as e:
-                    logger.warning("could not release the lease of %s: %s", key, e)
-            raise
-        try:
-            answer = self.put(
-                key,
-                fill.body,
-                content_type=fill.content_type,
-                file_name=fill.file_name,
-                lease_token=token,
-            )
-            if not answer.stored:
-                logger.info("fill of %s not stored: %s", key, answer.outcome)
-        except c.MediaCacheError as e:
-            logger.warning("fill of %s not stored: %s", key, e)
-        return c.filled_object(fill)
+        plan = c.fill_plan(key, wait_ms)
+        result, error = None, None
+        while True:
+            try:
+                step = plan.send(result) if error is None else plan.throw(error)
+            except StopIteration as done:
+                return done.value
+            result, error = None, None
+            try:
+                result = self._fill_step(step, fetch)
+            except BaseException as e:  # handed to the plan, which decides
+                error = e
+
+    def _fill_step(self, step: tuple, fetch: Callable[[], c.FetchResult]):
+        kind, *args = step
+        if kind == c.READ:
+            return self._read(*args)
+        if kind == c.FETCH:
+            return fetch()
+        if kind == c.RELEASE:
+            return self.release_lease(*args)
+        key, fill, token = args
+        return self.put(
+            key, fill.body, content_type=fill.content_type, file_name=fill.file_name, lease_token=token
+        )
 
     # Lookups and purges ---------------------------------------------------------------------
 

@@ -164,13 +164,9 @@ class MediaCacheStorageProvider:
             path = config.get(key)
             if path is None:
                 continue
-            if not isinstance(path, str) or not os.access(path, os.R_OK):
-                raise _config_error(f"cannot read {path!r}", key)
+            if not isinstance(path, str):
+                raise _config_error(f"expected a file path, got {path!r}", key)
             values[key] = path
-        if ("tls_cert_file" in values) != ("tls_key_file" in values):
-            raise _config_error("a client certificate needs both files", "tls_key_file")
-        if "tls_cert_file" in values and "tls_ca_file" not in values:
-            raise _config_error("required with a client certificate", "tls_ca_file")
         if "timeout" in config:
             values["timeout"] = _seconds(config["timeout"], "timeout")
         if "threads" in config:
@@ -179,10 +175,12 @@ class MediaCacheStorageProvider:
                 raise _config_error(f"expected a number from 1 to 512, got {threads!r}", "threads")
             values["threads"] = threads
         try:
-            # Reads the token now, so a wrong file fails Synapse's start, not each request.
+            # The client's own checks: files readable (the token read now, so a wrong file
+            # fails Synapse's start, not each request), a client certificate with its key.
             Client(values["address"], **{k: v for k, v in values.items() if k != "address"}).close()
         except ValueError as e:
-            key, _, message = str(e).partition(": ")
+            keys, _, message = str(e).partition(": ")
+            key = keys.split(",")[-1].strip()
             raise _config_error(message or str(e), key if key in known else "address") from None
         return ProviderConfig(**values)
 
