@@ -251,6 +251,8 @@ impl MediaHandlers {
             None => return Err(field("header", "the first message must be a header").into()),
         };
         let key = Key::from_proto(header.key.as_ref())?;
+        let span = tracing::Span::current();
+        span.record("key", tracing::field::display(&key));
         if header.release_lease {
             if header.lease_token.is_empty() {
                 return Err(field("lease_token", "release_lease needs the lease's token").into());
@@ -266,8 +268,6 @@ impl MediaHandlers {
             key: key.clone(),
             token: header.lease_token.clone(),
         });
-        let span = tracing::Span::current();
-        span.record("key", tracing::field::display(&key));
         let mut info = header.info.ok_or_else(|| field("info", "is required"))?;
         check_info(&info)?;
         span.record("size", info.size);

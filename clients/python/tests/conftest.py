@@ -73,8 +73,8 @@ class Redis:
 
 
 class Service:
-    """One `mediacache serve` process with a config written from `yaml` (plus its listen
-    address and shards)."""
+    """One `mediacache serve` process (`start()` runs it) with a config of its listen address,
+    its shards and the `extra` YAML."""
 
     def __init__(self, workdir: pathlib.Path, shards: list, extra: str = ""):
         self.port = free_port()
@@ -89,7 +89,6 @@ class Service:
         self.config.write_text("\n".join(lines) + "\n" + extra)
         self.log = workdir / f"service-{self.port}.log"
         self.proc: Optional[subprocess.Popen] = None
-        self.start()
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
@@ -145,7 +144,8 @@ def cluster(tmp_path):
         made.extend(redis)
         service = Service(tmp_path, redis, extra)
         service.shards = redis
-        made.append(service)
+        made.append(service)  # stopped at the end even if it never comes up
+        service.start()
         return service
 
     yield start

@@ -105,3 +105,17 @@ def test_fail_open_when_the_tier_is_down(service):
             assert got.body == b"origin"
 
     run(scenario())
+
+
+def test_a_pipe_shorter_than_declared_is_an_error_naming_size(service):
+    from test_client import pipe_holding
+
+    async def scenario():
+        async with AsyncClient(service.address) as client:
+            key = Key("example.org", "async-pipe")
+            with pipe_holding(b"only this") as pipe:
+                with pytest.raises(ValueError, match="^size: 100 declared, the file ended"):
+                    await client.put(key, pipe, size=100)
+            assert not (await client.stat(key)).found
+
+    run(scenario())

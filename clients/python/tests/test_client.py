@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import eventually
+from mediacache_client._common import Settings, outcome_name
 from mediacache_client import (
     Client,
     Fill,
@@ -71,7 +72,46 @@ def test_put_from_files_sends_size_and_digest(client, tmp_path):
     writer.join()
     assert client.get(Key("example.org", "pipe")).body == data
     with pytest.raises(ValueError, match="size"):
-        client.put(Key("example.org", "pipe2"), io.BufferedReader(io.BytesIO(data)), size=1)
+        client.put(Key("example.org", "seekable"), io.BufferedReader(io.BytesIO(data)), size=1)
+
+
+def pipe_holding(data: bytes):
+    """The read end of a pipe that `data` is written into (then closed) by a thread."""
+    read_end, write_end = os.pipe()
+
+    def write():
+        with os.fdopen(write_end, "wb") as w:
+            w.write(data)
+
+    threading.Thread(target=write, daemon=True).start()
+    return os.fdopen(read_end, "rb")
+
+
+@pytest.mark.parametrize("declared, held", [(10, 1000), (1000, 10), (0, 5), (300_000, 299_999)])
+def test_a_pipe_that_does_not_hold_its_size_stores_nothing(client, declared, held):
+    key = Key("example.org", f"pipe-{declared}-{held}")
+    with pipe_holding(body(held, 2)) as pipe:
+        with pytest.raises(ValueError, match=f"^size: {declared} declared, the file"):
+            client.put(key, pipe, size=declared)
+    assert not client.stat(key).found
+
+
+def test_the_digest_goes_in_the_header(client):
+    """A file that changes between the hashing pass and the sending pass is refused by the
+    server: the digest it checks is the one the client declared."""
+
+    class ChangesWhenRewound(io.BytesIO):
+        def seek(self, *args):
+            at = super().seek(*args)
+            with self.getbuffer() as view:
+                view[0] ^= 0xFF
+            return at
+
+    key = Key("example.org", "changed")
+    with pytest.raises(InvalidArgument) as err:
+        client.put(key, ChangesWhenRewound(body(1000, 4)))
+    assert err.value.field == "info.sha256"
+    assert not client.stat(key).found
 
 
 def test_bad_input_names_the_field_and_stores_nothing(client):
@@ -178,6 +218,31 @@ def test_a_failed_fetch_releases_the_lease_at_once(cluster):
         assert a.get(key).body == b"from the waiter"
 
 
+def test_a_refused_fill_hands_the_lease_on_at_once(cluster):
+    """The filler's Put carries its lease token: refused (too large), it still gives the lease
+    up, so a waiting caller fills at once instead of after the 60 s lease TTL."""
+    service = cluster(extra="lease_ttl: 60s\nmax_object_bytes: 100\n")
+    key = Key("remote.example", "huge")
+    with Client(service.address) as a, Client(service.address) as b:
+        got = {}
+
+        def waiter():
+            started = time.monotonic()
+            got["object"] = b.get_or_fill(key, lambda: b"small enough", wait_ms=30_000)
+            got["waited"] = time.monotonic() - started
+
+        def too_large():
+            thread.start()
+            eventually("a waiter", lambda: a.stats().lease_waiters == 1)
+            return b"x" * 200
+
+        thread = threading.Thread(target=waiter)
+        assert a.get_or_fill(key, too_large).body == b"x" * 200
+        thread.join()
+        assert got["object"].body == b"small enough"
+        assert got["waited"] < 10, f"handed on at once, not after the TTL: {got['waited']}"
+
+
 def test_fail_open_when_the_tier_is_down(service):
     with Client(service.address, timeout=2.0) as client:
         service.stop()
@@ -198,3 +263,11 @@ def test_settings_are_checked_with_clear_errors(tmp_path):
         Client("127.0.0.1:1", tls_ca_file=__file__, tls_cert_file=__file__)
     with pytest.raises(ValueError, match="^timeout"):
         Client("127.0.0.1:1", timeout=0)
+    # https:// means TLS, against the system's roots when no CA file is given.
+    assert Settings.build("https://cache.example:443").tls
+    assert not Settings.build("http://127.0.0.1:1").tls
+
+
+def test_an_outcome_newer_than_the_client_has_a_name():
+    assert outcome_name(6) == "lease_released"
+    assert outcome_name(99) == "unknown_99"

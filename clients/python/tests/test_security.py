@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import ipaddress
 
 import pytest
 from cryptography import x509
@@ -11,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mediacache_client import Client, Key, MediaCacheError, PermissionDenied, Unauthenticated
+from mediacache_client import Client, Key, PermissionDenied, Unauthenticated, Unavailable
 
 TOKEN = "python-client-token-0123456789"
 READER = "python-reader-token-0123456789"
@@ -37,6 +36,9 @@ def test_tokens(cluster, tmp_path):
         assert reader.get(key).body == b"guarded"
         with pytest.raises(PermissionDenied):
             reader.put(key, b"overwrite")
+        # Nor may it give up anyone's fill lease.
+        with pytest.raises(PermissionDenied):
+            reader.release_lease(key, "someone-elses-token")
 
 
 def _name(common: str) -> x509.Name:
@@ -56,10 +58,9 @@ def _cert(subject, issuer_name, issuer_key, public_key, *, ca=False, server=Fals
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if server:
+        # Only a name the address does not carry: a client must be told to expect it.
         builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
+            x509.SubjectAlternativeName([x509.DNSName("mediacache.test")]),
             critical=False,
         ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     elif not ca:
@@ -86,7 +87,7 @@ def test_tls_and_mutual_tls(cluster, tmp_path):
     ca = _cert(_name("test ca"), _name("test ca"), ca_key, ca_key.public_key(), ca=True)
     ca_file, _ = _write(tmp_path, "ca", ca, ca_key)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server = _cert(_name("localhost"), ca.subject, ca_key, server_key.public_key(), server=True)
+    server = _cert(_name("mediacache"), ca.subject, ca_key, server_key.public_key(), server=True)
     cert_file, key_file = _write(tmp_path, "server", server, server_key)
     client_key = ec.generate_private_key(ec.SECP256R1())
     client = _cert(_name("media-repo"), ca.subject, ca_key, client_key.public_key())
@@ -97,17 +98,19 @@ def test_tls_and_mutual_tls(cluster, tmp_path):
         f"  client_ca_file: {ca_file}\n"
     )
     key = Key("example.org", "over-tls")
-    mutual = dict(tls_ca_file=ca_file, tls_cert_file=client_cert, tls_key_file=client_key_file)
+    mutual = dict(
+        tls_ca_file=ca_file,
+        tls_cert_file=client_cert,
+        tls_key_file=client_key_file,
+        tls_server_name="mediacache.test",
+    )
     with Client(service.address, **mutual) as c:
         assert c.put(key, b"encrypted").stored
         assert c.get(key).body == b"encrypted"
-    # Without a client certificate the handshake fails; in plain text nothing is understood.
-    with Client(service.address, tls_ca_file=ca_file, timeout=3.0) as c:
-        with pytest.raises(MediaCacheError):
-            c.get(key)
-    with Client(service.address, timeout=3.0) as c:
-        with pytest.raises(MediaCacheError):
-            c.get(key)
-    # A name other than the address' host is checked against the certificate.
-    with Client(f"localhost:{service.port}", tls_server_name="localhost", **mutual) as c:
-        assert c.get(key).body == b"encrypted"
+    # Each part is needed: the name the certificate carries, the client certificate, TLS.
+    without_name = {k: v for k, v in mutual.items() if k != "tls_server_name"}
+    without_certificate = dict(tls_ca_file=ca_file, tls_server_name="mediacache.test")
+    for settings in (without_name, without_certificate, {}):
+        with Client(service.address, timeout=3.0, **settings) as c:
+            with pytest.raises(Unavailable):
+                c.get(key)

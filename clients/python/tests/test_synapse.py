@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import eventually, free_port
 from mediacache_client import Client, Key
-from mediacache_client.synapse import MediaCacheStorageProvider, media_key
+from mediacache_client.synapse import MediaCacheStorageProvider, _legacy_thumbnail_path, media_key
 
 SERVER_NAME = "test.local"
 SECRET = "shared-secret-for-the-test"
@@ -201,28 +201,24 @@ def test_media_goes_through_the_tier_and_synapse_survives_its_loss(synapse_and_t
     assert status == 200 and body == png(16)
 
 
-class _Thumb:
-    def __init__(self, width, height, method, type):
-        self.width, self.height, self.method, self.type = width, height, method, type
-
-
-class _Info:
-    def __init__(self, server_name, file_id, thumbnail=None, url_cache=False):
-        self.server_name, self.file_id = server_name, file_id
-        self.thumbnail, self.url_cache = thumbnail, url_cache
-
-
 def test_key_mapping():
-    assert media_key("me.example", _Info(None, "AbC")) == Key("me.example", "AbC", "")
-    assert media_key("me.example", _Info("other.example:8448", "xyz")) == Key(
-        "other.example:8448", "xyz", "")
-    thumb = _Thumb(320, 240, "scale", "image/jpeg")
-    assert media_key("me.example", _Info(None, "AbC", thumb)).variant == (
+    from synapse.media._base import FileInfo, ThumbnailInfo
+
+    assert media_key("me.example", FileInfo(None, "AbC")) == Key("me.example", "AbC", "")
+    remote = FileInfo("other.example:8448", "xyz")
+    assert media_key("me.example", remote) == Key("other.example:8448", "xyz", "")
+    thumb = ThumbnailInfo(width=320, height=240, method="scale", type="image/jpeg", length=10)
+    assert media_key("me.example", FileInfo(None, "AbC", thumbnail=thumb)).variant == (
         "thumb/320x240/scale/image-jpeg")
-    assert media_key("me.example", _Info(None, "AbC", url_cache=True)).variant == "preview"
+    assert media_key("me.example", FileInfo(None, "AbC", url_cache=True)).variant == "preview"
     # Ids the tier's key rules refuse are not cached at all.
-    assert media_key("me.example", _Info(None, "a b")) is None
-    assert media_key("bad origin", _Info("bad origin", "AbC")) is None
+    assert media_key("me.example", FileInfo(None, "a b")) is None
+    assert media_key("me.example", FileInfo("bad origin", "AbC")) is None
+    # Synapse also tries a method-less name for remote thumbnails: the same object, not asked for
+    # twice.
+    remote_thumb = FileInfo("other.example", "xyzabc", thumbnail=thumb)
+    assert not _legacy_thumbnail_path("remote_thumbnail/other.example/xy/za/bc/320-240-image-jpeg-scale", remote_thumb)
+    assert _legacy_thumbnail_path("remote_thumbnail/other.example/xy/za/bc/320-240-image-jpeg", remote_thumb)
 
 
 def test_config_is_checked_with_the_key_named(tmp_path):
@@ -242,4 +238,7 @@ def test_config_is_checked_with_the_key_named(tmp_path):
     ]:
         with pytest.raises(ConfigError) as err:
             MediaCacheStorageProvider.parse_config(bad)
-        assert err.value.path == ("config", key), (bad, err.value.path)
+        assert err.value.path == (key,), (bad, err.value.path)
+    with pytest.raises(ConfigError, match="mapping"):
+        MediaCacheStorageProvider.parse_config(["address"])
+    assert MediaCacheStorageProvider.parse_config({"address": "x:1", "timeout": "1h"}).timeout == 3600

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from typing import BinaryIO, Callable, Iterator, NamedTuple, Optional, Union
+from typing import BinaryIO, Iterator, NamedTuple, Optional, Union
 
 import grpc
 
@@ -102,7 +102,11 @@ FetchResult = Union[bytes, Fill]
 
 
 def outcome_name(value: int) -> str:
-    return pb.PutOutcome.Name(value).removeprefix("PUT_OUTCOME_").lower()
+    """`stored`, `too_large`, …; an outcome newer than this client is `unknown_N`."""
+    try:
+        return pb.PutOutcome.Name(value).removeprefix("PUT_OUTCOME_").lower()
+    except ValueError:
+        return f"unknown_{value}"
 
 
 # Errors ---------------------------------------------------------------------------------------
@@ -189,6 +193,8 @@ class Settings:
     tls_key_file: Optional[str] = None
     tls_server_name: Optional[str] = None
     timeout: float = DEFAULT_TIMEOUT
+    # An `https://` address: TLS even without `tls_ca_file` (then against the system's roots).
+    https: bool = False
 
     @classmethod
     def build(
@@ -205,6 +211,7 @@ class Settings:
     ) -> "Settings":
         if not address:
             raise ValueError("address: required, e.g. 127.0.0.1:50051")
+        https = address.startswith("https://")
         for scheme in ("http://", "https://"):
             if address.startswith(scheme):
                 address = address[len(scheme) :]
@@ -232,12 +239,12 @@ class Settings:
         if not timeout > 0:
             raise ValueError(f"timeout: must be above 0 seconds, got {timeout}")
         return cls(
-            address, token, tls_ca_file, tls_cert_file, tls_key_file, tls_server_name, timeout
+            address, token, tls_ca_file, tls_cert_file, tls_key_file, tls_server_name, timeout, https
         )
 
     @property
     def tls(self) -> bool:
-        return self.tls_ca_file is not None
+        return self.https or self.tls_ca_file is not None
 
     def credentials(self) -> grpc.ChannelCredentials:
         def read(path: Optional[str]) -> Optional[bytes]:
@@ -303,60 +310,89 @@ def release_request(key: Key, lease_token: str) -> pb.PutRequest:
 Source = Union[bytes, bytearray, memoryview, BinaryIO]
 
 
-def prepare_body(
-    data: Source, size: Optional[int], sha256: Optional[bytes]
-) -> tuple[int, Optional[bytes], Callable[[], Iterator[bytes]]]:
-    """The size and digest to declare for `data`, and a function yielding its chunks.
+class Body:
+    """A Put's body: the size and SHA-256 to declare, and the messages to send.
 
     Bytes are hashed here. A seekable file is read once to hash it (unless `sha256` is given)
-    and then again to send it, from where it stood; a pipe needs `size`, and its digest is
-    then checked only if the caller gives one.
+    and then again to send it, from where it stood; a pipe needs `size`, and its digest is then
+    checked only if the caller gives one. A file that turns out to hold fewer or more bytes than
+    declared ends the stream short of the declared size, so the server stores nothing, and
+    `error` says why (gRPC would swallow an exception raised while sending).
     """
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        view = memoryview(data).cast("B")
-        if size is not None and size != len(view):
-            raise ValueError(f"size: {size} given, the body is {len(view)} bytes")
-        digest = sha256 if sha256 is not None else hashlib.sha256(view).digest()
 
-        def chunks() -> Iterator[bytes]:
-            for start in range(0, len(view), PUT_CHUNK_BYTES):
-                yield bytes(view[start : start + PUT_CHUNK_BYTES])
+    def __init__(self, data: Source, size: Optional[int], sha256: Optional[bytes]):
+        self.error: Optional[ValueError] = None
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            view = memoryview(data).cast("B")
+            if size is not None and size != len(view):
+                raise ValueError(f"size: {size} given, the body is {len(view)} bytes")
+            self.size = len(view)
+            self.sha256 = sha256 if sha256 is not None else hashlib.sha256(view).digest()
+            self._chunks = lambda: (
+                bytes(view[i : i + PUT_CHUNK_BYTES]) for i in range(0, len(view), PUT_CHUNK_BYTES)
+            )
+            return
+        self._file = data
+        self._measured = False
+        start = position(data)
+        if start is not None and (size is None or sha256 is None):
+            hasher = hashlib.sha256()
+            total = 0
+            while block := data.read(PUT_CHUNK_BYTES):
+                hasher.update(block)
+                total += len(block)
+            data.seek(start)
+            if size is not None and size != total:
+                raise ValueError(f"size: {size} given, the file holds {total} bytes")
+            size, sha256, self._measured = total, sha256 or hasher.digest(), True
+        if size is None:
+            raise ValueError("size: required for a file that cannot seek")
+        if size < 0:
+            raise ValueError(f"size: must not be negative, got {size}")
+        self.size, self.sha256 = size, sha256
+        self._chunks = self._file_chunks
 
-        return len(view), digest, chunks
-    file = data
-    start = None
-    try:
-        if file.seekable():
-            start = file.tell()
-    except (AttributeError, OSError):
-        start = None
-    if start is not None and (size is None or sha256 is None):
-        hasher = hashlib.sha256()
-        total = 0
-        while True:
-            block = file.read(PUT_CHUNK_BYTES)
-            if not block:
-                break
-            hasher.update(block)
-            total += len(block)
-        file.seek(start)
-        if size is not None and size != total:
-            raise ValueError(f"size: {size} given, the file holds {total} bytes")
-        size, sha256 = total, sha256 or hasher.digest()
-    if size is None:
-        raise ValueError("size: required for a file that cannot seek")
-    expected = size
+    def _longer(self) -> bool:
+        """Whether the file holds more than the declared size (it was read up to it)."""
+        if self._measured or not self._file.read(1):
+            return False
+        self.error = ValueError(f"size: {self.size} declared, the file holds more")
+        return True
 
-    def file_chunks() -> Iterator[bytes]:
-        left = expected
+    def _file_chunks(self) -> Iterator[bytes]:
+        left = self.size
         while left > 0:
-            block = file.read(min(PUT_CHUNK_BYTES, left))
+            block = self._file.read(min(PUT_CHUNK_BYTES, left))
             if not block:
-                raise ValueError(f"size: {expected} declared, the file ended {left} bytes early")
+                self.error = ValueError(
+                    f"size: {self.size} declared, the file ended {left} bytes early"
+                )
+                return
             left -= len(block)
+            # The last block waits until the file is seen to end there.
+            if left == 0 and self._longer():
+                return
             yield block
 
-    return size, sha256, file_chunks
+    def messages(self, header: pb.PutRequest) -> Iterator[pb.PutRequest]:
+        if self.size == 0 and hasattr(self, "_file") and self._longer():
+            return  # no header: an empty body cannot be cut short
+        yield header
+        for chunk in self._chunks():
+            yield pb.PutRequest(chunk=chunk)
+
+    def check(self) -> None:
+        """Raises what went wrong with the file, if anything did."""
+        if self.error is not None:
+            raise self.error
+
+
+def position(file) -> Optional[int]:
+    """Where a seekable file stands; None for one that cannot seek."""
+    try:
+        return file.tell() if file.seekable() else None
+    except (AttributeError, OSError):
+        return None
 
 
 def put_result(answer: pb.PutResponse) -> PutResult:

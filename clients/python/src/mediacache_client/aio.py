@@ -13,7 +13,6 @@ from . import _common as c
 from ._common import Key, Object, PutResult, Stat
 from ._proto import mediacache_pb2 as pb
 from ._proto import mediacache_pb2_grpc as rpc
-from .client import _tell
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class AsyncClient:
     async def get_to(
         self, key: Key, file: BinaryIO, offset: int = 0, limit: int = 0
     ) -> Optional[c.Info]:
-        start = _tell(file)
+        start = c.position(file)
         reading = await self._read(c.get_request(key, offset, limit), file.write)
         if reading.info is None and reading.received and start is not None:
             file.seek(start)
@@ -102,15 +101,14 @@ class AsyncClient:
         file_name: str = "",
         lease_token: str = "",
     ) -> PutResult:
-        size, digest, chunks = c.prepare_body(data, size, sha256)
-        header = c.put_header(key, size, content_type, file_name, digest, lease_token)
-
-        def messages():
-            yield header
-            for chunk in chunks():
-                yield pb.PutRequest(chunk=chunk)
-
-        return c.put_result(await self._call(self._cache.Put, messages()))
+        body = c.Body(data, size, sha256)
+        header = c.put_header(key, body.size, content_type, file_name, body.sha256, lease_token)
+        try:
+            answer = await self._call(self._cache.Put, body.messages(header))
+        except c.MediaCacheError:
+            body.check()  # the file's fault, when it was
+            raise
+        return c.put_result(answer)
 
     async def release_lease(self, key: Key, lease_token: str) -> None:
         await self._call(self._cache.Put, iter([c.release_request(key, lease_token)]))

@@ -18,10 +18,12 @@ logger = logging.getLogger(__name__)
 class Client:
     """A client of the tier.
 
-    `address` is `host:port` (an `http://` or `https://` prefix is dropped). `token` or
-    `token_file` is sent as `authorization: Bearer …`. With `tls_ca_file` the channel speaks
-    TLS, verified against that CA; `tls_cert_file` and `tls_key_file` add a client certificate
-    for servers that want one. `timeout` (seconds) bounds every call; a Get that waits for
+    `address` is `host:port`; with an `https://` prefix the channel speaks TLS (verified against
+    the system's roots unless `tls_ca_file` is given). `token` or `token_file` is sent as
+    `authorization: Bearer …`. With `tls_ca_file` the channel speaks TLS, verified against that
+    CA; `tls_cert_file` and `tls_key_file` add a client certificate for servers that want one,
+    and `tls_server_name` is the name to expect in the server's certificate when the address
+    carries another. `timeout` (seconds) bounds every call; a Get that waits for
     another caller's fill gets its `wait_ms` on top.
     """
 
@@ -93,7 +95,7 @@ class Client:
         On a miss nothing usable was written: a seekable file is put back where it stood and
         truncated there; of any other file the caller must discard what it received.
         """
-        start = _tell(file)
+        start = c.position(file)
         reading = self._read(c.get_request(key, offset, limit), file.write)
         if reading.info is None and reading.received and start is not None:
             file.seek(start)
@@ -119,15 +121,14 @@ class Client:
         matches both. Refusals (quarantined, too large, shard down) are answers, not errors:
         see `PutResult.outcome`.
         """
-        size, digest, chunks = c.prepare_body(data, size, sha256)
-        header = c.put_header(key, size, content_type, file_name, digest, lease_token)
-
-        def messages():
-            yield header
-            for chunk in chunks():
-                yield pb.PutRequest(chunk=chunk)
-
-        return c.put_result(self._call(self._cache.Put, messages()))
+        body = c.Body(data, size, sha256)
+        header = c.put_header(key, body.size, content_type, file_name, body.sha256, lease_token)
+        try:
+            answer = self._call(self._cache.Put, body.messages(header))
+        except c.MediaCacheError:
+            body.check()  # the file's fault, when it was
+            raise
+        return c.put_result(answer)
 
     def release_lease(self, key: Key, lease_token: str) -> None:
         """Gives up a fill lease without storing anything (the origin fetch failed), so that
@@ -212,9 +213,3 @@ class Client:
     def stats(self) -> pb.StatsResponse:
         return self._call(self._admin.Stats, pb.StatsRequest())
 
-
-def _tell(file) -> Optional[int]:
-    try:
-        return file.tell() if file.seekable() else None
-    except (AttributeError, OSError):
-        return None

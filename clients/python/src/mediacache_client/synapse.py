@@ -20,8 +20,8 @@ with "-" for "/", e.g. `thumb/320x240/scale/image-jpeg`) and `preview` or `previ
 for URL-preview media.
 
 It fails open: when the tier is down or slow, `fetch` answers "not here" and `store_file` logs
-and counts (`mediacache_synapse_errors_total`); Synapse never fails a request because of the
-cache. Blocking calls run on the provider's own thread pool, off Synapse's reactor.
+and counts (`mediacache_synapse_requests_total`); Synapse never fails a request because of
+the cache. Blocking calls run on the provider's own thread pool, off Synapse's reactor.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import re
 import tempfile
 from typing import Any, Optional
 
-from ._common import Key, MediaCacheError
+from ._common import Key
 from .client import Client
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover
 SPOOL_BYTES = 1024 * 1024
 _ID = re.compile(r"^[A-Za-z0-9._=-]{1,255}$")
 _ORIGIN = re.compile(r"^[A-Za-z0-9.:\[\]-]{1,255}$")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 
 
 def _count(operation: str, result: str) -> None:
@@ -73,12 +73,14 @@ class ProviderConfig:
 
 
 def _config_error(message: str, key: str) -> Exception:
+    """An error about `key` of the provider's config; Synapse puts the path to it in front
+    (`media_storage_providers.<item 0>.config`)."""
     try:
         from synapse.config._base import ConfigError
 
-        return ConfigError(message, path=("config", key))
+        return ConfigError(message, path=(key,) if key else None)
     except ImportError:  # pragma: no cover
-        return ValueError(f"config.{key}: {message}")
+        return ValueError(f"config.{key}: {message}" if key else f"config: {message}")
 
 
 def _seconds(value: Any, key: str) -> float:
@@ -86,7 +88,7 @@ def _seconds(value: Any, key: str) -> float:
         seconds = float(value)
     elif isinstance(value, str) and _DURATION.match(value.strip()):
         number, unit = _DURATION.match(value.strip()).groups()
-        seconds = float(number) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[unit]
+        seconds = float(number) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[unit]
     else:
         raise _config_error(f"expected seconds or a duration such as 10s, got {value!r}", key)
     if not 0 < seconds <= 3600:
@@ -115,6 +117,17 @@ def media_key(own_server_name: str, file_info: Any) -> Optional[Key]:
     return Key(origin, media_id, variant)
 
 
+def _legacy_thumbnail_path(path: str, file_info: Any) -> bool:
+    """Whether `path` is the method-less name Synapse also tries for remote thumbnails: the same
+    object as the first try, so asking the tier again would only double a miss's cost."""
+    thumbnail = getattr(file_info, "thumbnail", None)
+    return (
+        thumbnail is not None
+        and bool(thumbnail.method)
+        and not os.path.basename(path).endswith(f"-{thumbnail.method}")
+    )
+
+
 class MediaCacheStorageProvider:
     """See the module's documentation."""
 
@@ -138,12 +151,14 @@ class MediaCacheStorageProvider:
         )
         self._pool = ThreadPool(minthreads=1, maxthreads=config.threads, name="mediacache")
         self._pool.start()
+        self._stopped = False
         self.reactor.addSystemEventTrigger("during", "shutdown", self._stop)
 
     def __str__(self) -> str:
         return f"MediaCacheStorageProvider[{self.config.address}]"
 
     def _stop(self) -> None:
+        self._stopped = True
         self._pool.stop()
         self.client.close()
 
@@ -185,6 +200,9 @@ class MediaCacheStorageProvider:
         return ProviderConfig(**values)
 
     def _in_pool(self, f, *args):
+        if self._stopped:
+            # A stopped pool drops new work without a word: its Deferred would never fire.
+            raise RuntimeError("shutting down")
         return self._defer_to_threadpool(self.reactor, self._pool, f, *args)
 
     async def store_file(self, path: str, file_info: Any) -> None:
@@ -204,7 +222,7 @@ class MediaCacheStorageProvider:
 
         try:
             answer = await self._in_pool(put)
-        except (MediaCacheError, OSError, ValueError) as e:
+        except Exception as e:  # whatever it is, the cache must not fail the upload
             logger.warning("mediacache: could not store %s as %s: %s", path, key, e)
             _count("store", "error")
             return
@@ -218,7 +236,7 @@ class MediaCacheStorageProvider:
         from synapse.media.media_storage import FileResponder
 
         key = media_key(self.server_name, file_info)
-        if key is None:
+        if key is None or _legacy_thumbnail_path(path, file_info):
             return None
 
         def get():
@@ -236,7 +254,7 @@ class MediaCacheStorageProvider:
 
         try:
             copy = await self._in_pool(get)
-        except (MediaCacheError, OSError) as e:
+        except Exception as e:  # whatever it is, the answer is "not here"
             logger.warning("mediacache: could not fetch %s: %s", key, e)
             _count("fetch", "error")
             return None
