@@ -315,10 +315,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             if let Some(listen) = listen {
                 loaded.config.listen = listen;
             }
+            let shutdown = shutdown_signal()?;
             let listener = TcpListener::bind(loaded.config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", loaded.config.listen))?;
-            mediacache::server::run(listener, loaded, shutdown_signal()).await?;
+            mediacache::server::run(listener, loaded, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { file } => Ok(match load_config(Some(&file)) {
@@ -672,24 +673,24 @@ fn hex(bytes: &[u8]) -> String {
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// Completes on SIGTERM or SIGINT. The handlers are in place when this returns, so a signal
+/// that arrives as soon as the port listens stops the service gracefully instead of killing it.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

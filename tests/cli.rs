@@ -468,3 +468,38 @@ fn serve_refuses_a_temp_key_ttl_shorter_than_two_client_pauses() {
         "{err}"
     );
 }
+
+/// A replica whose every shard is down still stops at SIGTERM, well within its drain grace:
+/// closing the connections of a shard that never answers must not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_replica_whose_shards_are_all_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("config.yaml");
+    let shards: String = (0..3)
+        .map(|i| {
+            format!(
+                "  - name: s{i}\n    url: redis://127.0.0.1:{}\n",
+                free_port()
+            )
+        })
+        .collect();
+    std::fs::write(&config, format!("listen: {listen}\nshards:\n{shards}")).unwrap();
+    let mut server = serve(&["--config", config.to_str().unwrap()]);
+    wait_serving(&format!("http://{listen}")).await;
+
+    let stopping = std::time::Instant::now();
+    let pid = server.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = eventually("the replica exits", Duration::from_secs(15), || {
+        let status = server.0.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "stopped in {:?}",
+        stopping.elapsed()
+    );
+}

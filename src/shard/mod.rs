@@ -408,14 +408,25 @@ impl Shard {
         matches!(pool.ping::<String>(None).await, Ok(ref s) if s == "PONG")
     }
 
-    /// Stops health checks and closes the connections.
+    /// Stops health checks and closes the connections, waiting at most `QUIT_WAIT` for a shard
+    /// that does not answer.
     pub async fn close(&self) {
         if let Some(task) = self.health.lock().expect("health lock").take() {
             task.abort();
         }
-        let _ = self.pool.quit().await;
-        let _ = self.subscriber.quit().await;
+        quit(&self.pool, &self.subscriber).await;
     }
+}
+
+/// How long closing waits for a shard to acknowledge `QUIT`. A client of a shard that is down
+/// queues the command until it reconnects, which may be never.
+const QUIT_WAIT: Duration = Duration::from_secs(1);
+
+async fn quit(pool: &Pool, subscriber: &SubscriberClient) {
+    let _ = tokio::time::timeout(QUIT_WAIT, async {
+        let _ = tokio::join!(pool.quit(), subscriber.quit());
+    })
+    .await;
 }
 
 /// The last holder of a shard is gone: either a ring that no longer lists it, or the last request
@@ -430,8 +441,7 @@ impl Drop for Shard {
         let name = std::mem::take(&mut self.name);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = pool.quit().await;
-                let _ = subscriber.quit().await;
+                quit(&pool, &subscriber).await;
                 debug!(shard = %name, "shard connections closed");
             });
         }
