@@ -88,6 +88,32 @@ cargo test --locked "$@"
 # The Python client and the Synapse storage provider, against the binary cargo test just built.
 MEDIACACHE_BIN="$PWD/target/debug/mediacache" "$PY/bin/python" -m pytest -q -p no:cacheprovider clients/python
 
+# The Go client (clients/go), offline: Go and its libraries from Debian's packages, built in
+# GOPATH mode (no module download) against the same binary.
+GO_PACKAGES="golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc protobuf-compiler"
+if ! command -v go >/dev/null 2>&1 || ! command -v protoc-gen-go-grpc >/dev/null 2>&1 ||
+  [ ! -d /usr/share/gocode/src/google.golang.org/grpc ]; then
+  # shellcheck disable=SC2086 # a list of package names
+  apt_install $GO_PACKAGES
+fi
+clients/go/generate.sh --check
+GOPATH_DIR="$TOOLS/gopath"
+GO_MODULE="github.com/mediacache/mediacache/clients/go"
+mkdir -p "$GOPATH_DIR/src/$(dirname "$GO_MODULE")"
+ln -sfn "$PWD/clients/go" "$GOPATH_DIR/src/$GO_MODULE"
+ROOT="$PWD"
+(
+  cd "$GOPATH_DIR/src/$GO_MODULE"
+  export GO111MODULE=off GOPATH="$GOPATH_DIR:/usr/share/gocode" GOCACHE="$TOOLS/gocache" GOFLAGS=
+  unformatted="$(gofmt -l .)"
+  if [ -n "$unformatted" ]; then
+    echo "gofmt: $unformatted" >&2
+    exit 1
+  fi
+  go vet ./...
+  MEDIACACHE_BIN="$ROOT/target/debug/mediacache" go test -count=1 ./...
+)
+
 # The soak test (random traffic while shards die and the ring changes; minutes, not hours) runs
 # in CI, or when MEDIACACHE_SOAK is set; MEDIACACHE_SOAK_SECS sets its length.
 if [ -n "${CI:-}" ] || [ -n "${MEDIACACHE_SOAK:-}" ]; then
