@@ -7,8 +7,9 @@
 // matrix-media-repo calls DeleteMedia with the hash, which purges that key (every variant)
 // from every shard and replica.
 //
-// Every error is a miss: TryGetMedia answers (nil, nil) and StoreMedia and DeleteMedia log and
-// count, so a cache that is down or slow never fails a download or an upload.
+// Every error is a miss: TryGetMedia answers (nil, nil) and StoreMedia logs, counts and returns
+// nil, so a cache that is down or slow never fails a download or an upload. DeleteMedia logs
+// and counts its error and returns it too.
 package mmr
 
 import (
@@ -152,16 +153,19 @@ func (c *Cache) TryGetMedia(ctx context.Context, hash string) (io.Reader, error)
 	return bytes.NewReader(body), nil
 }
 
-// DeleteMedia purges hash (every variant) from every shard and replica; errors are logged
-// and counted.
-func (c *Cache) DeleteMedia(ctx context.Context, hash string) {
+// DeleteMedia purges hash (every variant) from every shard and replica. Unlike a read, its
+// error is returned (as well as logged and counted): a quarantined object left in the cache
+// is worth knowing about.
+func (c *Cache) DeleteMedia(ctx context.Context, hash string) error {
 	key, _, ok := c.key(hash)
 	if !ok {
-		return
+		return nil
 	}
 	if _, err := c.client.Purge(ctx, key, true, false); err != nil {
 		c.failed("delete", hash, err)
+		return err
 	}
+	return nil
 }
 
 var (
@@ -224,8 +228,9 @@ func TryGetMedia(ctx context.Context, hash string) (io.Reader, error) {
 }
 
 // DeleteMedia is Default().DeleteMedia; without a configured tier it does nothing.
-func DeleteMedia(ctx context.Context, hash string) {
+func DeleteMedia(ctx context.Context, hash string) error {
 	if c := Default(); c != nil {
-		c.DeleteMedia(ctx, hash)
+		return c.DeleteMedia(ctx, hash)
 	}
+	return nil
 }

@@ -65,7 +65,9 @@ func TestStoreGetAndDeleteByHash(t *testing.T) {
 		t.Fatalf("key sha256.mmr/%s: %+v %v", hash, st, err)
 	}
 	// Quarantine in matrix-media-repo deletes by hash: gone from the tier.
-	cache.DeleteMedia(ctx, hash)
+	if err := cache.DeleteMedia(ctx, hash); err != nil {
+		t.Fatal(err)
+	}
 	if r, err := cache.TryGetMedia(ctx, hash); r != nil || err != nil {
 		t.Fatalf("deleted: %v %v", r, err)
 	}
@@ -125,7 +127,9 @@ func TestEveryErrorIsAMiss(t *testing.T) {
 	if err := cache.StoreMedia(ctx, hash, bytes.NewReader(data), int64(len(data))); err != nil {
 		t.Fatalf("a store with the tier down: %v", err)
 	}
-	cache.DeleteMedia(ctx, hash)
+	if err := cache.DeleteMedia(ctx, hash); err == nil {
+		t.Fatal("a delete that did not happen is reported")
+	}
 	if n.misses != 1 || n.errors != 3 || n.hits != 0 {
 		t.Fatalf("counts %+v", *n)
 	}
