@@ -91,7 +91,8 @@ MEDIACACHE_BIN="$PWD/target/debug/mediacache" "$PY/bin/python" -m pytest -q -p n
 # The Go client (clients/go), offline: Go and its libraries from Debian's packages, built in
 # GOPATH mode (no module download) against the same binary.
 GO_PACKAGES="golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc protobuf-compiler"
-if ! command -v go >/dev/null 2>&1 || ! command -v protoc-gen-go-grpc >/dev/null 2>&1 ||
+if ! command -v go >/dev/null 2>&1 || ! command -v protoc >/dev/null 2>&1 ||
+  ! command -v protoc-gen-go >/dev/null 2>&1 || ! command -v protoc-gen-go-grpc >/dev/null 2>&1 ||
   [ ! -d /usr/share/gocode/src/google.golang.org/grpc ]; then
   # shellcheck disable=SC2086 # a list of package names
   apt_install $GO_PACKAGES

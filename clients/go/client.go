@@ -81,7 +81,9 @@ type Options struct {
 	ServerName string
 	// TLS, when set, is used as is instead of the files above.
 	TLS *tls.Config
-	// Timeout bounds each call (a Get that waits for a fill gets its wait on top); 0: 30 s.
+	// Timeout bounds each unary call and a Get's wait for its first message (a Get that waits
+	// for a fill gets its wait on top); 0: 30 s. Reading an Object and sending a Put's body take
+	// as long as the caller takes, bounded by its context and the service's idle limit.
 	Timeout time.Duration
 }
 
@@ -176,10 +178,21 @@ func (c *Client) Close() error { return c.conn.Close() }
 
 func (c *Client) call(ctx context.Context, extra time.Duration) (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithTimeout(ctx, c.timeout+extra)
+	return c.authed(ctx), cancel
+}
+
+// stream is the context of a streaming call, which lives as long as the caller reads or writes
+// (the service cuts off a peer idle for its own limit): cancelled by the caller only.
+func (c *Client) stream(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	return c.authed(ctx), cancel
+}
+
+func (c *Client) authed(ctx context.Context) context.Context {
 	if c.token != "" {
 		ctx = metadataWithToken(ctx, c.token)
 	}
-	return ctx, cancel
+	return ctx
 }
 
 // Error is a failed call: the gRPC code and the server's message.
@@ -195,7 +208,8 @@ func (e *Error) Error() string { return fmt.Sprintf("mediacache: %s: %s", e.Code
 // wrong request or a wrong setup.
 func (e *Error) Transient() bool {
 	switch e.Code {
-	case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted, codes.Aborted, codes.Canceled:
+	case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted, codes.Aborted,
+		codes.Canceled, codes.DataLoss, codes.Internal, codes.Unknown:
 		return true
 	}
 	return false
@@ -260,13 +274,13 @@ type PutOptions struct {
 	LeaseToken string
 }
 
-// Put stores size bytes read from body. A body that holds fewer or more bytes stores nothing
-// and returns an error naming size.
+// Put stores size bytes read from body, as io.CopyN reads them: what follows them is left
+// unread. A body that ends early stores nothing and returns an error naming size.
 func (c *Client) Put(ctx context.Context, key Key, body io.Reader, size int64, o PutOptions) (PutResult, error) {
 	if size < 0 {
 		return PutResult{}, errors.New("size: must not be negative")
 	}
-	ctx, cancel := c.call(ctx, 0)
+	ctx, cancel := c.stream(ctx)
 	defer cancel()
 	stream, err := c.cache.Put(ctx)
 	if err != nil {
@@ -281,8 +295,7 @@ func (c *Client) Put(ctx context.Context, key Key, body io.Reader, size int64, o
 		return c.putFailed(stream, err)
 	}
 	buf := make([]byte, PutChunkBytes)
-	left := size
-	for left > 0 {
+	for left := size; left > 0; {
 		n := int64(len(buf))
 		if left < n {
 			n = left
@@ -293,14 +306,6 @@ func (c *Client) Put(ctx context.Context, key Key, body io.Reader, size int64, o
 			return PutResult{}, fmt.Errorf("size: %d declared, the body ended %d bytes early: %w", size, left-int64(read), err)
 		}
 		left -= n
-		// The last chunk waits until the body is seen to end there.
-		if left == 0 {
-			var probe [1]byte
-			if m, _ := body.Read(probe[:]); m > 0 {
-				cancel()
-				return PutResult{}, fmt.Errorf("size: %d declared, the body holds more", size)
-			}
-		}
 		if err := stream.Send(&pb.PutRequest{Kind: &pb.PutRequest_Chunk{Chunk: buf[:n]}}); err != nil {
 			return c.putFailed(stream, err)
 		}

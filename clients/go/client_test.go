@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -118,9 +119,9 @@ func TestRangesAreReadLazily(t *testing.T) {
 	if resp.StatusCode != http.StatusPartialContent || !bytes.Equal(got, data[1000000:2000000]) {
 		t.Fatalf("status %d, %d bytes", resp.StatusCode, len(got))
 	}
-	// Lazy: nothing near the whole object was sent, only the range and what flow control let
-	// the open Gets send ahead (4 MiB windows).
-	if sent := served() - before; sent > uint64(len(data))/2 {
+	// Lazy: the first Get's chunk and one Get of the range rounded up to a megabyte, never the
+	// rest of the object.
+	if sent := served() - before; sent > 3<<20 {
 		t.Fatalf("%d bytes served for a 1 MB range of a %d byte object", sent, len(data))
 	}
 	// io.ReaderAt: one ranged Get each, and the tail of the object.
@@ -141,25 +142,92 @@ func TestRangesAreReadLazily(t *testing.T) {
 	}
 }
 
-func TestAPutWhoseReaderDoesNotHoldItsSizeStoresNothing(t *testing.T) {
-	s := testenv.StartService(t, 1, "")
+func TestPutReadsExactlyItsSize(t *testing.T) {
+	s := testenv.StartService(t, 1, "max_object_bytes: 1000000\n")
 	c := dial(t, s.Address, mediacache.Options{})
 	ctx := context.Background()
-	for _, tc := range []struct{ declared, held int }{{10, 1000}, {1000, 10}, {300000, 299999}} {
-		key := mediacache.Key{Origin: "example.org", MediaID: fmt.Sprintf("short-%d-%d", tc.declared, tc.held)}
+	get := func(key mediacache.Key) []byte {
+		obj, err := c.Get(ctx, key)
+		if err != nil || obj == nil {
+			return nil
+		}
+		defer obj.Close()
+		b, _ := obj.ReadAll()
+		return b
+	}
+	// A body that ends early: nothing stored, an error naming size.
+	for _, tc := range []struct{ declared, held int }{{1000, 10}, {300000, 299999}} {
+		key := mediacache.Key{Origin: "example.org", MediaID: fmt.Sprintf("short-%d", tc.declared)}
 		_, err := c.Put(ctx, key, bytes.NewReader(body(tc.held, 1)), int64(tc.declared), mediacache.PutOptions{})
-		if err == nil {
-			t.Fatalf("%+v: no error", tc)
+		if err == nil || !strings.HasPrefix(err.Error(), "size: ") {
+			t.Fatalf("%+v: %v", tc, err)
 		}
 		if st, _ := c.Stat(ctx, key); st.Found {
 			t.Fatalf("%+v: stored", tc)
 		}
 	}
+	// A longer one: its first size bytes, the rest left unread (as io.CopyN).
+	for _, size := range []int{0, 10, 300000} {
+		key := mediacache.Key{Origin: "example.org", MediaID: fmt.Sprintf("prefix-%d", size)}
+		r := bytes.NewReader(body(size+100, 2))
+		if res, err := c.Put(ctx, key, r, int64(size), mediacache.PutOptions{}); err != nil || !res.Stored {
+			t.Fatalf("size %d: %+v %v", size, res, err)
+		}
+		if got := get(key); !bytes.Equal(got, body(size+100, 2)[:size]) || r.Len() != 100 {
+			t.Fatalf("size %d: stored %d bytes, %d left unread", size, len(got), r.Len())
+		}
+	}
+	// Refused before its body is read: an answer, not an error, even while still sending.
+	res, err := c.PutBytes(ctx, mediacache.Key{Origin: "example.org", MediaID: "huge"}, body(8<<20, 5), mediacache.PutOptions{})
+	if err != nil || res.Stored || res.Outcome != "too_large" {
+		t.Fatalf("too large: %+v %v", res, err)
+	}
 	// A digest that does not match: refused, naming the field.
-	_, err := c.PutBytes(ctx, mediacache.Key{Origin: "example.org", MediaID: "digest"}, []byte("abc"), mediacache.PutOptions{SHA256: make([]byte, 32)})
+	_, err = c.PutBytes(ctx, mediacache.Key{Origin: "example.org", MediaID: "digest"}, []byte("abc"), mediacache.PutOptions{SHA256: make([]byte, 32)})
 	var e *mediacache.Error
 	if !errors.As(err, &e) || e.Code != codes.InvalidArgument || e.Field() != "info.sha256" || mediacache.Miss(err) {
 		t.Fatalf("digest mismatch: %v", err)
+	}
+}
+
+func TestAReplacedOrPurgedObjectFailsItsReadsAsAMiss(t *testing.T) {
+	s := testenv.StartService(t, 1, "")
+	c := dial(t, s.Address, mediacache.Options{})
+	ctx := context.Background()
+	key := mediacache.Key{Origin: "example.org", MediaID: "changing"}
+	if _, err := c.PutBytes(ctx, key, body(3<<20, 1), mediacache.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	obj, err := c.Get(ctx, key)
+	if err != nil || obj == nil {
+		t.Fatal(obj, err)
+	}
+	defer obj.Close()
+	p := make([]byte, 1000)
+	if _, err := obj.ReadAt(p, 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	// The same size, other bytes: only the digest tells.
+	if _, err := c.PutBytes(ctx, key, body(3<<20, 2), mediacache.PutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = obj.ReadAt(p, 2<<20)
+	var e *mediacache.Error
+	if !errors.As(err, &e) || e.Code != codes.Aborted || !mediacache.Miss(err) {
+		t.Fatalf("read of a replaced object: %v", err)
+	}
+	if _, err := c.Purge(ctx, key, false, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := obj.Seek(1<<20, io.SeekStart); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := obj.Read(p); !errors.As(err, &e) || e.Code != codes.Aborted || !mediacache.Miss(err) {
+		t.Fatalf("read of a purged object: %v", err)
+	}
+	obj.Close()
+	if _, err := obj.Read(p); err == nil {
+		t.Fatal("a closed Object reads")
 	}
 }
 
@@ -173,10 +241,12 @@ func TestGetOrFillFetchesOnceForManyCallers(t *testing.T) {
 	fetch := func(ctx context.Context) (mediacache.Fill, error) {
 		atomic.AddInt32(&fetches, 1)
 		// The origin answers once every other caller waits for this fill.
-		testenv.Eventually(t, "the other callers waiting", 10*time.Second, func() bool {
+		if !testenv.Poll(10*time.Second, func() bool {
 			st, err := c.Stats(ctx)
 			return err == nil && st.LeaseWaiters == callers-1
-		})
+		}) {
+			t.Error("the other callers never waited")
+		}
 		return mediacache.Fill{Body: body(100000, 3), ContentType: "image/png"}, nil
 	}
 	var wg sync.WaitGroup

@@ -5,7 +5,7 @@
 // Keys: matrix-media-repo names objects by the SHA-256 of their body (hex). Each is stored as
 // origin "sha256.mmr" (Config.Origin), media_id the hex hash, variant "". A quarantine in
 // matrix-media-repo calls DeleteMedia with the hash, which purges that key (every variant)
-// from every shard and replica.
+// from every shard and replica and quarantines it.
 //
 // Every error is a miss: TryGetMedia answers (nil, nil) and StoreMedia logs, counts and returns
 // nil, so a cache that is down or slow never fails a download or an upload. DeleteMedia logs
@@ -124,7 +124,7 @@ func (c *Cache) StoreMedia(ctx context.Context, hash string, content io.Reader, 
 
 // TryGetMedia reads the whole object into memory within 20 s; (nil, nil) on a miss, and on any
 // error, which is logged and counted (a download then goes to the datastore, never fails).
-func (c *Cache) TryGetMedia(ctx context.Context, hash string) (io.Reader, error) {
+func (c *Cache) TryGetMedia(ctx context.Context, hash string) (io.ReadSeeker, error) {
 	key, _, ok := c.key(hash)
 	if !ok {
 		c.count(false)
@@ -153,15 +153,16 @@ func (c *Cache) TryGetMedia(ctx context.Context, hash string) (io.Reader, error)
 	return bytes.NewReader(body), nil
 }
 
-// DeleteMedia purges hash (every variant) from every shard and replica. Unlike a read, its
-// error is returned (as well as logged and counted): a quarantined object left in the cache
-// is worth knowing about.
+// DeleteMedia purges hash (every variant) from every shard and replica and quarantines it, so
+// a StoreMedia of it already under way, or another within the tier's quarantine_ttl, stores
+// nothing. Unlike a read, its error is returned (as well as logged and counted): a quarantined
+// object left in the cache is worth knowing about.
 func (c *Cache) DeleteMedia(ctx context.Context, hash string) error {
 	key, _, ok := c.key(hash)
 	if !ok {
 		return nil
 	}
-	if _, err := c.client.Purge(ctx, key, true, false); err != nil {
+	if _, err := c.client.Purge(ctx, key, true, true); err != nil {
 		c.failed("delete", hash, err)
 		return err
 	}
@@ -216,13 +217,11 @@ func StoreMedia(ctx context.Context, hash string, content io.Reader, size int64)
 	return nil
 }
 
-// TryGetMedia is Default().TryGetMedia; without a configured tier every call is a miss.
-func TryGetMedia(ctx context.Context, hash string) (io.Reader, error) {
+// TryGetMedia is Default().TryGetMedia; without a configured tier it answers (nil, nil) and
+// counts nothing, as matrix-media-repo does without Redis.
+func TryGetMedia(ctx context.Context, hash string) (io.ReadSeeker, error) {
 	if c := Default(); c != nil {
 		return c.TryGetMedia(ctx, hash)
-	}
-	if defaultHooks.Miss != nil {
-		defaultHooks.Miss()
 	}
 	return nil, nil
 }

@@ -74,6 +74,13 @@ func TestStoreGetAndDeleteByHash(t *testing.T) {
 	if n.hits != 1 || n.misses != 1 || n.errors != 0 {
 		t.Fatalf("counts %+v", *n)
 	}
+	// And quarantined: storing it again (an upload already under way, say) stores nothing.
+	if err := cache.StoreMedia(ctx, hash, bytes.NewReader(data), int64(len(data))); err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := cache.TryGetMedia(ctx, hash); r != nil {
+		t.Fatal("a deleted hash was stored again")
+	}
 }
 
 func TestABodyThatIsNotItsHashIsNotStored(t *testing.T) {

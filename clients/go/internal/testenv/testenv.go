@@ -25,15 +25,24 @@ func FreePort(t testing.TB) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// Eventually polls check until it is true, failing the test at the deadline.
-func Eventually(t testing.TB, what string, timeout time.Duration, check func() bool) {
-	t.Helper()
+// Poll polls check until it is true or the timeout passes; whether it became true. For
+// goroutines other than the test's, which must not call Fatal.
+func Poll(timeout time.Duration, check func() bool) bool {
 	deadline := time.Now().Add(timeout)
 	for !check() {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+			return false
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+	return true
+}
+
+// Eventually polls check until it is true, failing the test at the deadline.
+func Eventually(t testing.TB, what string, timeout time.Duration, check func() bool) {
+	t.Helper()
+	if !Poll(timeout, check) {
+		t.Fatalf("timed out after %v waiting for %s", timeout, what)
 	}
 }
 
@@ -87,7 +96,12 @@ func binary() string {
 		return b
 	}
 	_, file, _, _ := runtime.Caller(0)
-	return filepath.Join(filepath.Dir(file), "..", "..", "..", "..", "target", "debug", "mediacache")
+	dir := filepath.Dir(file)
+	// In GOPATH mode this file is reached through a link: the workspace is beside the real one.
+	if real, err := filepath.EvalSymlinks(dir); err == nil {
+		dir = real
+	}
+	return filepath.Join(dir, "..", "..", "..", "..", "target", "debug", "mediacache")
 }
 
 // StartService starts shards redis-servers and a service in front of them (memory tier off),
