@@ -30,6 +30,8 @@ def test_tokens(cluster, tmp_path):
     with Client(service.address, token="wrong-token-0123456789") as wrong:
         with pytest.raises(Unauthenticated):
             wrong.put(key, b"x")
+        # A fill with a token the tier refuses (rotated away, say) still answers, from the origin.
+        assert wrong.get_or_fill(Key("example.org", "refused"), lambda: b"origin").body == b"origin"
     with Client(service.address, token_file=str(tmp_path / "token")) as writer:
         assert writer.put(key, b"guarded").stored
     with Client(service.address, token=READER) as reader:

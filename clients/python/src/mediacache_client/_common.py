@@ -494,9 +494,8 @@ def fill_plan(key: Key, wait_ms: int):
     try:
         reading = yield (READ, request, parts.append)
     except MediaCacheError as e:
-        if not e.transient:
-            raise
-        # Fail open: the origin answers; nothing is stored.
+        # Fail open, whatever the tier's error (down, slow, a token it no longer takes): the
+        # origin answers; nothing is stored.
         logger.warning("cache unavailable, fetching %s from the origin: %s", key, e)
         return filled_object(fill_parts((yield (FETCH,))))
     if reading.info is not None:

@@ -143,8 +143,9 @@ class Client:
         Of N callers missing the same key at once, through any replica, one gets the fill lease
         and calls `fetch`; the others wait up to `wait_ms` for its Put and read the object from
         the cache. If `fetch` raises, the lease is released (a waiter gets it at once) and the
-        error propagates. If the tier is down or slow (a transient error), `fetch` is called
-        and its result returned without storing: the cache never fails the request.
+        error propagates. Whatever error the tier gives (down, slow, a token it no longer
+        takes), `fetch` is called and its result returned without storing: the cache never fails
+        the request; `get` shows those errors.
         """
         plan = c.fill_plan(key, wait_ms)
         result, error = None, None
