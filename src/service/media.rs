@@ -258,7 +258,7 @@ impl MediaHandlers {
                 return Err(field("lease_token", "release_lease needs the lease's token").into());
             }
             // Given up before the answer, so a caller told "released" finds the key free.
-            self.store.release_lease(&key, &header.lease_token).await;
+            Box::pin(self.store.release_lease(&key, &header.lease_token)).await;
             return Err(PutEnd::Answer(PutOutcome::LeaseReleased));
         }
         // Whatever way this Put ends from here (stored, refused, failed, or the client gone), the
@@ -276,7 +276,9 @@ impl MediaHandlers {
         }
         info.stored_at_unix_ms = crate::clock::unix_ms();
 
-        let mut writer = self.store.begin_put(&key, &info).await?;
+        // The store's futures are boxed where they are awaited (here and below), so this one
+        // stays small: its state would otherwise hold the largest of them inline.
+        let mut writer = Box::pin(self.store.begin_put(&key, &info)).await?;
         span.record("shard", writer.target().1);
 
         let mut hasher = Sha256::new();
@@ -299,7 +301,7 @@ impl MediaHandlers {
             }
             hasher.update(&chunk);
             self.metrics.bytes_received.inc_by(chunk.len() as u64);
-            writer.write(chunk).await?;
+            Box::pin(writer.write(chunk)).await?;
         }
         span.record("bytes", received);
         if received != info.size {
@@ -321,7 +323,7 @@ impl MediaHandlers {
             .into());
         }
         info.sha256 = Bytes::copy_from_slice(&digest);
-        self.store.commit(writer, info).await?;
+        Box::pin(self.store.commit(writer, info)).await?;
         Ok(())
     }
 
@@ -380,7 +382,10 @@ impl proto::media_cache_service_server::MediaCacheService for MediaHandlers {
         let _active = self.drain.enter()?;
         let call = Call::start("put", &self.metrics);
         let limit = self.limits.request_timeout;
-        let ended = tokio::time::timeout(limit, self.handle_put(req).instrument(call.span.clone()))
+        // Boxed: each wrapper around the Put (span, timeout, the generated service's box) would
+        // otherwise copy its whole state when it moves.
+        let handled = Box::pin(self.handle_put(req)).instrument(call.span.clone());
+        let ended = tokio::time::timeout(limit, handled)
             .await
             .unwrap_or_else(|_| {
                 Err(PutEnd::Status(Status::deadline_exceeded(format!(
