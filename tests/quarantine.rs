@@ -184,6 +184,49 @@ async fn a_quarantine_is_written_back_to_a_shard_restarted_empty() {
     );
 }
 
+/// A replica learns of an origin's quarantine from the purge's own event, not at its next
+/// quarantine sync: with the shard's record of it gone (restarted without persistence), the
+/// other replica still refuses the origin's Puts at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_quarantine_reaches_the_other_replicas_by_event() {
+    let mut cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| c.quarantine_sync = Duration::from_secs(60))
+        .start()
+        .await;
+    let second = cluster.add_replica().await;
+    let mut first = cluster.client().await;
+    let other = Client::connect(second).await.unwrap();
+    first
+        .purge_origin("spam.example", true, |_| {})
+        .await
+        .unwrap();
+    cluster.shards[0].restart().await;
+    assert_eq!(
+        held(
+            &cluster.shards[0],
+            &mediacache::key::origin_quarantine_field("spam.example")
+        )
+        .await,
+        None,
+        "restarted empty"
+    );
+    let mut attempt = 0;
+    eventually(
+        "the other replica refusing the origin's Puts",
+        Duration::from_secs(10),
+        || {
+            attempt += 1;
+            let key = media_key("spam.example", &format!("m{attempt}"), "");
+            let mut other = other.clone();
+            async move {
+                (put_outcome(&mut other, &key, 1).await == PutOutcome::Quarantined).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
 /// Puts `key` through `client`, and returns the object's value as the shard holds it, to put
 /// back later as a copy that escaped a purge.
 async fn stored_value(client: &mut Client, shard: &RedisShard, key: &MediaKey) -> Vec<u8> {

@@ -316,7 +316,7 @@ impl RedisStore {
                     progress(shard.name(), before + n, done, total)
                 })
                 .await?;
-                scripts::announce_origin_purge(shard, origin).await?;
+                scripts::announce_origin_purge(shard, origin, quarantine).await?;
                 Ok::<u64, ShardError>(n)
             }
             .await;

@@ -445,7 +445,19 @@ pub async fn purge(
 }
 
 /// Tells every replica subscribed to the shard to drop `origin` from its memory tier.
-pub async fn announce_origin_purge(shard: &Shard, origin: &str) -> Result<(), ShardError> {
+/// Tells every replica an origin was purged; with `quarantine` (its end, unix ms), first that
+/// it is quarantined, so replicas refuse its Puts at once rather than at their next sync.
+pub async fn announce_origin_purge(
+    shard: &Shard,
+    origin: &str,
+    quarantine: Option<i64>,
+) -> Result<(), ShardError> {
+    if let Some(until) = quarantine {
+        let field = crate::key::origin_quarantine_field(origin);
+        shard
+            .publish(&channel(), Event::Quarantine { field, until }.encode())
+            .await?;
+    }
     let event = Event::PurgeOrigin(origin.to_owned()).encode();
     shard.publish(&channel(), event).await
 }
