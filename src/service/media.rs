@@ -235,7 +235,8 @@ impl MediaHandlers {
     }
 
     /// Reads a Put's header and body, checking them as they come, into the store.
-    async fn handle_put(&self, req: Request<Streaming<PutRequest>>) -> Result<(), PutEnd> {
+    /// Stored, or a lease given up; a refusal or an error is a `PutEnd`.
+    async fn handle_put(&self, req: Request<Streaming<PutRequest>>) -> Result<PutOutcome, PutEnd> {
         let mut incoming = req.into_inner();
         let idle = self.limits.idle_timeout;
         let header = match next_message(&mut incoming, idle)
@@ -259,7 +260,7 @@ impl MediaHandlers {
             }
             // Given up before the answer, so a caller told "released" finds the key free.
             Box::pin(self.store.release_lease(&key, &header.lease_token)).await;
-            return Err(PutEnd::Answer(PutOutcome::LeaseReleased));
+            return Ok(PutOutcome::LeaseReleased);
         }
         // Whatever way this Put ends from here (stored, refused, failed, or the client gone), the
         // lease it names is given up at once, so waiters need not sit out its TTL.
@@ -324,7 +325,7 @@ impl MediaHandlers {
         }
         info.sha256 = Bytes::copy_from_slice(&digest);
         Box::pin(self.store.commit(writer, info)).await?;
-        Ok(())
+        Ok(PutOutcome::Stored)
     }
 
     async fn handle_stat(&self, req: Request<StatRequest>) -> Result<StatResponse, Status> {
@@ -393,10 +394,8 @@ impl proto::media_cache_service_server::MediaCacheService for MediaHandlers {
                 ))))
             });
         let (outcome, answer) = match ended {
-            Ok(()) => (Outcome::Stored, Ok(PutOutcome::Stored)),
-            Err(PutEnd::Answer(PutOutcome::LeaseReleased)) => {
-                (Outcome::Ok, Ok(PutOutcome::LeaseReleased))
-            }
+            Ok(PutOutcome::Stored) => (Outcome::Stored, Ok(PutOutcome::Stored)),
+            Ok(done) => (Outcome::Ok, Ok(done)),
             Err(PutEnd::Answer(refused)) => (Outcome::Refused, Ok(refused)),
             Err(PutEnd::Status(status)) => (Outcome::Error, Err(status)),
         };

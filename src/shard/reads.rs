@@ -74,7 +74,7 @@ impl Shard {
         let shard = self.clone();
         let owned = key.clone();
         self.coalesce(|s| &s.first_reads, (key.clone(), len), async move {
-            shard.read_first(&owned, &index, len).await
+            shard.read_first(&owned, index, len).await
         })
         .await
     }
@@ -108,7 +108,7 @@ impl Shard {
     pub async fn read_first(
         &self,
         key: &str,
-        index: &str,
+        index: String,
         len: usize,
     ) -> Result<FirstRead, ShardError> {
         let started = std::time::Instant::now();
@@ -116,7 +116,7 @@ impl Shard {
         let p = self.pipeline()?;
         // The length and the index membership come from one small script: the client writes
         // each command of a pipeline on its own, and two writes cost less than three.
-        let both = vec![key.to_owned(), index.to_owned()];
+        let both = vec![key.to_owned(), index];
         let queued: Result<(), Error> = async {
             p.getrange::<(), _>(key, 0, len - 1).await?;
             super::queue_eval(&p, LENGTH_AND_MEMBER_SCRIPT, both, Vec::new()).await

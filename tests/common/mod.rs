@@ -432,8 +432,8 @@ pub async fn shards_up_within(
     .await
 }
 
-/// The chunk size of an [`OpenPut`]'s messages.
-const PUT_PIECE: usize = 256 * 1024;
+/// The chunk size of an [`OpenPut`]'s messages: the client library's.
+const PUT_PIECE: usize = mediacache::client::PUT_CHUNK_BYTES;
 
 /// The body bytes a Put must have sent before its temporary key exists on the shard: smaller
 /// objects are stored whole in one round trip at the end (the service gathers the first 1 MiB

@@ -193,25 +193,35 @@ def test_get_or_fill_fetches_once_for_many_callers(client):
     assert client.get(key).body == data
 
 
+def second_caller(holder, client, key, fill: bytes):
+    """Starts a caller of `client` filling `key` with `fill` while `holder` holds the lease, and
+    returns once it waits: its thread, and what it got and how long it waited once done."""
+    got = {}
+
+    def call():
+        started = time.monotonic()
+        got["object"] = client.get_or_fill(key, lambda: fill, wait_ms=30_000)
+        got["waited"] = time.monotonic() - started
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    eventually("a waiter", lambda: holder.stats().lease_waiters == 1)
+    return thread, got
+
+
 def test_a_failed_fetch_releases_the_lease_at_once(cluster):
     service = cluster(extra="lease_ttl: 60s\n")
     key = Key("remote.example", "flaky")
     with Client(service.address) as a, Client(service.address) as b:
-        got = {}
-
-        def waiter():
-            started = time.monotonic()
-            got["object"] = b.get_or_fill(key, lambda: b"from the waiter", wait_ms=30_000)
-            got["waited"] = time.monotonic() - started
+        waiting = []
 
         def failing_fetch():
-            thread.start()
-            eventually("a waiter", lambda: a.stats().lease_waiters == 1)
+            waiting.append(second_caller(a, b, key, b"from the waiter"))
             raise ConnectionError("origin down")
 
-        thread = threading.Thread(target=waiter)
         with pytest.raises(ConnectionError):
             a.get_or_fill(key, failing_fetch)
+        thread, got = waiting[0]
         thread.join()
         assert got["object"].body == b"from the waiter"
         assert got["waited"] < 10, f"released at once, not after the 60 s TTL: {got['waited']}"
@@ -224,20 +234,14 @@ def test_a_refused_fill_hands_the_lease_on_at_once(cluster):
     service = cluster(extra="lease_ttl: 60s\nmax_object_bytes: 100\n")
     key = Key("remote.example", "huge")
     with Client(service.address) as a, Client(service.address) as b:
-        got = {}
-
-        def waiter():
-            started = time.monotonic()
-            got["object"] = b.get_or_fill(key, lambda: b"small enough", wait_ms=30_000)
-            got["waited"] = time.monotonic() - started
+        waiting = []
 
         def too_large():
-            thread.start()
-            eventually("a waiter", lambda: a.stats().lease_waiters == 1)
+            waiting.append(second_caller(a, b, key, b"small enough"))
             return b"x" * 200
 
-        thread = threading.Thread(target=waiter)
         assert a.get_or_fill(key, too_large).body == b"x" * 200
+        thread, got = waiting[0]
         thread.join()
         assert got["object"].body == b"small enough"
         assert got["waited"] < 10, f"handed on at once, not after the TTL: {got['waited']}"

@@ -307,16 +307,19 @@ impl RedisStore {
         for (done, shard) in ring.shards().iter().enumerate() {
             let before = removed;
             let r = async {
-                if let Some(until) = quarantine {
+                let quarantined = quarantine.map(|until| (origin_quarantine_field(origin), until));
+                if let Some((field, until)) = &quarantined {
                     // Written with its tombstone, like a quarantine a replica writes back.
-                    let field = origin_quarantine_field(origin);
-                    scripts::sync_quarantine(shard, "", [(field.as_str(), until)]).await?;
+                    scripts::sync_quarantine(shard, "", [(field.as_str(), *until)]).await?;
                 }
                 let n = sync::delete_origin(shard, origin, |n| {
                     progress(shard.name(), before + n, done, total)
                 })
                 .await?;
-                scripts::announce_origin_purge(shard, origin, quarantine).await?;
+                if let Some((field, until)) = quarantined {
+                    scripts::announce_quarantine(shard, field, until).await?;
+                }
+                scripts::announce_origin_purge(shard, origin).await?;
                 Ok::<u64, ShardError>(n)
             }
             .await;

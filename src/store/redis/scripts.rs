@@ -444,20 +444,20 @@ pub async fn purge(
     shard.eval(PURGE_SCRIPT, keys, args).await
 }
 
-/// Tells every replica subscribed to the shard to drop `origin` from its memory tier.
-/// Tells every replica an origin was purged; with `quarantine` (its end, unix ms), first that
-/// it is quarantined, so replicas refuse its Puts at once rather than at their next sync.
-pub async fn announce_origin_purge(
+/// Tells every replica subscribed to the shard that `field` is quarantined until `until` (unix
+/// ms), so each refuses its Puts at once rather than at its next quarantine sync.
+pub async fn announce_quarantine(
     shard: &Shard,
-    origin: &str,
-    quarantine: Option<i64>,
+    field: String,
+    until: i64,
 ) -> Result<(), ShardError> {
-    if let Some(until) = quarantine {
-        let field = crate::key::origin_quarantine_field(origin);
-        shard
-            .publish(&channel(), Event::Quarantine { field, until }.encode())
-            .await?;
-    }
+    shard
+        .publish(&channel(), Event::Quarantine { field, until }.encode())
+        .await
+}
+
+/// Tells every replica subscribed to the shard to drop `origin` from its memory tier.
+pub async fn announce_origin_purge(shard: &Shard, origin: &str) -> Result<(), ShardError> {
     let event = Event::PurgeOrigin(origin.to_owned()).encode();
     shard.publish(&channel(), event).await
 }
