@@ -296,7 +296,8 @@ func (o *Object) Close() error {
 // ReadAll reads the whole object into memory; an error part-way is returned (a miss for
 // Miss).
 func (o *Object) ReadAll() ([]byte, error) {
-	w := bytes.NewBuffer(make([]byte, 0, o.Info.Size))
+	// Room for the last read that finds the end, or the buffer grows and copies everything.
+	w := bytes.NewBuffer(make([]byte, 0, o.Info.Size-o.pos+bytes.MinRead))
 	if _, err := io.Copy(w, o); err != nil {
 		return nil, err
 	}

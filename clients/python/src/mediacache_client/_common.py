@@ -43,6 +43,11 @@ class Key(NamedTuple):
         return pb.MediaKey(origin=self.origin, media_id=self.media_id, variant=self.variant)
 
 
+def key_proto(key) -> pb.MediaKey:
+    """The wire form of a `Key`, or of a plain (origin, media_id[, variant]) tuple."""
+    return Key(*key).to_proto()
+
+
 @dataclasses.dataclass(frozen=True)
 class Info:
     """What the cache knows of an object besides its bytes."""
@@ -280,7 +285,7 @@ def get_request(
     if offset < 0 or limit < 0:
         raise ValueError("offset, limit: must not be negative")
     return pb.GetRequest(
-        key=Key(*key).to_proto(), offset=offset, limit=limit, want_lease=want_lease, wait_ms=wait_ms
+        key=key_proto(key), offset=offset, limit=limit, want_lease=want_lease, wait_ms=wait_ms
     )
 
 
@@ -295,7 +300,7 @@ def put_header(
     info = pb.MediaInfo(
         size=size, content_type=content_type, file_name=file_name, sha256=sha256 or b""
     )
-    header = pb.PutHeader(key=Key(*key).to_proto(), info=info, lease_token=lease_token)
+    header = pb.PutHeader(key=key_proto(key), info=info, lease_token=lease_token)
     return pb.PutRequest(header=header)
 
 
@@ -303,7 +308,7 @@ def release_request(key: Key, lease_token: str) -> pb.PutRequest:
     if not lease_token:
         raise ValueError("lease_token: required to release a lease")
     return pb.PutRequest(
-        header=pb.PutHeader(key=Key(*key).to_proto(), lease_token=lease_token, release_lease=True)
+        header=pb.PutHeader(key=key_proto(key), lease_token=lease_token, release_lease=True)
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import logging
 from typing import Awaitable, BinaryIO, Callable, Optional, Union
 
 import grpc
@@ -14,7 +13,6 @@ from ._common import Key, Object, PutResult, Stat
 from ._proto import mediacache_pb2 as pb
 from ._proto import mediacache_pb2_grpc as rpc
 
-logger = logging.getLogger(__name__)
 
 AsyncFetch = Callable[[], Union[Awaitable[c.FetchResult], c.FetchResult]]
 
@@ -146,12 +144,12 @@ class AsyncClient:
         )
 
     async def stat(self, key: Key) -> Stat:
-        request = pb.StatRequest(key=Key(*key).to_proto())
+        request = pb.StatRequest(key=c.key_proto(key))
         return c.stat_result(await self._call(self._cache.Stat, request))
 
     async def purge(self, key: Key, *, all_variants: bool = False, quarantine: bool = False) -> int:
         request = pb.PurgeRequest(
-            key=Key(*key).to_proto(), all_variants=all_variants, quarantine=quarantine
+            key=c.key_proto(key), all_variants=all_variants, quarantine=quarantine
         )
         return (await self._call(self._cache.Purge, request)).removed
 

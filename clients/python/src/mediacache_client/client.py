@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import BinaryIO, Callable, Optional
 
 import grpc
@@ -12,7 +11,6 @@ from ._common import Key, Object, PutResult, Stat
 from ._proto import mediacache_pb2 as pb
 from ._proto import mediacache_pb2_grpc as rpc
 
-logger = logging.getLogger(__name__)
 
 
 class Client:
@@ -176,13 +174,13 @@ class Client:
     # Lookups and purges ---------------------------------------------------------------------
 
     def stat(self, key: Key) -> Stat:
-        return c.stat_result(self._call(self._cache.Stat, pb.StatRequest(key=Key(*key).to_proto())))
+        return c.stat_result(self._call(self._cache.Stat, pb.StatRequest(key=c.key_proto(key))))
 
     def purge(self, key: Key, *, all_variants: bool = False, quarantine: bool = False) -> int:
         """Removes `key` (or every variant of its media) everywhere; the number removed. With
         `quarantine`, Puts of the media are refused for the server's quarantine TTL."""
         request = pb.PurgeRequest(
-            key=Key(*key).to_proto(), all_variants=all_variants, quarantine=quarantine
+            key=c.key_proto(key), all_variants=all_variants, quarantine=quarantine
         )
         return self._call(self._cache.Purge, request).removed
 
