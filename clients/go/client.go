@@ -277,6 +277,19 @@ type PutOptions struct {
 // Put stores size bytes read from body, as io.CopyN reads them: what follows them is left
 // unread. A body that ends early stores nothing and returns an error naming size.
 func (c *Client) Put(ctx context.Context, key Key, body io.Reader, size int64, o PutOptions) (PutResult, error) {
+	buf := make([]byte, PutChunkBytes)
+	return c.put(ctx, key, size, o, func(sent, n int64) ([]byte, error) {
+		read, err := io.ReadFull(body, buf[:n])
+		if err != nil {
+			return nil, fmt.Errorf("size: %d declared, the body ended %d bytes early: %w", size, size-sent-int64(read), err)
+		}
+		return buf[:n], nil
+	})
+}
+
+// put sends the header and then size bytes, PutChunkBytes at a time, each from next(sent, n).
+// An error from next ends the stream short, so the server stores nothing.
+func (c *Client) put(ctx context.Context, key Key, size int64, o PutOptions, next func(sent, n int64) ([]byte, error)) (PutResult, error) {
 	if size < 0 {
 		return PutResult{}, errors.New("size: must not be negative")
 	}
@@ -294,19 +307,18 @@ func (c *Client) Put(ctx context.Context, key Key, body io.Reader, size int64, o
 	if err := stream.Send(&pb.PutRequest{Kind: &pb.PutRequest_Header{Header: header}}); err != nil {
 		return c.putFailed(stream, err)
 	}
-	buf := make([]byte, PutChunkBytes)
-	for left := size; left > 0; {
-		n := int64(len(buf))
-		if left < n {
-			n = left
+	for sent := int64(0); sent < size; {
+		n := int64(PutChunkBytes)
+		if size-sent < n {
+			n = size - sent
 		}
-		read, err := io.ReadFull(body, buf[:n])
+		chunk, err := next(sent, n)
 		if err != nil {
 			cancel() // the server stores nothing of a Put cut short
-			return PutResult{}, fmt.Errorf("size: %d declared, the body ended %d bytes early: %w", size, left-int64(read), err)
+			return PutResult{}, err
 		}
-		left -= n
-		if err := stream.Send(&pb.PutRequest{Kind: &pb.PutRequest_Chunk{Chunk: buf[:n]}}); err != nil {
+		sent += n
+		if err := stream.Send(&pb.PutRequest{Kind: &pb.PutRequest_Chunk{Chunk: chunk}}); err != nil {
 			return c.putFailed(stream, err)
 		}
 	}
@@ -333,7 +345,10 @@ func (c *Client) PutBytes(ctx context.Context, key Key, body []byte, o PutOption
 		sum := sha256.Sum256(body)
 		o.SHA256 = sum[:]
 	}
-	return c.Put(ctx, key, bytesReader(body), int64(len(body)), o)
+	// Sent straight from body: Send encodes each chunk before it returns.
+	return c.put(ctx, key, int64(len(body)), o, func(sent, n int64) ([]byte, error) {
+		return body[sent : sent+n], nil
+	})
 }
 
 // ReleaseLease gives up a fill lease without storing anything (the origin fetch failed), so a

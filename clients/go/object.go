@@ -18,8 +18,6 @@ func metadataWithToken(ctx context.Context, token string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
 }
 
-func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }
-
 // errChanged ends reads of an Object whose key was stored again or purged meanwhile: its bytes
 // would mix two objects.
 var errChanged = &Error{Code: codes.Aborted, Message: "the object was replaced or removed while being read"}
