@@ -539,3 +539,41 @@ async fn a_put_whose_temporary_key_went_back_in_time_is_not_published() {
         .await;
     }
 }
+
+/// A shard out of memory refuses a Put's piece part way through the value: the Put fails, no
+/// value with a hole where the piece should be is ever published, nothing is left behind, and
+/// the shard is still used once it has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_whose_piece_the_shard_has_no_memory_for_is_not_published() {
+    let cluster = TestCluster::builder()
+        .shards(1)
+        .redis_args(&["--maxmemory", "6mb", "--maxmemory-policy", "noeviction"])
+        .start()
+        .await;
+    let shard = &cluster.shards[0];
+    let mut client = cluster.client().await;
+    let key = media_key("example.org", "no-room", "");
+    let answer = client
+        .put_bytes(key.clone(), Default::default(), body(12_000_000, 3))
+        .await
+        .unwrap();
+    assert!(!answer.stored, "{answer:?}");
+    eventually("nothing left behind", Duration::from_secs(10), || async {
+        shard.keys().await.is_empty().then_some(())
+    })
+    .await;
+    assert!(client.get_bytes(key).await.unwrap().is_none());
+    let small = media_key("example.org", "room", "");
+    eventually("a Put that fits", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        let small = small.clone();
+        async move {
+            let answer = client
+                .put_bytes(small, Default::default(), body(100_000, 4))
+                .await
+                .ok()?;
+            answer.stored.then_some(())
+        }
+    })
+    .await;
+}

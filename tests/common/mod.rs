@@ -317,8 +317,8 @@ impl RedisShard {
         v
     }
 
-    /// How many times the shard has run `command` (e.g. `getrange`), from `INFO commandstats`;
-    /// commands run inside scripts count too.
+    /// How many times the shard has run `command` (e.g. `getrange`) without an error, from
+    /// `INFO commandstats`; commands run inside scripts count too.
     pub async fn command_calls(&self, command: &str) -> u64 {
         let c = self.client().await;
         let info: String = c
@@ -329,11 +329,17 @@ impl RedisShard {
             .await
             .unwrap();
         let _ = c.quit().await;
-        let prefix = format!("cmdstat_{command}:calls=");
-        info.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|v| v.split(',').next()?.parse().ok())
-            .unwrap_or(0)
+        let prefix = format!("cmdstat_{command}:");
+        let Some(stats) = info.lines().find_map(|l| l.strip_prefix(prefix.as_str())) else {
+            return 0;
+        };
+        let field = |name: &str| -> u64 {
+            stats
+                .split(',')
+                .find_map(|f| f.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+                .unwrap_or(0)
+        };
+        field("calls") - field("failed_calls")
     }
 
     /// Clients subscribed to the event channel: one per replica once it hears this shard.

@@ -26,7 +26,7 @@ macro_rules! lua_now {
 /// KEYS: temporary, final, quarantine hash, variant index, media tombstone, origin tombstone
 /// (the tombstones are how releases before the quarantine hash quarantine). ARGV: expected
 /// length, header, channel, event, media field, origin field, and the write counter the value
-/// must hold (see [`WRITE_SCRIPT`]; '' for a value set whole).
+/// must hold (see [`WRITTEN_SCRIPT`]; '' for a value set whole).
 /// Returns 1 published, 0 lost (temporary key missing, short, or not all written), 2
 /// quarantined.
 const PUBLISH_SCRIPT: &str = concat!(
@@ -60,28 +60,61 @@ return 1
 "#
 );
 
-/// Writes bytes into a temporary key at their offset and renews its TTL, only while the key holds
-/// the write counter this writer left in it: a key that expired is not recreated, and a value
-/// the shard brought back from an older snapshot (missing later writes) is never published.
+/// Explicit growth by doubling stops at this length; past it a piece's own `SETRANGE` extends
+/// the value (Redis adds a megabyte of room at a time). Doubling copies a value fewest times,
+/// but each doubling is one command that allocates, zeroes and copies the whole value: 64
+/// parallel Puts of 64 MiB doubling from 32 to 64 MiB at once held one shard for seconds, past
+/// the command timeout. Capped here, a doubling costs at most a few milliseconds.
+pub const GROW_DOUBLING_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Makes room in a temporary key for the next piece, only while the key holds the write counter
+/// this writer left in it. A key too short for the piece is grown to twice its length, up to
+/// [`GROW_DOUBLING_BYTES`] (zeros after what was written, never past the whole value's length):
+/// the shard copies a value as it grows a few times, not at every write as appends made it, and
+/// never holds more than twice what was sent.
 ///
-/// A key too short for the bytes is first grown to twice its length (zeros after what was
-/// written, never past the whole value's length): the shard copies a value as it grows a few
-/// times, not at every write as appends made it, and never holds more than twice what was sent.
-/// KEYS: temporary. ARGV: bytes, TTL in ms, offset, counter expected, counter after, whole
-/// length. Returns 1 written, 0 when the key was gone or not as this writer left it.
-const WRITE_SCRIPT: &str = r#"
-if redis.call('GETRANGE', KEYS[1], 0, string.len(ARGV[4]) - 1) ~= ARGV[4] then
+/// A key that is gone, or not as this writer left it (brought back from an older snapshot), is
+/// replaced by a hash with the TTL: the piece's `SETRANGE` that follows then fails on its type
+/// instead of recreating the value, and [`WRITTEN_SCRIPT`] deletes the hash.
+/// KEYS: temporary. ARGV: counter expected, length needed, whole length, TTL in ms.
+/// Returns 1 when the piece may be written, 0 when the write is lost.
+const GROW_SCRIPT: &str = r#"
+if redis.call('GETRANGE', KEYS[1], 0, string.len(ARGV[1]) - 1) ~= ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'lost', '1')
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
   return 0
 end
 local len = redis.call('STRLEN', KEYS[1])
-local need = tonumber(ARGV[3]) + string.len(ARGV[1])
-if len < need then
-  local grown = math.min(tonumber(ARGV[6]), math.max(need, 2 * len))
+local need = tonumber(ARGV[2])
+local cap = tonumber(ARGV[5])
+if len < need and len < cap then
+  local grown = math.min(tonumber(ARGV[3]), math.max(need, math.min(2 * len, cap)))
   redis.call('SETRANGE', KEYS[1], grown - 1, '\0')
 end
-redis.call('SETRANGE', KEYS[1], ARGV[3], ARGV[1])
-redis.call('SETRANGE', KEYS[1], 0, ARGV[5])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// Ends a piece's write: moves the write counter on and renews the TTL, only while the key
+/// still holds the counter this writer left before the piece; otherwise deletes it (the hash
+/// [`GROW_SCRIPT`] left, or a value the piece's `SETRANGE` recreated after the key vanished
+/// between the two).
+///
+/// The piece's bytes go by a plain `SETRANGE` between the two scripts, on the same connection:
+/// the shard copies them once, where a script taking them as an argument copied them three
+/// times (into Lua, back out, and into the value). The counter moves after the bytes land, so a
+/// value the shard brings back from a snapshot taken between the two shows the old counter and
+/// is never published with the piece missing.
+/// KEYS: temporary. ARGV: counter expected, counter after, TTL in ms. Returns 1 written, 0 when
+/// the write is lost.
+const WRITTEN_SCRIPT: &str = r#"
+if redis.call('TYPE', KEYS[1]).ok ~= 'string'
+  or redis.call('GETRANGE', KEYS[1], 0, string.len(ARGV[1]) - 1) ~= ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('SETRANGE', KEYS[1], 0, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 "#;
 
@@ -238,9 +271,10 @@ pub(super) enum Published {
 }
 
 /// Writes `data` at body offset `written` of a value of `total` bytes started by
-/// [`RedisWriter`](super::writer::RedisWriter)'s first write and
-/// renews its TTL (see [`WRITE_SCRIPT`]). False when the key was gone or not as this writer left
-/// it: the write is lost.
+/// [`RedisWriter`](super::writer::RedisWriter)'s first write and renews its TTL: one pipeline of
+/// [`GROW_SCRIPT`], `SETRANGE` and [`WRITTEN_SCRIPT`]. False when the key was gone or not as this
+/// writer left it: the write is lost. Any error fails the write, even when the counter moved:
+/// a `SETRANGE` refused (out of memory, say) must never be published over.
 pub async fn write_piece(
     conn: &Pinned,
     (temp, ttl): (&str, std::time::Duration),
@@ -248,19 +282,34 @@ pub async fn write_piece(
     written: u64,
     data: Bytes,
 ) -> Result<bool, ShardError> {
-    let after = write_counter(written + data.len() as u64);
-    let args = vec![
-        Value::from(data),
-        Value::from(ttl.as_millis() as i64),
-        Value::from((header_len + written) as i64),
-        Value::from(write_counter(written)),
-        Value::from(after),
+    let offset = header_len + written;
+    let expected = write_counter(written);
+    let ttl = ttl.as_millis() as i64;
+    let grow = vec![
+        Value::from(expected.clone()),
+        Value::from((offset + data.len() as u64) as i64),
         Value::from(total as i64),
+        Value::from(ttl),
+        Value::from(GROW_DOUBLING_BYTES as i64),
     ];
-    let done: i64 = conn
-        .eval_bounded(WRITE_SCRIPT, vec![temp.to_owned()], args)
+    let done = vec![
+        Value::from(expected),
+        Value::from(write_counter(written + data.len() as u64)),
+        Value::from(ttl),
+    ];
+    let [grown, set, done] = conn
+        .write_between(
+            (GROW_SCRIPT, grow),
+            (temp, offset, data),
+            (WRITTEN_SCRIPT, done),
+        )
         .await?;
-    Ok(done == 1)
+    if grown?.as_i64() != Some(1) {
+        // The SETRANGE failed on the hash left in the key's place.
+        return Ok(false);
+    }
+    set?;
+    Ok(done?.as_i64() == Some(1))
 }
 
 /// The keys and arguments of [`PUBLISH_SCRIPT`] for `key`.
