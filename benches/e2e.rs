@@ -823,22 +823,39 @@ fn print_table(rows: &[Row]) {
 }
 
 fn print_cpu(rows: &[Row]) {
-    println!("\nCPU seconds per GiB moved, by process (concurrency 16)");
-    println!(
-        "{:>7}  {:<17} {:>9} {:>9} {:>10} {:>14}",
-        "size", "path", "service", "redis", "twemproxy", "bench clients"
-    );
-    for r in rows.iter().filter(|r| r.concurrency == 16 && r.size >= MIB) {
-        let get = |k: &str| r.cpu_per_gib.get(k).copied().unwrap_or(f64::NAN);
+    let at16 = || rows.iter().filter(|r| r.concurrency == 16);
+    let header = |title: &str| {
+        println!("\n{title}");
         println!(
-            "{:>6}M  {:<17} {:>9.2} {:>9.2} {:>10.2} {:>14.2}",
-            r.size / MIB,
+            "{:>7}  {:<17} {:>9} {:>9} {:>10} {:>14}",
+            "size", "path", "service", "redis", "twemproxy", "bench clients"
+        );
+    };
+    let line = |r: &Row, size: String, scale: f64| {
+        let get = |k: &str| r.cpu_per_gib.get(k).copied().unwrap_or(f64::NAN) * scale;
+        println!(
+            "{:>7}  {:<17} {:>9.2} {:>9.2} {:>10.2} {:>14.2}",
+            size,
             r.path.name(),
             get("service"),
             get("redis"),
             get("twemproxy"),
             get("bench clients")
         );
+    };
+    if at16().any(|r| r.size < MIB) {
+        // Per object: what a small request costs each process, in microseconds.
+        header("CPU microseconds per object, by process (concurrency 16)");
+        for r in at16().filter(|r| r.size < MIB) {
+            let scale = r.size as f64 / (1u64 << 30) as f64 * 1e6;
+            line(r, format!("{}K", r.size / KIB), scale);
+        }
+    }
+    if at16().any(|r| r.size >= MIB) {
+        header("CPU seconds per GiB moved, by process (concurrency 16)");
+        for r in at16().filter(|r| r.size >= MIB) {
+            line(r, format!("{}M", r.size / MIB), 1.0);
+        }
     }
 }
 

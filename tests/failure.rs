@@ -542,12 +542,14 @@ async fn a_put_whose_temporary_key_went_back_in_time_is_not_published() {
 
 /// A shard out of memory refuses a Put's piece part way through the value: the Put fails, no
 /// value with a hole where the piece should be is ever published, nothing is left behind, and
-/// the shard is still used once it has room.
+/// the refusal (a reply, not a fault) never marks the shard down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_whose_piece_the_shard_has_no_memory_for_is_not_published() {
+    let metrics = common::free_addr();
     let cluster = TestCluster::builder()
         .shards(1)
         .redis_args(&["--maxmemory", "6mb", "--maxmemory-policy", "noeviction"])
+        .configure(|c| c.metrics_listen = Some(metrics))
         .start()
         .await;
     let shard = &cluster.shards[0];
@@ -563,6 +565,8 @@ async fn a_put_whose_piece_the_shard_has_no_memory_for_is_not_published() {
     })
     .await;
     assert!(client.get_bytes(key).await.unwrap().is_none());
+    let errors = common::metric_sum(metrics, "mediacache_shard_command_errors").await;
+    assert_eq!(errors, 0.0, "a refusal is not a shard fault");
     let small = media_key("example.org", "room", "");
     eventually("a Put that fits", Duration::from_secs(10), || {
         let mut client = client.clone();

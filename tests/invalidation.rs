@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{body, eventually, TestCluster};
@@ -109,16 +108,6 @@ async fn a_burst_of_events_does_not_silence_a_replica() {
     .await;
 }
 
-/// Scrapes `/metrics` and sums the samples of `name`.
-async fn metric_sum(addr: SocketAddr, name: &str) -> f64 {
-    common::scrape_metrics(addr)
-        .await
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnected_subscription_drops_the_memory_tier_and_is_counted() {
     let metrics = common::free_addr();
@@ -141,7 +130,7 @@ async fn a_reconnected_subscription_drops_the_memory_tier_and_is_counted() {
     );
     fill_memory(&mut client, &key).await;
     assert_eq!(
-        metric_sum(metrics, "mediacache_events_lost_total").await,
+        common::metric_sum(metrics, "mediacache_events_lost_total").await,
         0.0
     );
 
@@ -153,7 +142,7 @@ async fn a_reconnected_subscription_drops_the_memory_tier_and_is_counted() {
         "the reconnect is counted",
         Duration::from_secs(10),
         || async {
-            (metric_sum(metrics, "mediacache_events_lost_total").await >= 1.0).then_some(())
+            (common::metric_sum(metrics, "mediacache_events_lost_total").await >= 1.0).then_some(())
         },
     )
     .await;

@@ -76,8 +76,8 @@ const IN_FLIGHT_SWEEP: usize = 256;
 
 /// Queues `EVAL script` on a pipeline, which has no `eval` of its own: the command spelled out,
 /// script, key count, keys, arguments.
-async fn queue_eval(
-    p: &Pipeline<WithOptions<Client>>,
+async fn queue_eval<C: ClientLike>(
+    p: &C,
     script: &'static str,
     keys: Vec<String>,
     args: Vec<Value>,

@@ -100,40 +100,33 @@ impl Pinned {
         Ok(reply)
     }
 
-    /// A Lua script, `SETRANGE key offset data`, and another script on the same key, in one
-    /// pipeline on this connection: the scripts judge the write without the data passing
-    /// through Lua. Returns each command's reply or error, for the caller to read in order.
-    /// Bounded like [`Pinned::eval_bounded`].
+    /// A Lua script, `SETRANGE key offset data`, and another script on the same key, as one
+    /// `MULTI`/`EXEC` on this connection: nothing else runs on the shard between them (no other
+    /// client, no eviction, no expiry), and the scripts judge the write without the data
+    /// passing through Lua. Returns the three replies; an error reply of any of them is the
+    /// transaction's error (the others still ran). Bounded like [`Pinned::eval_bounded`].
     pub async fn write_between(
         &self,
         (before, before_args): (&'static str, Vec<Value>),
         (key, offset, data): (&str, u64, Bytes),
         (after, after_args): (&'static str, Vec<Value>),
-    ) -> Result<[Result<Value, ShardError>; 3], ShardError> {
+    ) -> Result<Vec<Value>, ShardError> {
         self.shard.check_up()?;
         let started = std::time::Instant::now();
-        let p = Pipeline::from(self.client.with_options(&self.shard.options()));
+        let trx = self.client.multi();
+        let queue = trx.with_options(&self.shard.options());
         let keys = vec![key.to_owned()];
         let queued: Result<(), Error> = async {
-            super::queue_eval(&p, before, keys.clone(), before_args).await?;
+            super::queue_eval(&queue, before, keys.clone(), before_args).await?;
             // A Redis string ends at 512 MiB, far inside a u32.
             let offset = u32::try_from(offset)
                 .map_err(|_| Error::new(ErrorKind::InvalidArgument, "offset past 4 GiB"))?;
-            p.setrange::<(), _, _>(key, offset, data).await?;
-            super::queue_eval(&p, after, keys, after_args).await
+            queue.setrange::<(), _, _>(key, offset, data).await?;
+            super::queue_eval(&queue, after, keys, after_args).await
         }
         .await;
         queued.map_err(|e| self.shard.fail(e))?;
-        let replies = self.shard.bounded(async { Ok(p.try_all::<Value>().await) });
-        let replies: Vec<_> = replies
-            .await?
-            .into_iter()
-            .map(|r| r.map_err(|e| self.shard.fail(e)))
-            .collect();
-        let replies = <[_; 3]>::try_from(replies).map_err(|_| ShardError::Fault {
-            shard: self.shard.name().to_owned(),
-            source: Error::new(ErrorKind::Protocol, "a reply short for a pipeline of three"),
-        })?;
+        let replies = self.shard.bounded(trx.exec(true)).await?;
         self.shard.observe(started);
         Ok(replies)
     }

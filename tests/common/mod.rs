@@ -528,6 +528,16 @@ pub async fn scrape_metrics(addr: SocketAddr) -> String {
     text
 }
 
+/// Scrapes `/metrics` and sums the samples of `name`.
+pub async fn metric_sum(addr: SocketAddr, name: &str) -> f64 {
+    scrape_metrics(addr)
+        .await
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Waits until a Put is streaming into a temporary key on `shard`.
 pub async fn temp_key_appears(shard: &RedisShard) {
     eventually(

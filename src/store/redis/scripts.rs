@@ -76,8 +76,8 @@ pub const GROW_DOUBLING_BYTES: u64 = 16 * 1024 * 1024;
 /// A key that is gone, or not as this writer left it (brought back from an older snapshot), is
 /// replaced by a hash with the TTL: the piece's `SETRANGE` that follows then fails on its type
 /// instead of recreating the value, and [`WRITTEN_SCRIPT`] deletes the hash.
-/// KEYS: temporary. ARGV: counter expected, length needed, whole length, TTL in ms.
-/// Returns 1 when the piece may be written, 0 when the write is lost.
+/// KEYS: temporary. ARGV: counter expected, length needed, whole length, TTL in ms, doubling
+/// cap. Returns 1 when the piece may be written, 0 when the write is lost.
 const GROW_SCRIPT: &str = r#"
 if redis.call('GETRANGE', KEYS[1], 0, string.len(ARGV[1]) - 1) ~= ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -97,14 +97,11 @@ return 1
 
 /// Ends a piece's write: moves the write counter on and renews the TTL, only while the key
 /// still holds the counter this writer left before the piece; otherwise deletes it (the hash
-/// [`GROW_SCRIPT`] left, or a value the piece's `SETRANGE` recreated after the key vanished
-/// between the two).
+/// [`GROW_SCRIPT`] left).
 ///
-/// The piece's bytes go by a plain `SETRANGE` between the two scripts, on the same connection:
+/// The piece's bytes go by a plain `SETRANGE` between the two scripts, in one transaction:
 /// the shard copies them once, where a script taking them as an argument copied them three
-/// times (into Lua, back out, and into the value). The counter moves after the bytes land, so a
-/// value the shard brings back from a snapshot taken between the two shows the old counter and
-/// is never published with the piece missing.
+/// times (into Lua, back out, and into the value).
 /// KEYS: temporary. ARGV: counter expected, counter after, TTL in ms. Returns 1 written, 0 when
 /// the write is lost.
 const WRITTEN_SCRIPT: &str = r#"
@@ -271,10 +268,9 @@ pub(super) enum Published {
 }
 
 /// Writes `data` at body offset `written` of a value of `total` bytes started by
-/// [`RedisWriter`](super::writer::RedisWriter)'s first write and renews its TTL: one pipeline of
-/// [`GROW_SCRIPT`], `SETRANGE` and [`WRITTEN_SCRIPT`]. False when the key was gone or not as this
-/// writer left it: the write is lost. Any error fails the write, even when the counter moved:
-/// a `SETRANGE` refused (out of memory, say) must never be published over.
+/// [`RedisWriter`](super::writer::RedisWriter)'s first write and renews its TTL: one
+/// `MULTI`/`EXEC` of [`GROW_SCRIPT`], `SETRANGE` and [`WRITTEN_SCRIPT`]. False when the key was
+/// gone or not as this writer left it: the write is lost.
 pub async fn write_piece(
     conn: &Pinned,
     (temp, ttl): (&str, std::time::Duration),
@@ -297,19 +293,31 @@ pub async fn write_piece(
         Value::from(write_counter(written + data.len() as u64)),
         Value::from(ttl),
     ];
-    let [grown, set, done] = conn
+    let replies = conn
         .write_between(
             (GROW_SCRIPT, grow),
             (temp, offset, data),
             (WRITTEN_SCRIPT, done),
         )
-        .await?;
-    if grown?.as_i64() != Some(1) {
-        // The SETRANGE failed on the hash left in the key's place.
-        return Ok(false);
+        .await;
+    piece_written(replies)
+}
+
+/// Reads the replies of [`write_piece`]'s transaction. Written only when both scripts say so;
+/// the `SETRANGE` refused on the hash [`GROW_SCRIPT`] left in a lost key's place is a lost
+/// write; any other error fails the write, even where [`WRITTEN_SCRIPT`] moved the counter on
+/// (a `SETRANGE` refused for the value's size, say): the value is never published over it.
+fn piece_written(replies: Result<Vec<Value>, ShardError>) -> Result<bool, ShardError> {
+    match replies {
+        Ok(replies) => {
+            let one = |i: usize| replies.get(i).and_then(Value::as_i64) == Some(1);
+            Ok(one(0) && one(2))
+        }
+        Err(ShardError::Reply { source, .. }) if source.details().starts_with("WRONGTYPE") => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
     }
-    set?;
-    Ok(done?.as_i64() == Some(1))
 }
 
 /// The keys and arguments of [`PUBLISH_SCRIPT`] for `key`.
@@ -509,4 +517,52 @@ pub async fn announce_quarantine(
 pub async fn announce_origin_purge(shard: &Shard, origin: &str) -> Result<(), ShardError> {
     let event = Event::PurgeOrigin(origin.to_owned()).encode();
     shard.publish(&channel(), event).await
+}
+
+#[cfg(test)]
+mod tests {
+    use fred::error::{Error, ErrorKind};
+    use fred::prelude::Value;
+
+    use super::piece_written;
+    use crate::shard::ShardError;
+
+    fn reply(message: &'static str, kind: ErrorKind) -> Result<Vec<Value>, ShardError> {
+        Err(ShardError::Reply {
+            shard: "a".into(),
+            source: Error::new(kind, message),
+        })
+    }
+
+    #[test]
+    fn a_piece_counts_as_written_only_when_both_scripts_say_so() {
+        let ok = |grown: i64, done: i64| Ok(vec![grown.into(), 3_000_000.into(), done.into()]);
+        assert!(piece_written(ok(1, 1)).unwrap());
+        assert!(!piece_written(ok(0, 1)).unwrap());
+        assert!(!piece_written(ok(1, 0)).unwrap());
+        assert!(!piece_written(Ok(vec![])).unwrap());
+    }
+
+    #[test]
+    fn a_piece_refused_on_the_lost_keys_hash_is_lost_and_any_other_error_fails() {
+        let wrong_type = "WRONGTYPE Operation against a key holding the wrong kind of value";
+        assert!(!piece_written(reply(wrong_type, ErrorKind::InvalidArgument)).unwrap());
+        // The counter may have moved on past these: the write must fail, not count as lost or
+        // written.
+        for refused in [
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "ERR string exceeds maximum allowed size (proto-max-bulk-len)",
+            "EXECABORT Transaction discarded because of previous errors.",
+        ] {
+            assert!(
+                piece_written(reply(refused, ErrorKind::Unknown)).is_err(),
+                "{refused}"
+            );
+        }
+        let timeout = Err(ShardError::Fault {
+            shard: "a".into(),
+            source: Error::new(ErrorKind::Timeout, "Request timed out."),
+        });
+        assert!(piece_written(timeout).is_err());
+    }
 }
