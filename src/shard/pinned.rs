@@ -105,28 +105,59 @@ impl Pinned {
     /// client, no eviction, no expiry), and the scripts judge the write without the data
     /// passing through Lua. Returns the three replies; an error reply of any of them is the
     /// transaction's error (the others still ran). Bounded like [`Pinned::eval_bounded`].
+    ///
+    /// The transaction goes as a pipeline of its own `MULTI` and `EXEC`: the client writes a
+    /// pipeline's commands together, so nothing of another request comes between them, and
+    /// other requests on the connection are not held while it runs (the client's own
+    /// transactions wait for every command in flight first and hold the connection for the
+    /// round trip).
     pub async fn write_between(
         &self,
         (before, before_args): (&'static str, Vec<Value>),
         (key, offset, data): (&str, u64, Bytes),
         (after, after_args): (&'static str, Vec<Value>),
     ) -> Result<Vec<Value>, ShardError> {
+        use fred::types::CustomCommand;
         self.shard.check_up()?;
         let started = std::time::Instant::now();
-        let trx = self.client.multi();
-        let queue = trx.with_options(&self.shard.options());
+        let p = Pipeline::from(self.client.with_options(&self.shard.options()));
         let keys = vec![key.to_owned()];
+        let word = |w: &'static str| CustomCommand::new_static(w, None::<u16>, false);
         let queued: Result<(), Error> = async {
-            super::queue_eval(&queue, before, keys.clone(), before_args).await?;
+            p.custom::<(), Value>(word("MULTI"), Vec::new()).await?;
+            super::queue_eval(&p, before, keys.clone(), before_args).await?;
             // A Redis string ends at 512 MiB, far inside a u32.
             let offset = u32::try_from(offset)
                 .map_err(|_| Error::new(ErrorKind::InvalidArgument, "offset past 4 GiB"))?;
-            queue.setrange::<(), _, _>(key, offset, data).await?;
-            super::queue_eval(&queue, after, keys, after_args).await
+            p.setrange::<(), _, _>(key, offset, data).await?;
+            super::queue_eval(&p, after, keys, after_args).await?;
+            p.custom::<(), Value>(word("EXEC"), Vec::new()).await
         }
         .await;
         queued.map_err(|e| self.shard.fail(e))?;
-        let replies = self.shard.bounded(trx.exec(true)).await?;
+        let replies = self.shard.bounded(async { Ok(p.try_all::<Value>().await) });
+        let mut replies = replies.await?;
+        // MULTI, three QUEUED and EXEC; a command the shard refused to queue (out of memory,
+        // say) answers with its error and makes EXEC fail. A lost connection is one error.
+        let exec = replies.pop();
+        if let Some(refused) = replies.into_iter().find_map(Result::err) {
+            return Err(self.shard.fail(refused));
+        }
+        let replies = match exec {
+            Some(Ok(Value::Array(replies))) => replies,
+            Some(Ok(other)) => {
+                return Err(self.shard.fail(Error::new(
+                    ErrorKind::Protocol,
+                    format!("EXEC answered {other:?}"),
+                )))
+            }
+            Some(Err(e)) => return Err(self.shard.fail(e)),
+            None => {
+                return Err(self
+                    .shard
+                    .fail(Error::new(ErrorKind::Protocol, "no reply to a transaction")))
+            }
+        };
         self.shard.observe(started);
         Ok(replies)
     }

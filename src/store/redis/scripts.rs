@@ -64,7 +64,9 @@ return 1
 /// the value (Redis adds a megabyte of room at a time). Doubling copies a value fewest times,
 /// but each doubling is one command that allocates, zeroes and copies the whole value: 64
 /// parallel Puts of 64 MiB doubling from 32 to 64 MiB at once held one shard for seconds, past
-/// the command timeout. Capped here, a doubling costs at most a few milliseconds.
+/// the command timeout. Capped here, a doubling touches at most 16 MiB of fresh memory; past
+/// the cap a growing value may still be moved (and copied) by the shard's allocator, a size
+/// class at a time, which that burst survived.
 pub const GROW_DOUBLING_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Makes room in a temporary key for the next piece, only while the key holds the write counter
@@ -269,7 +271,8 @@ pub(super) enum Published {
 
 /// Writes `data` at body offset `written` of a value of `total` bytes started by
 /// [`RedisWriter`](super::writer::RedisWriter)'s first write and renews its TTL: one
-/// `MULTI`/`EXEC` of [`GROW_SCRIPT`], `SETRANGE` and [`WRITTEN_SCRIPT`]. False when the key was
+/// `MULTI`/`EXEC` of [`GROW_SCRIPT`], `SETRANGE` and [`WRITTEN_SCRIPT`] (see
+/// [`Pinned::write_between`]). False when the key was
 /// gone or not as this writer left it: the write is lost.
 pub async fn write_piece(
     conn: &Pinned,
