@@ -97,6 +97,28 @@ pub struct ShardLabel {
     pub shard: String,
 }
 
+/// Whether `e` is a failure of the connection or of the client (the shard is then marked down)
+/// rather than the shard's answer to the command. Some of the client's own failures come with
+/// no kind of their own (a command queued on a connection that just dropped: "Failed to route
+/// command."); the shard's answers always start with an error code in capitals (`ERR`,
+/// `WRONGTYPE`, `OOM`, `BUSY`, `LOADING`), so an unkinded error without one is the client's.
+fn is_fault(e: &Error) -> bool {
+    match e.kind() {
+        ErrorKind::IO
+        | ErrorKind::Timeout
+        | ErrorKind::Canceled
+        | ErrorKind::Routing
+        | ErrorKind::Backpressure
+        | ErrorKind::Protocol
+        | ErrorKind::Auth => true,
+        ErrorKind::Unknown => {
+            let code = e.details().split_whitespace().next().unwrap_or("");
+            code.is_empty() || !code.bytes().all(|b| b.is_ascii_uppercase())
+        }
+        _ => false,
+    }
+}
+
 /// Why a shard operation did not return a value.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ShardError {
@@ -109,6 +131,13 @@ pub enum ShardError {
     /// The shard answered with an error about the value (e.g. a foreign key of another type).
     #[error("shard {shard} rejected the command: {source}")]
     Reply { shard: String, source: Error },
+}
+
+impl ShardError {
+    /// The shard's answer that the key holds a value of another type than the command's.
+    pub fn is_wrong_type(&self) -> bool {
+        matches!(self, ShardError::Reply { source, .. } if source.details().starts_with("WRONGTYPE"))
+    }
 }
 
 pub struct Shard {
@@ -207,14 +236,8 @@ impl Shard {
 
     /// Classifies a fred error: connection trouble marks the shard down.
     fn fail(&self, e: Error) -> ShardError {
-        match e.kind() {
-            ErrorKind::IO
-            | ErrorKind::Timeout
-            | ErrorKind::Canceled
-            | ErrorKind::Routing
-            | ErrorKind::Backpressure
-            | ErrorKind::Protocol
-            | ErrorKind::Auth => {
+        match is_fault(&e) {
+            true => {
                 warn!(shard = %self.name, error = %e, "shard command failed");
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 self.set_up(false);
@@ -456,5 +479,67 @@ async fn health_loop(shard: std::sync::Weak<Shard>, interval: Duration) {
         let Some(shard) = shard.upgrade() else { return };
         let ok = shard.ping().await;
         shard.set_up(ok);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fred::error::{Error, ErrorKind};
+
+    use super::{is_fault, ShardError};
+
+    fn unknown(details: &'static str) -> Error {
+        Error::new(ErrorKind::Unknown, details)
+    }
+
+    #[test]
+    fn the_shards_answers_are_replies_and_the_clients_own_failures_are_faults() {
+        for answer in [
+            "ERR string exceeds maximum allowed size (proto-max-bulk-len)",
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "BUSY Redis is busy running a script.",
+            "LOADING Redis is loading the dataset in memory",
+            "EXECABORT Transaction discarded because of previous errors.",
+        ] {
+            assert!(!is_fault(&unknown(answer)), "{answer}");
+        }
+        let wrong = Error::new(
+            ErrorKind::InvalidArgument,
+            "WRONGTYPE Operation against a key",
+        );
+        assert!(!is_fault(&wrong));
+        for failure in [
+            "Failed to route command.",
+            "Too many failed write attempts.",
+            "Max attempts exceeded",
+            "",
+        ] {
+            assert!(is_fault(&unknown(failure)), "{failure:?}");
+        }
+        assert!(is_fault(&Error::new(
+            ErrorKind::Timeout,
+            "Request timed out."
+        )));
+        assert!(is_fault(&Error::new(ErrorKind::IO, "Connection reset")));
+    }
+
+    #[test]
+    fn only_a_wrongtype_answer_is_a_wrong_type() {
+        let reply = |source| ShardError::Reply {
+            shard: "a".into(),
+            source,
+        };
+        let wrong = Error::new(
+            ErrorKind::InvalidArgument,
+            "WRONGTYPE Operation against a key",
+        );
+        assert!(reply(wrong.clone()).is_wrong_type());
+        assert!(!reply(unknown("BUSY Redis is busy running a script.")).is_wrong_type());
+        assert!(!reply(unknown("LOADING Redis is loading the dataset")).is_wrong_type());
+        let fault = ShardError::Fault {
+            shard: "a".into(),
+            source: wrong,
+        };
+        assert!(!fault.is_wrong_type());
     }
 }

@@ -111,8 +111,10 @@ impl RedisStore {
             .await
         {
             Ok(found) => found,
-            Err(e @ ShardError::Reply { .. }) => {
-                // WRONGTYPE and the like: something that is not a string sits under our name.
+            Err(e) if e.is_wrong_type() => {
+                // Something that is not a string sits under our name. Only that: any other
+                // error (the shard busy or loading, a connection that just dropped) says
+                // nothing against the value.
                 Self::discard(&shard, key, &redis_key, &e).await;
                 return None;
             }

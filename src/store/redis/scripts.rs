@@ -316,9 +316,7 @@ fn piece_written(replies: Result<Vec<Value>, ShardError>) -> Result<bool, ShardE
             let one = |i: usize| replies.get(i).and_then(Value::as_i64) == Some(1);
             Ok(one(0) && one(2))
         }
-        Err(ShardError::Reply { source, .. }) if source.details().starts_with("WRONGTYPE") => {
-            Ok(false)
-        }
+        Err(e) if e.is_wrong_type() => Ok(false),
         Err(e) => Err(e),
     }
 }
