@@ -289,9 +289,11 @@ async fn purge_reaches_copies_on_every_shard() {
     assert!(cluster.all_keys().await.is_empty());
 }
 
-/// An object that fits the first write reaches its shard in one round trip: one `SET` of the
-/// whole value and the publish script (its one `RENAME`, and one `SETRANGE` of the header); no
-/// piece is written in place. A bigger one is written in pieces.
+/// A thumbnail-sized object is stored by one script: its `SET` under the final name, no
+/// temporary key (no `RENAME`, no `SETRANGE`). An object that fits the first write reaches its
+/// shard in one round trip: one `SET` of the whole value and the publish script (its one
+/// `RENAME`, and one `SETRANGE` of the header); no piece is written in place. A bigger one is
+/// written in pieces.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_put_is_one_set_and_one_publish_and_a_big_one_streams() {
     let cluster = TestCluster::builder().shards(1).start().await;
@@ -305,7 +307,30 @@ async fn a_small_put_is_one_set_and_one_publish_and_a_big_one_streams() {
             shard.command_calls("append").await,
         )
     };
+    let start = counts().await;
+    let thumbnail = media_key("example.org", "thumbnail-put", "");
+    assert!(
+        client
+            .put_bytes(thumbnail.clone(), Default::default(), body(10_000, 3))
+            .await
+            .unwrap()
+            .stored
+    );
     let before = counts().await;
+    assert_eq!(
+        (
+            before.0 - start.0,
+            before.1 - start.1,
+            before.2 - start.2,
+            before.3 - start.3
+        ),
+        (1, 0, 0, 0),
+        "SET, RENAME, SETRANGE and APPEND calls of one thumbnail's Put"
+    );
+    assert!(shard.keys().await.iter().all(|k| !k.contains(":tmp:")));
+    let (_, got) = client.get_bytes(thumbnail).await.unwrap().expect("stored");
+    assert_eq!(got, body(10_000, 3));
+
     let small = media_key("example.org", "small-put", "");
     assert!(
         client
