@@ -329,3 +329,52 @@ async fn writing_a_quarantine_back_deletes_the_copies_stored_meanwhile() {
     )
     .await;
 }
+
+/// The shard checks its own quarantine at publish, atomically with the store, both for a value
+/// stored by one script and for one published from a temporary key: a quarantine the replica
+/// has not heard of refuses the Put all the same, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shard_refuses_a_put_of_media_only_its_own_hash_quarantines() {
+    let cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| c.quarantine_sync = Duration::from_secs(60))
+        .start()
+        .await;
+    let shard = &cluster.shards[0];
+    let mut client = cluster.client().await;
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 3_600_000;
+    // A thumbnail (one script) and a body of most of a megabyte (a temporary key and the
+    // publish script).
+    for (id, size) in [("thumbnail", 2_000), ("picture", 900_000)] {
+        let field = mediacache::key::quarantine_field("example.org", id);
+        shard
+            .raw_command(
+                "HSET",
+                vec![
+                    mediacache::key::QUARANTINE_KEY.into(),
+                    field,
+                    until.to_string(),
+                ],
+            )
+            .await;
+        let answer = client
+            .put_bytes(
+                media_key("example.org", id, ""),
+                Default::default(),
+                body(size, 5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            PutOutcome::try_from(answer.outcome).unwrap(),
+            PutOutcome::Quarantined,
+            "{id}"
+        );
+    }
+    let keys = shard.keys().await;
+    assert_eq!(keys, vec![mediacache::key::QUARANTINE_KEY.to_owned()]);
+}

@@ -57,7 +57,10 @@ impl Pinned {
         keys: Vec<String>,
         args: Vec<Value>,
     ) -> Result<R, ShardError> {
-        self.shard.eval_on(&self.client, script, keys, args).await
+        let started = std::time::Instant::now();
+        let reply = self.shard.eval_on(&self.client, script, keys, args).await?;
+        self.shard.observe(started);
+        Ok(reply)
     }
 
     /// `SET key value PX ttl`.
