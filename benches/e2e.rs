@@ -9,8 +9,9 @@
 //! front of the same shards. Then, for each object size and client concurrency, it drives every
 //! path for a fixed time and prints one table: throughput, p50/p99 time to last byte, and ratios
 //! to `redis-direct` from the same run. It also measures the service's peak RSS under large and
-//! slow downloads, and CPU seconds per GiB served by each process (kernel user+system time, the
-//! counters `getrusage` reports, read from `/proc/<pid>/stat` for the child processes).
+//! slow downloads, and the CPU each process spends at 16 clients, per object for the 8 and 64 KiB
+//! cells and per GiB for the larger ones (kernel user+system time, the counters `getrusage`
+//! reports, read from `/proc/<pid>/stat` for the child processes).
 //!
 //! BENCHMARKS.md explains each path and holds the last run.
 
