@@ -581,3 +581,43 @@ async fn a_put_whose_piece_the_shard_has_no_memory_for_is_not_published() {
     })
     .await;
 }
+
+/// A read the shard refuses for a reason that says nothing against the value (here its ACL
+/// forbids the read's script) is a miss, and the object is still there once the shard allows
+/// the read again: only a value of another type under our name is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_the_shard_refuses_is_a_miss_that_deletes_nothing() {
+    let cluster = TestCluster::builder().shards(1).start().await;
+    let shard = &cluster.shards[0];
+    let mut client = cluster.client().await;
+    let key = media_key("example.org", "refused-read", "");
+    assert!(
+        client
+            .put_bytes(key.clone(), Default::default(), body(5000, 6))
+            .await
+            .unwrap()
+            .stored
+    );
+    let object = "mc:1:o:example.org|refused-read|".to_owned();
+    shard
+        .raw_command(
+            "ACL",
+            vec!["SETUSER".into(), "default".into(), "-eval".into()],
+        )
+        .await;
+    assert!(client.get_bytes(key.clone()).await.unwrap().is_none());
+    assert!(shard.keys().await.contains(&object), "the object is kept");
+    shard
+        .raw_command(
+            "ACL",
+            vec!["SETUSER".into(), "default".into(), "+eval".into()],
+        )
+        .await;
+    let (_, got) = eventually("a hit again", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        let key = key.clone();
+        async move { client.get_bytes(key).await.ok().flatten() }
+    })
+    .await;
+    assert_eq!(got, body(5000, 6));
+}
