@@ -5,11 +5,30 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::{body, eventually, TestCluster};
 use fred::prelude::{ClientLike, KeysInterface};
 use fred::types::CustomCommand;
 use mediacache::client::{media_key, Client};
-use mediacache::proto::PutOutcome;
+use mediacache::proto::{MediaKey, PutOutcome};
+
+/// Puts `data` under `key` until a Put is stored, for `timeout` at most.
+async fn eventually_stored(
+    (what, timeout): (&str, Duration),
+    client: &Client,
+    key: &MediaKey,
+    data: Bytes,
+) {
+    eventually(what, timeout, || {
+        let mut client = client.clone();
+        let (key, data) = (key.clone(), data.clone());
+        async move {
+            let answer = client.put_bytes(key, Default::default(), data).await.ok()?;
+            answer.stored.then_some(())
+        }
+    })
+    .await;
+}
 
 /// Finds a media id owned by shard `index`.
 fn id_on(cluster: &TestCluster, index: usize, tag: &str) -> String {
@@ -113,20 +132,11 @@ async fn killed_shard_gives_fast_misses_and_comes_back() {
     // Restarted (empty): used again once the health check sees it.
     cluster.shards[dead].restart().await;
     let key = media_key("example.org", &on_dead, "");
-    eventually(
-        "puts to the restarted shard",
-        Duration::from_secs(10),
-        || {
-            let mut client = client.clone();
-            let key = key.clone();
-            async move {
-                let r = client
-                    .put_bytes(key, Default::default(), body(500, 3))
-                    .await
-                    .ok()?;
-                r.stored.then_some(())
-            }
-        },
+    eventually_stored(
+        ("puts to the restarted shard", Duration::from_secs(10)),
+        &client,
+        &key,
+        body(500, 3),
     )
     .await;
     let (_, got) = client
@@ -372,17 +382,12 @@ async fn failover_next_writes_and_reads_the_next_live_shard() {
     assert_eq!(ranked[0], 2);
     cluster.shards[2].kill();
     // The first request may be the one that finds the owner dead.
-    eventually("a put that fails over", Duration::from_secs(5), || {
-        let mut client = client.clone();
-        let key = key.clone();
-        async move {
-            let r = client
-                .put_bytes(key, Default::default(), body(300, 9))
-                .await
-                .ok()?;
-            r.stored.then_some(())
-        }
-    })
+    eventually_stored(
+        ("a put that fails over", Duration::from_secs(5)),
+        &client,
+        &key,
+        body(300, 9),
+    )
     .await;
     let stat = client.stat(key.clone()).await.unwrap();
     assert_eq!(stat.shard, cluster.shards[ranked[1]].name);
@@ -568,17 +573,12 @@ async fn a_put_whose_piece_the_shard_has_no_memory_for_is_not_published() {
     let errors = common::metric_sum(metrics, "mediacache_shard_command_errors").await;
     assert_eq!(errors, 0.0, "a refusal is not a shard fault");
     let small = media_key("example.org", "room", "");
-    eventually("a Put that fits", Duration::from_secs(10), || {
-        let mut client = client.clone();
-        let small = small.clone();
-        async move {
-            let answer = client
-                .put_bytes(small, Default::default(), body(100_000, 4))
-                .await
-                .ok()?;
-            answer.stored.then_some(())
-        }
-    })
+    eventually_stored(
+        ("a Put that fits", Duration::from_secs(10)),
+        &client,
+        &small,
+        body(100_000, 4),
+    )
     .await;
 }
 

@@ -11,8 +11,12 @@ use mediacache::config::ShardConfig;
 use mediacache::proto::{MediaKey, PutOutcome};
 
 async fn put_outcome(client: &mut Client, key: &MediaKey, seed: u64) -> PutOutcome {
+    put_outcome_of(client, key, body(2000, seed)).await
+}
+
+async fn put_outcome_of(client: &mut Client, key: &MediaKey, data: bytes::Bytes) -> PutOutcome {
     let answer = client
-        .put_bytes(key.clone(), Default::default(), body(2000, seed))
+        .put_bytes(key.clone(), Default::default(), data)
         .await
         .unwrap();
     PutOutcome::try_from(answer.outcome).unwrap()
@@ -361,16 +365,9 @@ async fn the_shard_refuses_a_put_of_media_only_its_own_hash_quarantines() {
                 ],
             )
             .await;
-        let answer = client
-            .put_bytes(
-                media_key("example.org", id, ""),
-                Default::default(),
-                body(size, 5),
-            )
-            .await
-            .unwrap();
+        let key = media_key("example.org", id, "");
         assert_eq!(
-            PutOutcome::try_from(answer.outcome).unwrap(),
+            put_outcome_of(&mut client, &key, body(size, 5)).await,
             PutOutcome::Quarantined,
             "{id}"
         );

@@ -299,73 +299,48 @@ async fn a_small_put_is_one_set_and_one_publish_and_a_big_one_streams() {
     let cluster = TestCluster::builder().shards(1).start().await;
     let shard = &cluster.shards[0];
     let mut client = cluster.client().await;
-    let counts = || async {
-        (
-            shard.command_calls("set").await,
-            shard.command_calls("rename").await,
-            shard.command_calls("setrange").await,
-            shard.command_calls("append").await,
-        )
-    };
-    let start = counts().await;
-    let thumbnail = media_key("example.org", "thumbnail-put", "");
-    assert!(
-        client
-            .put_bytes(thumbnail.clone(), Default::default(), body(10_000, 3))
-            .await
-            .unwrap()
-            .stored
-    );
-    let before = counts().await;
     assert_eq!(
-        (
-            before.0 - start.0,
-            before.1 - start.1,
-            before.2 - start.2,
-            before.3 - start.3
-        ),
-        (1, 0, 0, 0),
+        put_counting_calls(shard, &mut client, "thumbnail-put", body(10_000, 3)).await,
+        [1, 0, 0, 0],
         "SET, RENAME, SETRANGE and APPEND calls of one thumbnail's Put"
     );
     assert!(shard.keys().await.iter().all(|k| !k.contains(":tmp:")));
-    let (_, got) = client.get_bytes(thumbnail).await.unwrap().expect("stored");
-    assert_eq!(got, body(10_000, 3));
-
-    let small = media_key("example.org", "small-put", "");
-    assert!(
-        client
-            .put_bytes(small.clone(), Default::default(), body(900_000, 1))
-            .await
-            .unwrap()
-            .stored
-    );
-    let after = counts().await;
     assert_eq!(
-        (
-            after.0 - before.0,
-            after.1 - before.1,
-            after.2 - before.2,
-            after.3 - before.3
-        ),
-        (1, 1, 1, 0),
+        put_counting_calls(shard, &mut client, "small-put", body(900_000, 1)).await,
+        [1, 1, 1, 0],
         "SET, RENAME, SETRANGE and APPEND calls of one small Put"
     );
-    let (_, got) = client.get_bytes(small).await.unwrap().expect("stored");
-    assert_eq!(got, body(900_000, 1));
+    let streamed = put_counting_calls(shard, &mut client, "big-put", body(3_000_000, 2)).await;
+    assert!(
+        streamed[2] >= 4,
+        "a body past the first write is written in pieces: {streamed:?}"
+    );
+}
 
-    let big = media_key("example.org", "big-put", "");
-    assert!(
-        client
-            .put_bytes(big.clone(), Default::default(), body(3_000_000, 2))
-            .await
-            .unwrap()
-            .stored
-    );
-    let streamed = counts().await;
-    assert!(
-        streamed.2 >= after.2 + 4,
-        "a body past the first write is written in pieces: {after:?} then {streamed:?}"
-    );
-    let (_, got) = client.get_bytes(big).await.unwrap().expect("stored");
-    assert_eq!(got, body(3_000_000, 2));
+/// Puts `data` under `id`, checks it reads back whole, and returns the `SET`, `RENAME`,
+/// `SETRANGE` and `APPEND` calls the shard ran meanwhile.
+async fn put_counting_calls(
+    shard: &common::RedisShard,
+    client: &mut mediacache::client::Client,
+    id: &str,
+    data: bytes::Bytes,
+) -> [u64; 4] {
+    const COMMANDS: [&str; 4] = ["set", "rename", "setrange", "append"];
+    let mut before = [0; 4];
+    for (n, command) in before.iter_mut().zip(COMMANDS) {
+        *n = shard.command_calls(command).await;
+    }
+    let key = media_key("example.org", id, "");
+    let answer = client
+        .put_bytes(key.clone(), Default::default(), data.clone())
+        .await
+        .unwrap();
+    assert!(answer.stored, "{id}");
+    let mut calls = [0; 4];
+    for ((n, command), then) in calls.iter_mut().zip(COMMANDS).zip(before) {
+        *n = shard.command_calls(command).await - then;
+    }
+    let (_, got) = client.get_bytes(key).await.unwrap().expect("stored");
+    assert_eq!(got, data, "{id}");
+    calls
 }

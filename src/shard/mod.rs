@@ -236,21 +236,14 @@ impl Shard {
 
     /// Classifies a fred error: connection trouble marks the shard down.
     fn fail(&self, e: Error) -> ShardError {
-        match is_fault(&e) {
-            true => {
-                warn!(shard = %self.name, error = %e, "shard command failed");
-                self.errors.fetch_add(1, Ordering::Relaxed);
-                self.set_up(false);
-                ShardError::Fault {
-                    shard: self.name.clone(),
-                    source: e,
-                }
-            }
-            _ => ShardError::Reply {
-                shard: self.name.clone(),
-                source: e,
-            },
+        let shard = self.name.clone();
+        if !is_fault(&e) {
+            return ShardError::Reply { shard, source: e };
         }
+        warn!(shard = %self.name, error = %e, "shard command failed");
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.set_up(false);
+        ShardError::Fault { shard, source: e }
     }
 
     /// A connected client of the pool, or the reason there is none.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::clients::Pipeline;
+use fred::clients::{Pipeline, WithOptions};
 use fred::prelude::*;
 
 use super::{Shard, ShardError};
@@ -29,6 +29,11 @@ impl Shard {
 impl Pinned {
     pub fn shard(&self) -> &Arc<Shard> {
         &self.shard
+    }
+
+    /// A pipeline on this connection, with the shard's per-call options.
+    fn pipeline(&self) -> Pipeline<WithOptions<Client>> {
+        Pipeline::from(self.client.with_options(&self.shard.options()))
     }
 
     /// Runs a Lua script on this connection, under the command timeout, its round trip counted
@@ -90,7 +95,7 @@ impl Pinned {
     ) -> Result<R, ShardError> {
         self.shard.check_up()?;
         let started = std::time::Instant::now();
-        let p = Pipeline::from(self.client.with_options(&self.shard.options()));
+        let p = self.pipeline();
         let queued: Result<(), Error> = async {
             let px = Some(Expiration::PX(ttl.as_millis() as i64));
             p.set::<(), _, _>(key, value, px, None, false).await?;
@@ -123,7 +128,7 @@ impl Pinned {
         use fred::types::CustomCommand;
         self.shard.check_up()?;
         let started = std::time::Instant::now();
-        let p = Pipeline::from(self.client.with_options(&self.shard.options()));
+        let p = self.pipeline();
         let keys = vec![key.to_owned()];
         let word = |w: &'static str| CustomCommand::new_static(w, None::<u16>, false);
         let queued: Result<(), Error> = async {
@@ -148,17 +153,10 @@ impl Pinned {
         }
         let replies = match exec {
             Some(Ok(Value::Array(replies))) => replies,
-            Some(Ok(other)) => {
-                return Err(self.shard.fail(Error::new(
-                    ErrorKind::Protocol,
-                    format!("EXEC answered {other:?}"),
-                )))
-            }
             Some(Err(e)) => return Err(self.shard.fail(e)),
-            None => {
-                return Err(self
-                    .shard
-                    .fail(Error::new(ErrorKind::Protocol, "no reply to a transaction")))
+            other => {
+                let e = Error::new(ErrorKind::Protocol, format!("EXEC answered {other:?}"));
+                return Err(self.shard.fail(e));
             }
         };
         self.shard.observe(started);

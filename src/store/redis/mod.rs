@@ -306,10 +306,10 @@ impl RedisStore {
         let total = ring.shards().len();
         let mut removed = 0;
         let mut failed = Vec::new();
+        let quarantined = quarantine.map(|until| (origin_quarantine_field(origin), until));
         for (done, shard) in ring.shards().iter().enumerate() {
             let before = removed;
             let r = async {
-                let quarantined = quarantine.map(|until| (origin_quarantine_field(origin), until));
                 if let Some((field, until)) = &quarantined {
                     // Written with its tombstone, like a quarantine a replica writes back.
                     scripts::sync_quarantine(shard, "", [(field.as_str(), *until)]).await?;
@@ -318,8 +318,8 @@ impl RedisStore {
                     progress(shard.name(), before + n, done, total)
                 })
                 .await?;
-                if let Some((field, until)) = quarantined {
-                    scripts::announce_quarantine(shard, field, until).await?;
+                if let Some((field, until)) = &quarantined {
+                    scripts::announce_quarantine(shard, field.clone(), *until).await?;
                 }
                 scripts::announce_origin_purge(shard, origin).await?;
                 Ok::<u64, ShardError>(n)
