@@ -2,7 +2,9 @@
 //!
 //! `cargo bench --bench e2e` (a few minutes) or `cargo bench --bench e2e -- --quick` (about two
 //! minutes); `--json PATH` moves the JSON report from `target/bench/e2e.json`. Each cell runs in
-//! rounds, every path once per round in turn, and a ratio is the median of its rounds'.
+//! rounds, every path once per round in turn, and a ratio is the median of its rounds'. A cell
+//! whose median is not yet known to ±5 % (95 % interval) runs more rounds, up to four times as
+//! many: this is what makes runs in a row agree on a noisy machine.
 //!
 //! Starts its own `redis-server` shards, two service processes from the release binary (one with
 //! the memory tier off, one serving from it) and, when `nutcracker` is installed, a twemproxy in
@@ -43,14 +45,21 @@ const MAX_CONNECTIONS: usize = 8;
 /// The most clients any cell runs at once.
 const MAX_CONCURRENCY: usize = 64;
 const ORIGIN: &str = "bench.example";
+/// How many times its least rounds a cell may run before its ratios settle.
+const MORE_ROUNDS: usize = 4;
+/// Passes over all cells that share a cell's least rounds.
+const PASSES: usize = 3;
+/// The 95 % interval of a ratio's median, relative to it, that a cell runs rounds until.
+const SETTLED_WITHIN: f64 = 0.05;
 
 struct Opts {
     quick: bool,
     json: PathBuf,
     /// Measured time per path and cell, split over `rounds` (after a warm-up of a fifth of it).
     cell: Duration,
-    /// Rounds per cell: each runs every path once, in turn, so that a slow moment of the machine
-    /// falls on every path alike; a ratio is the median of its rounds'.
+    /// Rounds per cell at least: each runs every path once, in turn, so that a slow moment of
+    /// the machine falls on every path alike; a ratio is the median of its rounds'. A cell runs
+    /// more rounds, up to [`MORE_ROUNDS`] times as many, until [`settled`] says its ratios are.
     rounds: usize,
     concurrency: Vec<usize>,
     /// Object size and how many distinct objects of it each path reads.
@@ -61,7 +70,7 @@ struct Opts {
 }
 
 const USAGE: &str = "usage: e2e [--quick] [--json PATH] [--size 8K|64K|1M|16M] [--conc N] \
-[--path NAME]... [--seconds S] [--rounds N] [--no-rss]";
+[--path NAME]... [--seconds S] [--rounds N] [--no-rss]\n       e2e --agree RUN.json RUN.json...";
 
 fn parse_size(s: &str) -> Option<usize> {
     let (n, unit) = match s.strip_suffix(['K', 'M']) {
@@ -443,6 +452,11 @@ struct Row {
     ratio: f64,
     /// Half the range of the rounds' ratios, relative to their median (0.05: ±5%).
     ratio_spread: f64,
+    /// Half the 95 % interval of the median ratio, relative to it: how far another run's ratio
+    /// may be expected to lie.
+    ratio_error: f64,
+    /// Rounds the cell ran.
+    rounds: usize,
     /// p99 divided by the baseline path's p99 in the same cell.
     p99_ratio: f64,
     /// CPU seconds per GiB moved, by process.
@@ -563,6 +577,8 @@ async fn run_cell(
         p99_ms: percentile(&lat, 0.99),
         ratio: f64::NAN,
         ratio_spread: f64::NAN,
+        ratio_error: f64::NAN,
+        rounds: 1,
         p99_ratio: f64::NAN,
         cpu_per_gib,
     }
@@ -578,18 +594,44 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Half the 95 % interval of the median of `v`, relative to it. The standard error of a
+/// median is 1.2533 σ / √n; σ is estimated as 1.4826 times the median absolute deviation, so
+/// that one stalled round does not widen it.
+fn median_error(v: &[f64]) -> f64 {
+    let m = median(v.to_vec());
+    let mad = median(v.iter().map(|x| (x - m).abs()).collect());
+    1.96 * 1.2533 * 1.4826 * mad / (v.len() as f64).sqrt() / m
+}
+
+fn row_of(round: &[Row], path: PathKind) -> Option<&Row> {
+    round.iter().find(|r| r.path == path)
+}
+
+/// Each round's throughput of `path` over its baseline's in the same round.
+fn ratios(rounds: &[Vec<Row>], path: PathKind) -> Vec<f64> {
+    rounds
+        .iter()
+        .filter_map(|r| Some(row_of(r, path)?.mib_per_s / row_of(r, path.baseline())?.mib_per_s))
+        .collect()
+}
+
+/// Whether every ratio of the cell is known to [`SETTLED_WITHIN`].
+fn settled(paths: &[PathKind], rounds: &[Vec<Row>]) -> bool {
+    paths
+        .iter()
+        .filter(|&&p| p.baseline() != p)
+        .all(|&p| median_error(&ratios(rounds, p)) <= SETTLED_WITHIN)
+}
+
 /// One row per path from its rounds: throughput over all of them, p50 and p99 the rounds'
 /// medians, and the ratio to the baseline the median of the rounds' ratios, with their spread.
 fn combine(paths: &[PathKind], rounds: &[Vec<Row>]) -> Vec<Row> {
-    let of = |round: &[Row], path: PathKind| round.iter().find(|r| r.path == path).cloned();
+    let of = |round: &[Row], path: PathKind| row_of(round, path).cloned();
     paths
         .iter()
         .map(|&path| {
             let rows: Vec<Row> = rounds.iter().filter_map(|r| of(r, path)).collect();
-            let ratios: Vec<f64> = rounds
-                .iter()
-                .filter_map(|r| Some(of(r, path)?.mib_per_s / of(r, path.baseline())?.mib_per_s))
-                .collect();
+            let ratios = ratios(rounds, path);
             let p99_ratios: Vec<f64> = rounds
                 .iter()
                 .filter_map(|r| Some(of(r, path)?.p99_ms / of(r, path.baseline())?.p99_ms))
@@ -621,6 +663,8 @@ fn combine(paths: &[PathKind], rounds: &[Vec<Row>]) -> Vec<Row> {
                 p99_ms: median(rows.iter().map(|r| r.p99_ms).collect()),
                 ratio,
                 ratio_spread: (hi - lo) / 2.0 / ratio,
+                ratio_error: median_error(&ratios),
+                rounds: rounds.len(),
                 p99_ratio: median(p99_ratios),
                 cpu_per_gib,
                 ..first
@@ -793,8 +837,18 @@ fn machine() -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "\n{:>7} {:>4}  {:<17} {:>9} {:>9} {:>8} {:>8} {:>8} {:>6} {:>8}",
-        "size", "conc", "path", "MiB/s", "obj/s", "p50 ms", "p99 ms", "× base", "±", "p99 ×"
+        "\n{:>7} {:>4}  {:<17} {:>9} {:>9} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8}",
+        "size",
+        "conc",
+        "path",
+        "MiB/s",
+        "obj/s",
+        "p50 ms",
+        "p99 ms",
+        "× base",
+        "±",
+        "rounds",
+        "p99 ×"
     );
     let mut last = (0, 0);
     for r in rows {
@@ -808,7 +862,7 @@ fn print_table(rows: &[Row]) {
             format!("{}K", r.size / KIB)
         };
         println!(
-            "{:>7} {:>4}  {:<17} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>8.2} {:>5.0}% {:>8.2}",
+            "{:>7} {:>4}  {:<17} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>8.2} {:>5.0}% {:>6} {:>8.2}",
             size,
             r.concurrency,
             r.path.name(),
@@ -817,7 +871,8 @@ fn print_table(rows: &[Row]) {
             r.p50_ms,
             r.p99_ms,
             r.ratio,
-            r.ratio_spread * 100.0,
+            r.ratio_error * 100.0,
+            r.rounds,
             r.p99_ratio
         );
     }
@@ -861,6 +916,15 @@ fn print_cpu(rows: &[Row]) {
 }
 
 fn main() {
+    // `cargo bench` adds `--bench`.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if let Some(at) = args.iter().position(|a| a == "--agree") {
+        agree(&args[at + 1..]);
+        return;
+    }
     let opts = opts();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -939,41 +1003,48 @@ async fn run(opts: Opts) {
         rig.service_memory.pid()
     );
 
-    let mut rows = Vec::new();
+    // Every cell runs in several passes over all of them, so that a cell's rounds are spread
+    // over the whole run and a slow minute of the machine falls on every cell a little.
     for &(size, objects) in &opts.sizes {
         load(&rig, size, objects).await;
-        for &conc in &opts.concurrency {
-            let slice = opts.cell / opts.rounds as u32;
-            let mut rounds = Vec::new();
-            for round in 0..opts.rounds {
-                let warm = if round == 0 {
-                    opts.cell / 5
-                } else {
-                    Duration::ZERO
-                };
-                let mut this = Vec::new();
-                // Each round starts at another path, so that none always runs after the same one.
-                for k in 0..paths.len() {
-                    let path = paths[(k + round) % paths.len()];
-                    this.push(run_cell(&rig, path, (size, objects, conc), warm, slice).await);
-                }
-                rounds.push(this);
-            }
-            let cell = combine(&paths, &rounds);
-            for row in &cell {
-                eprintln!(
-                    "{:>9} B × {conc:>2}  {:<17} {:>8.1} MiB/s  p99 {:.2} ms  × base {:.2} ±{:.0}%",
-                    size,
-                    row.path.name(),
-                    row.mib_per_s,
-                    row.p99_ms,
-                    row.ratio,
-                    row.ratio_spread * 100.0
-                );
-            }
-            rows.extend(cell);
-        }
     }
+    eprintln!("loaded after {:.0} s", started.elapsed().as_secs_f64());
+    let cells: Vec<(usize, usize, usize)> = opts
+        .sizes
+        .iter()
+        .flat_map(|&(size, objects)| opts.concurrency.iter().map(move |&c| (size, objects, c)))
+        .collect();
+    let mut rounds: Vec<Vec<Vec<Row>>> = vec![Vec::new(); cells.len()];
+    let slice = opts.cell / opts.rounds as u32;
+    let per_pass = opts.rounds.div_ceil(PASSES);
+    let warm = opts.cell / 5 / PASSES as u32;
+    for pass in 0.. {
+        let mut ran = 0;
+        for (cell, done) in cells.iter().zip(rounds.iter_mut()) {
+            let enough = done.len() >= opts.rounds * MORE_ROUNDS
+                || (done.len() >= opts.rounds && settled(&paths, done));
+            if enough {
+                continue;
+            }
+            ran += 1;
+            for k in 0..per_pass {
+                let round = done.len();
+                let warm = if k == 0 { warm } else { Duration::ZERO };
+                // Each round starts at another path, so that none always runs after the same one.
+                let mut this = Vec::new();
+                for j in 0..paths.len() {
+                    let path = paths[(j + round) % paths.len()];
+                    this.push(run_cell(&rig, path, *cell, warm, slice).await);
+                }
+                done.push(this);
+            }
+        }
+        if ran == 0 {
+            break;
+        }
+        eprintln!("pass {}: {ran} of {} cells", pass + 1, cells.len());
+    }
+    let rows: Vec<Row> = rounds.iter().flat_map(|r| combine(&paths, r)).collect();
 
     let rss = if opts.rss {
         rss_phases(&rig, &opts).await
@@ -1013,6 +1084,62 @@ async fn run(opts: Opts) {
         started.elapsed().as_secs_f64(),
         opts.json.display()
     );
+}
+
+/// How far apart the ratios of several runs' JSON reports lie: for each ratio, each run's value
+/// and the largest distance from their median, relative to it, and how many lie within ±10 %.
+fn agree(files: &[String]) {
+    if files.len() < 2 {
+        eprintln!("--agree: two reports or more\n{USAGE}");
+        std::process::exit(2);
+    }
+    let runs: Vec<serde_json::Value> = files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("read {f}: {e}"));
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{f} is not a report: {e}"))
+        })
+        .collect();
+    let rows = |run: &serde_json::Value| -> Vec<serde_json::Value> {
+        run["rows"].as_array().cloned().unwrap_or_default()
+    };
+    let id = |r: &serde_json::Value| {
+        (
+            r["size"].as_u64(),
+            r["concurrency"].as_u64(),
+            r["path"].clone(),
+        )
+    };
+    let (mut within, mut all) = (0, 0);
+    println!(
+        "{:>9} {:>4}  {:<17} {:>26}  {:>6}",
+        "bytes", "conc", "path", "ratio in each run", "apart"
+    );
+    for row in rows(&runs[0]) {
+        let ratios: Vec<f64> = runs
+            .iter()
+            .filter_map(|run| rows(run).into_iter().find(|r| id(r) == id(&row)))
+            .filter_map(|r| r["ratio"].as_f64())
+            .collect();
+        if ratios.len() < runs.len() || ratios.iter().all(|&r| r == 1.0) {
+            continue;
+        }
+        let m = median(ratios.clone());
+        let apart = ratios.iter().map(|r| (r - m).abs() / m).fold(0.0, f64::max);
+        all += 1;
+        within += usize::from(apart <= 0.10);
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "{:>9} {:>4}  {:<17} {:>26}  ±{:>4.0}%{}",
+            row["size"].as_u64().unwrap_or(0),
+            row["concurrency"].as_u64().unwrap_or(0),
+            row["path"].as_str().unwrap_or("?"),
+            each.join(" "),
+            apart * 100.0,
+            if apart > 0.10 { "  <" } else { "" }
+        );
+    }
+    println!("\n{within} of {all} ratios within ±10 % of their median");
 }
 
 /// Peak RSS of the service (memory tier off) under big and slow downloads.
