@@ -123,7 +123,15 @@ fn opts() -> Opts {
                         .unwrap_or_else(|| bad("--rounds: a number above 0")),
                 )
             }
-            "--path" => only.push(value()),
+            "--path" => {
+                // Checked before any process starts: an exit later would leave them running.
+                let name = value();
+                if !PathKind::ALL.iter().any(|p| p.name() == name) {
+                    let names: Vec<&str> = PathKind::ALL.iter().map(|p| p.name()).collect();
+                    bad(&format!("--path: one of {}", names.join(", ")));
+                }
+                only.push(name)
+            }
             "--no-rss" => rss = false,
             // Passed by `cargo bench` to every bench target.
             "--bench" => {}
@@ -327,6 +335,15 @@ enum PathKind {
 }
 
 impl PathKind {
+    const ALL: [PathKind; 6] = [
+        Self::RedisDirect,
+        Self::Twemproxy,
+        Self::ServiceRedis,
+        Self::ServiceMemory,
+        Self::RedisDirectSet,
+        Self::ServicePut,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Self::RedisDirect => "redis-direct",
@@ -991,8 +1008,9 @@ async fn run(opts: Opts) {
             .filter(|&p| wanted(p) || paths.iter().any(|&q| wanted(q) && q.baseline() == p))
             .collect();
         if kept.is_empty() {
+            // Returning (not exiting) stops the processes this run started.
             eprintln!("--path: none of {:?} is a path here", opts.only);
-            std::process::exit(2);
+            return;
         }
         paths = kept;
     }
