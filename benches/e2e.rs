@@ -1,10 +1,11 @@
 //! The service next to raw Redis and twemproxy, measured side by side in one run.
 //!
-//! `cargo bench --bench e2e` (a few minutes) or `cargo bench --bench e2e -- --quick` (about two
-//! minutes); `--json PATH` moves the JSON report from `target/bench/e2e.json`. Each cell runs in
-//! rounds, every path once per round in turn, and a ratio is the median of its rounds'. A cell
-//! whose median is not yet known to ±5 % (95 % interval) runs more rounds, up to four times as
-//! many: this is what makes runs in a row agree on a noisy machine.
+//! `cargo bench --bench e2e` or `cargo bench --bench e2e -- --quick`; `--json PATH` moves the
+//! JSON report from `target/bench/e2e.json`, and `--agree A.json B.json...` compares reports.
+//! Each cell runs in rounds, every path once per round in turn, and a ratio is the median of its
+//! rounds'. The rounds come in passes over all cells, and a cell whose medians are not yet known
+//! to ±5 % (95 % interval) runs more of them, up to four times its least: this is what makes
+//! runs in a row agree on a noisy machine, and why a run's length varies.
 //!
 //! Starts its own `redis-server` shards, two service processes from the release binary (one with
 //! the memory tier off, one serving from it) and, when `nutcracker` is installed, a twemproxy in
@@ -55,7 +56,8 @@ const SETTLED_WITHIN: f64 = 0.05;
 struct Opts {
     quick: bool,
     json: PathBuf,
-    /// Measured time per path and cell, split over `rounds` (after a warm-up of a fifth of it).
+    /// Measured time per path and cell at least, split over `rounds`; each visit of a cell in a
+    /// pass warms up for a fifth of it over the passes.
     cell: Duration,
     /// Rounds per cell at least: each runs every path once, in turn, so that a slow moment of
     /// the machine falls on every path alike; a ratio is the median of its rounds'. A cell runs
@@ -469,9 +471,11 @@ struct Row {
     ratio: f64,
     /// Half the range of the rounds' ratios, relative to their median (0.05: ±5%).
     ratio_spread: f64,
-    /// Half the 95 % interval of the median ratio, relative to it: how far another run's ratio
-    /// may be expected to lie.
+    /// Half the 95 % interval of the median ratio, relative to it (see [`median_error`]).
     ratio_error: f64,
+    /// Whether that interval is within [`SETTLED_WITHIN`]; a cell that ran its most rounds
+    /// may stop with a ratio that is not.
+    settled: bool,
     /// Rounds the cell ran.
     rounds: usize,
     /// p99 divided by the baseline path's p99 in the same cell.
@@ -512,15 +516,22 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[idx].as_secs_f64() * 1e3
 }
 
-/// Runs `conc` clients doing `op` back to back for `warm`, then for `time`, measured.
-async fn measure<F, Fut>(conc: usize, warm: Duration, time: Duration, op: F) -> (Vec<Duration>, f64)
+/// Runs `conc` clients doing `op` back to back for `warm`, then for `time`, measured. Returns
+/// the measured latencies and how long each span lasted (every client finishes at least one
+/// request, so a span can outlast its time).
+async fn measure<F, Fut>(
+    conc: usize,
+    warm: Duration,
+    time: Duration,
+    op: F,
+) -> (Vec<Duration>, f64, f64)
 where
     F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let op = Arc::new(op);
     let mut latencies = Vec::new();
-    let mut elapsed = 0.0;
+    let (mut warmed, mut elapsed) = (0.0, 0.0);
     for (span, keep) in [(warm, false), (time, true)] {
         if span.is_zero() && !keep {
             continue;
@@ -549,10 +560,14 @@ where
                 latencies.extend(lat);
             }
         }
-        elapsed = start.elapsed().as_secs_f64();
+        if keep {
+            elapsed = start.elapsed().as_secs_f64();
+        } else {
+            warmed = start.elapsed().as_secs_f64();
+        }
     }
     latencies.sort();
-    (latencies, elapsed)
+    (latencies, warmed, elapsed)
 }
 
 /// One path of one cell for `time`, after `warm`.
@@ -566,7 +581,7 @@ async fn run_cell(
     let watched = watched(rig, path);
     let before = cpu_now(&watched);
     let r = rig.clone();
-    let (lat, seconds) = measure(conc, warm, time, move |c, n| {
+    let (lat, warmed, seconds) = measure(conc, warm, time, move |c, n| {
         let r = r.clone();
         async move { r.op(path, size, objects, c, n).await }
     })
@@ -576,7 +591,7 @@ async fn run_cell(
     let ops = lat.len();
     let bytes = (ops * size) as f64;
     let gib = bytes / (1u64 << 30) as f64;
-    let total = seconds + warm.as_secs_f64();
+    let total = seconds + warmed;
     let cpu_per_gib = watched
         .iter()
         .zip(before.iter().zip(&after))
@@ -595,6 +610,7 @@ async fn run_cell(
         ratio: f64::NAN,
         ratio_spread: f64::NAN,
         ratio_error: f64::NAN,
+        settled: false,
         rounds: 1,
         p99_ratio: f64::NAN,
         cpu_per_gib,
@@ -611,13 +627,29 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Half the 95 % interval of the median of `v`, relative to it. The standard error of a
-/// median is 1.2533 σ / √n; σ is estimated as 1.4826 times the median absolute deviation, so
-/// that one stalled round does not widen it.
+/// Half the 95 % interval of the median of `v`, relative to the median. The interval runs from
+/// the k-th smallest to the k-th largest value, with k the largest for which the chance that
+/// fewer than k of n values fall below the true median is at most 2.5 % (binomial, p = ½). It
+/// assumes no shape of the rounds' ratios: rounds in two groups give a wide interval, and a few
+/// rounds a full one. Below 6 rounds there is no such k, and the interval is infinite.
 fn median_error(v: &[f64]) -> f64 {
-    let m = median(v.to_vec());
-    let mad = median(v.iter().map(|x| (x - m).abs()).collect());
-    1.96 * 1.2533 * 1.4826 * mad / (v.len() as f64).sqrt() / m
+    let n = v.len();
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    // `below` is P(B <= j) for B ~ Binomial(n, 1/2), built from its terms.
+    let (mut k, mut below, mut term) = (0, 0.0, 0.5f64.powi(n as i32));
+    for j in 0..n {
+        below += term;
+        if below > 0.025 {
+            break;
+        }
+        k = j + 1;
+        term *= (n - j) as f64 / (j + 1) as f64;
+    }
+    if k == 0 {
+        return f64::INFINITY;
+    }
+    (sorted[n - k] - sorted[k - 1]) / 2.0 / median(sorted)
 }
 
 fn row_of(round: &[Row], path: PathKind) -> Option<&Row> {
@@ -681,6 +713,7 @@ fn combine(paths: &[PathKind], rounds: &[Vec<Row>]) -> Vec<Row> {
                 ratio,
                 ratio_spread: (hi - lo) / 2.0 / ratio,
                 ratio_error: median_error(&ratios),
+                settled: path.baseline() == path || median_error(&ratios) <= SETTLED_WITHIN,
                 rounds: rounds.len(),
                 p99_ratio: median(p99_ratios),
                 cpu_per_gib,
@@ -889,8 +922,33 @@ fn print_table(rows: &[Row]) {
             r.p99_ms,
             r.ratio,
             r.ratio_error * 100.0,
-            r.rounds,
+            format!("{}{}", r.rounds, if r.settled { "" } else { "*" }),
             r.p99_ratio
+        );
+    }
+    if rows.iter().any(|r| !r.settled) {
+        println!(
+            "* ran its most rounds with this ratio's interval still wider than ±{:.0}%",
+            SETTLED_WITHIN * 100.0
+        );
+    }
+}
+
+/// A cell's rows as it finishes, so that a run stopped later keeps them.
+fn print_cell(rows: &[Row]) {
+    for row in rows {
+        eprintln!(
+            "{:>9} B × {:>2}  {:<17} {:>8.1} MiB/s  p99 {:.2} ms  × base {:.2} ±{:.0}% \
+             ({} rounds{})",
+            row.size,
+            row.concurrency,
+            row.path.name(),
+            row.mib_per_s,
+            row.p99_ms,
+            row.ratio,
+            row.ratio_error * 100.0,
+            row.rounds,
+            if row.settled { "" } else { ", not settled" }
         );
     }
 }
@@ -947,10 +1005,13 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(run(opts));
+    if !runtime.block_on(run(opts)) {
+        std::process::exit(2);
+    }
 }
 
-async fn run(opts: Opts) {
+/// Runs the bench; false when there was nothing to measure.
+async fn run(opts: Opts) -> bool {
     let started = Instant::now();
     let shards: Vec<RedisShard> = (0..SHARDS)
         .map(|i| RedisShard::start_with_blocking(&format!("shard-{i}"), &["--maxmemory", "0"]))
@@ -1010,7 +1071,7 @@ async fn run(opts: Opts) {
         if kept.is_empty() {
             // Returning (not exiting) stops the processes this run started.
             eprintln!("--path: none of {:?} is a path here", opts.only);
-            return;
+            return false;
         }
         paths = kept;
     }
@@ -1036,25 +1097,30 @@ async fn run(opts: Opts) {
     let slice = opts.cell / opts.rounds as u32;
     let per_pass = opts.rounds.div_ceil(PASSES);
     let warm = opts.cell / 5 / PASSES as u32;
+    let most = opts.rounds * MORE_ROUNDS;
+    let enough = |done: &[Vec<Row>]| {
+        done.len() >= most || (done.len() >= opts.rounds && settled(&paths, done))
+    };
     for pass in 0.. {
         let mut ran = 0;
         for (cell, done) in cells.iter().zip(rounds.iter_mut()) {
-            let enough = done.len() >= opts.rounds * MORE_ROUNDS
-                || (done.len() >= opts.rounds && settled(&paths, done));
-            if enough {
+            if enough(done) {
                 continue;
             }
             ran += 1;
-            for k in 0..per_pass {
+            for k in 0..per_pass.min(most - done.len()) {
                 let round = done.len();
                 let warm = if k == 0 { warm } else { Duration::ZERO };
-                // Each round starts at another path, so that none always runs after the same one.
+                // Each round starts at another path, so that none always runs first.
                 let mut this = Vec::new();
                 for j in 0..paths.len() {
                     let path = paths[(j + round) % paths.len()];
                     this.push(run_cell(&rig, path, *cell, warm, slice).await);
                 }
                 done.push(this);
+            }
+            if enough(done) {
+                print_cell(&combine(&paths, done));
             }
         }
         if ran == 0 {
@@ -1102,20 +1168,25 @@ async fn run(opts: Opts) {
         started.elapsed().as_secs_f64(),
         opts.json.display()
     );
+    true
 }
 
 /// How far apart the ratios of several runs' JSON reports lie: for each ratio, each run's value
 /// and the largest distance from their median, relative to it, and how many lie within ±10 %.
 fn agree(files: &[String]) {
+    let fail = |what: String| -> ! {
+        eprintln!("--agree: {what}\n{USAGE}");
+        std::process::exit(2)
+    };
     if files.len() < 2 {
-        eprintln!("--agree: two reports or more\n{USAGE}");
-        std::process::exit(2);
+        fail("two reports or more".into());
     }
     let runs: Vec<serde_json::Value> = files
         .iter()
         .map(|f| {
-            let text = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("read {f}: {e}"));
-            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{f} is not a report: {e}"))
+            let text = std::fs::read_to_string(f).unwrap_or_else(|e| fail(format!("{f}: {e}")));
+            serde_json::from_str(&text)
+                .unwrap_or_else(|e| fail(format!("{f} is not a report: {e}")))
         })
         .collect();
     let rows = |run: &serde_json::Value| -> Vec<serde_json::Value> {
@@ -1123,23 +1194,31 @@ fn agree(files: &[String]) {
     };
     let id = |r: &serde_json::Value| {
         (
-            r["size"].as_u64(),
-            r["concurrency"].as_u64(),
-            r["path"].clone(),
+            r["size"].as_u64().unwrap_or(0),
+            r["concurrency"].as_u64().unwrap_or(0),
+            r["path"].as_str().unwrap_or("?").to_owned(),
         )
     };
-    let (mut within, mut all) = (0, 0);
+    // As the report names them (serde's spelling, not the table's).
+    let baselines = [PathKind::RedisDirect, PathKind::RedisDirectSet]
+        .map(|p| serde_json::to_value(p).expect("a path serializes"));
+    let (mut within, mut all, mut missing) = (0, 0, 0);
     println!(
         "{:>9} {:>4}  {:<17} {:>26}  {:>6}",
         "bytes", "conc", "path", "ratio in each run", "apart"
     );
     for row in rows(&runs[0]) {
+        let (size, conc, path) = id(&row);
+        if baselines.iter().any(|b| b.as_str() == Some(path.as_str())) {
+            continue;
+        }
         let ratios: Vec<f64> = runs
             .iter()
             .filter_map(|run| rows(run).into_iter().find(|r| id(r) == id(&row)))
             .filter_map(|r| r["ratio"].as_f64())
             .collect();
-        if ratios.len() < runs.len() || ratios.iter().all(|&r| r == 1.0) {
+        if ratios.len() < runs.len() {
+            missing += 1;
             continue;
         }
         let m = median(ratios.clone());
@@ -1148,16 +1227,16 @@ fn agree(files: &[String]) {
         within += usize::from(apart <= 0.10);
         let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "{:>9} {:>4}  {:<17} {:>26}  ±{:>4.0}%{}",
-            row["size"].as_u64().unwrap_or(0),
-            row["concurrency"].as_u64().unwrap_or(0),
-            row["path"].as_str().unwrap_or("?"),
+            "{size:>9} {conc:>4}  {path:<17} {:>26}  ±{:>4.0}%{}",
             each.join(" "),
             apart * 100.0,
             if apart > 0.10 { "  <" } else { "" }
         );
     }
     println!("\n{within} of {all} ratios within ±10 % of their median");
+    if missing > 0 {
+        println!("{missing} ratios of the first report are missing from another, left out");
+    }
 }
 
 /// Peak RSS of the service (memory tier off) under big and slow downloads.
