@@ -586,7 +586,7 @@ async fn run_cell(
         async move { r.op(path, size, objects, c, n).await }
     })
     .await;
-    // The warm-up's CPU is in the counters too: scale it out by the measured share of ops.
+    // The warm-up's CPU is in the counters too: scale it out by its share of the time.
     let after = cpu_now(&watched);
     let ops = lat.len();
     let bytes = (ops * size) as f64;
@@ -1189,6 +1189,11 @@ fn agree(files: &[String]) {
                 .unwrap_or_else(|e| fail(format!("{f} is not a report: {e}")))
         })
         .collect();
+    for (run, f) in runs.iter().zip(files) {
+        if run["rows"].as_array().is_none_or(Vec::is_empty) {
+            fail(format!("{f} has no rows"));
+        }
+    }
     let rows = |run: &serde_json::Value| -> Vec<serde_json::Value> {
         run["rows"].as_array().cloned().unwrap_or_default()
     };
