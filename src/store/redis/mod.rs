@@ -34,6 +34,15 @@ use writer::TempGuard;
 
 /// Windows fetched ahead of the one being sent, so the next `GETRANGE` overlaps the send.
 const READ_AHEAD: usize = 4;
+
+/// A window read started ahead of its turn, stopped if the Get ends before it is needed.
+struct ReadAhead(tokio::task::JoinHandle<Result<(Bytes, Bytes), ShardError>>);
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 /// Bytes of a `GETRANGE` window, at least: each window goes out as `chunk_bytes` slices. Chunks
 /// far smaller than this cost one round trip each; a whole 1 MiB image is one.
 const READ_WINDOW_BYTES: u64 = 256 * 1024;
@@ -217,17 +226,27 @@ impl RedisStore {
         let prefix = header.prefix;
         let chunk_bytes = self.chunk_bytes;
         let windows = body_ranges(range, self.window_bytes).map(move |(start, end)| {
-            let shard = shard.clone();
-            let redis_key = redis_key.clone();
+            let (vs, ve) = (header_len + start, header_len + end);
             let first = first.clone();
+            // A window past the first read starts here, as the stream takes it in, not when it
+            // is first polled: on a busy runtime the stream may poll only the window being sent
+            // before the sender waits on a slow client, and a read never polled is never sent.
+            let read = (ve > first.len() as u64).then(|| {
+                let shard = shard.clone();
+                let redis_key = redis_key.clone();
+                ReadAhead(tokio::spawn(async move {
+                    shard
+                        .read_window_shared(&redis_key, vs, ve, PREFIX_LEN)
+                        .await
+                }))
+            });
             async move {
-                let (vs, ve) = (header_len + start, header_len + end);
-                if ve <= first.len() as u64 {
+                let Some(mut read) = read else {
                     return Ok(first.slice(vs as usize..ve as usize));
-                }
-                let (window, now) = shard
-                    .read_window_shared(&redis_key, vs, ve, PREFIX_LEN)
+                };
+                let (window, now) = (&mut read.0)
                     .await
+                    .map_err(|e| StoreError::Internal(format!("a window read ended: {e}")))?
                     .map_err(StoreError::Shard)?;
                 if now[..] != prefix[..] || window.len() as u64 != end - start {
                     return Err(StoreError::Changed);
