@@ -17,7 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use futures_util::{stream, StreamExt};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn, Instrument};
 
 use crate::config::Failover;
 use crate::key::{origin_quarantine_field, temp_key, Key};
@@ -231,14 +231,16 @@ impl RedisStore {
             // A window past the first read starts here, as the stream takes it in, not when it
             // is first polled: on a busy runtime the stream may poll only the window being sent
             // before the sender waits on a slow client, and a read never polled is never sent.
+            // (So the stream is polled inside a tokio runtime, as every Get is.)
             let read = (ve > first.len() as u64).then(|| {
                 let shard = shard.clone();
                 let redis_key = redis_key.clone();
-                ReadAhead(tokio::spawn(async move {
+                let read = async move {
                     shard
                         .read_window_shared(&redis_key, vs, ve, PREFIX_LEN)
                         .await
-                }))
+                };
+                ReadAhead(tokio::spawn(read.in_current_span()))
             });
             async move {
                 let Some(mut read) = read else {
@@ -246,7 +248,10 @@ impl RedisStore {
                 };
                 let (window, now) = (&mut read.0)
                     .await
-                    .map_err(|e| StoreError::Internal(format!("a window read ended: {e}")))?
+                    .map_err(|e| {
+                        error!(error = %e, "a window read ended without a result");
+                        StoreError::Internal("a window read ended without a result".into())
+                    })?
                     .map_err(StoreError::Shard)?;
                 if now[..] != prefix[..] || window.len() as u64 != end - start {
                     return Err(StoreError::Changed);
