@@ -666,24 +666,24 @@ fn ratios(rounds: &[Vec<Row>], path: PathKind) -> Vec<f64> {
 
 /// Whether every ratio of the cell is known to [`SETTLED_WITHIN`].
 fn settled(paths: &[PathKind], rounds: &[Vec<Row>]) -> bool {
-    paths
-        .iter()
-        .filter(|&&p| p.baseline() != p)
-        .all(|&p| median_error(&ratios(rounds, p)) <= SETTLED_WITHIN)
+    combine(paths, rounds).iter().all(|r| r.settled)
 }
 
 /// One row per path from its rounds: throughput over all of them, p50 and p99 the rounds'
 /// medians, and the ratio to the baseline the median of the rounds' ratios, with their spread.
 fn combine(paths: &[PathKind], rounds: &[Vec<Row>]) -> Vec<Row> {
-    let of = |round: &[Row], path: PathKind| row_of(round, path).cloned();
     paths
         .iter()
         .map(|&path| {
-            let rows: Vec<Row> = rounds.iter().filter_map(|r| of(r, path)).collect();
+            let rows: Vec<Row> = rounds
+                .iter()
+                .filter_map(|r| row_of(r, path).cloned())
+                .collect();
             let ratios = ratios(rounds, path);
+            let ratio_error = median_error(&ratios);
             let p99_ratios: Vec<f64> = rounds
                 .iter()
-                .filter_map(|r| Some(of(r, path)?.p99_ms / of(r, path.baseline())?.p99_ms))
+                .filter_map(|r| Some(row_of(r, path)?.p99_ms / row_of(r, path.baseline())?.p99_ms))
                 .collect();
             let first = rows[0].clone();
             let ops: usize = rows.iter().map(|r| r.ops).sum();
@@ -712,8 +712,8 @@ fn combine(paths: &[PathKind], rounds: &[Vec<Row>]) -> Vec<Row> {
                 p99_ms: median(rows.iter().map(|r| r.p99_ms).collect()),
                 ratio,
                 ratio_spread: (hi - lo) / 2.0 / ratio,
-                ratio_error: median_error(&ratios),
-                settled: path.baseline() == path || median_error(&ratios) <= SETTLED_WITHIN,
+                ratio_error,
+                settled: path.baseline() == path || ratio_error <= SETTLED_WITHIN,
                 rounds: rounds.len(),
                 p99_ratio: median(p99_ratios),
                 cpu_per_gib,

@@ -599,20 +599,13 @@ async fn a_read_the_shard_refuses_is_a_miss_that_deletes_nothing() {
             .stored
     );
     let object = "mc:1:o:example.org|refused-read|".to_owned();
-    shard
-        .raw_command(
-            "ACL",
-            vec!["SETUSER".into(), "default".into(), "-eval".into()],
-        )
-        .await;
+    let eval_rule = |rule: &str| {
+        shard.raw_command("ACL", vec!["SETUSER".into(), "default".into(), rule.into()])
+    };
+    eval_rule("-eval").await;
     assert!(client.get_bytes(key.clone()).await.unwrap().is_none());
     assert!(shard.keys().await.contains(&object), "the object is kept");
-    shard
-        .raw_command(
-            "ACL",
-            vec!["SETUSER".into(), "default".into(), "+eval".into()],
-        )
-        .await;
+    eval_rule("+eval").await;
     let (_, got) = eventually("a hit again", Duration::from_secs(10), || {
         let mut client = client.clone();
         let key = key.clone();

@@ -143,8 +143,10 @@ impl Pinned {
         }
         .await;
         queued.map_err(|e| self.shard.fail(e))?;
-        let replies = self.shard.bounded(async { Ok(p.try_all::<Value>().await) });
-        let mut replies = replies.await?;
+        let mut replies = self
+            .shard
+            .bounded(async { Ok(p.try_all::<Value>().await) })
+            .await?;
         // MULTI, three QUEUED and EXEC; a command the shard refused to queue (out of memory,
         // say) answers with its error and makes EXEC fail. A lost connection is one error.
         let exec = replies.pop();

@@ -34,6 +34,9 @@ use writer::TempGuard;
 
 /// Windows fetched ahead of the one being sent, so the next `GETRANGE` overlaps the send.
 const READ_AHEAD: usize = 4;
+/// Bytes of a `GETRANGE` window, at least: each window goes out as `chunk_bytes` slices. Chunks
+/// far smaller than this cost one round trip each; a whole 1 MiB image is one.
+const READ_WINDOW_BYTES: u64 = 256 * 1024;
 
 /// A window read started ahead of its turn, stopped if the Get ends before it is needed.
 struct ReadAhead(tokio::task::JoinHandle<Result<(Bytes, Bytes), ShardError>>);
@@ -43,9 +46,6 @@ impl Drop for ReadAhead {
         self.0.abort();
     }
 }
-/// Bytes of a `GETRANGE` window, at least: each window goes out as `chunk_bytes` slices. Chunks
-/// far smaller than this cost one round trip each; a whole 1 MiB image is one.
-const READ_WINDOW_BYTES: u64 = 256 * 1024;
 
 pub struct RedisStore {
     /// Swapped by the reloader; each operation loads it once and keeps that ring to its end.
