@@ -583,7 +583,7 @@ async fn a_put_whose_piece_the_shard_has_no_memory_for_is_not_published() {
 }
 
 /// A read the shard refuses for a reason that says nothing against the value (here its ACL
-/// forbids the read's script) is a miss, and the object is still there once the shard allows
+/// forbids `STRLEN`, which the first read asks the value's length with) is a miss, and the object is still there once the shard allows
 /// the read again: only a value of another type under our name is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_the_shard_refuses_is_a_miss_that_deletes_nothing() {
@@ -599,13 +599,13 @@ async fn a_read_the_shard_refuses_is_a_miss_that_deletes_nothing() {
             .stored
     );
     let object = "mc:1:o:example.org|refused-read|".to_owned();
-    let eval_rule = |rule: &str| {
+    let strlen_rule = |rule: &str| {
         shard.raw_command("ACL", vec!["SETUSER".into(), "default".into(), rule.into()])
     };
-    eval_rule("-eval").await;
+    strlen_rule("-strlen").await;
     assert!(client.get_bytes(key.clone()).await.unwrap().is_none());
     assert!(shard.keys().await.contains(&object), "the object is kept");
-    eval_rule("+eval").await;
+    strlen_rule("+strlen").await;
     let (_, got) = eventually("a hit again", Duration::from_secs(10), || {
         let mut client = client.clone();
         let key = key.clone();

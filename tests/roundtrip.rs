@@ -317,6 +317,46 @@ async fn a_small_put_is_one_set_and_one_publish_and_a_big_one_streams() {
     );
 }
 
+/// A Get's first read (the window, the value's length and its variant index membership)
+/// reaches the shard as one write of its three commands, which the shard reads at once: written
+/// one command at a time it took a read each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gets_first_read_reaches_the_shard_in_one_write() {
+    let cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| {
+            c.memory.max_bytes = 0;
+            c.memory.max_object_bytes = 0;
+        })
+        .start()
+        .await;
+    let shard = &cluster.shards[0];
+    let mut client = cluster.client().await;
+    let key = media_key("example.org", "one-write", "");
+    let data = body(5000, 7);
+    let answer = client
+        .put_bytes(key.clone(), Default::default(), data.clone())
+        .await
+        .unwrap();
+    assert!(answer.stored, "{answer:?}");
+    const GETS: u64 = 100;
+    let before = shard.reads_processed().await;
+    for _ in 0..GETS {
+        let (_, got) = client
+            .get_bytes(key.clone())
+            .await
+            .unwrap()
+            .expect("stored");
+        assert_eq!(got, data);
+    }
+    let reads = shard.reads_processed().await - before;
+    // The health check's pings and the counting connection's own commands add a few.
+    assert!(
+        (GETS..GETS * 3 / 2).contains(&reads),
+        "the shard made {reads} reads for {GETS} Gets"
+    );
+}
+
 /// Puts `data` under `id`, checks it reads back whole, and returns the `SET`, `RENAME`,
 /// `SETRANGE` and `APPEND` calls the shard ran meanwhile.
 async fn put_counting_calls(

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::clients::{Pipeline, SubscriberClient, WithOptions};
+use fred::clients::{SubscriberClient, WithOptions};
 use fred::prelude::*;
 use fred::types::config::Options;
 use fred::types::scan::Scanner;
@@ -257,18 +257,16 @@ impl Shard {
         }
     }
 
-    /// A pipeline on one connected client, failing fast (not queueing) if its connection drops.
-    fn pipeline(&self) -> Result<Pipeline<WithOptions<Client>>, ShardError> {
-        Ok(Pipeline::from(self.client()?.with_options(&self.options())))
-    }
-
-    /// Sends a pipeline under the command timeout. A pipeline keeps its commands in order on one
-    /// connection, which the windowed reads rely on.
-    async fn finish<R: FromValue>(
-        &self,
-        pipeline: Pipeline<WithOptions<Client>>,
-    ) -> Result<R, ShardError> {
-        self.bounded(pipeline.all::<R>()).await
+    /// One connected client of the pool (one connection), failing fast (not queueing) if its
+    /// connection drops.
+    ///
+    /// Several commands go to the shard in one write when their futures are joined in order
+    /// (`try_join`) and none is awaited first: the client queues a command for its connection
+    /// when its future is first polled, and writes what is queued together, in that order. A
+    /// fred `Pipeline` keeps the order too, but writes and flushes each of its commands on its
+    /// own, so that three commands cost three writes and often three wake-ups of the shard.
+    fn connection(&self) -> Result<WithOptions<Client>, ShardError> {
+        Ok(self.client()?.with_options(&self.options()))
     }
 
     /// Runs `command` under the command timeout, ended early if the shard is found down.

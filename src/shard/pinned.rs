@@ -84,8 +84,9 @@ impl Pinned {
             .map_err(|e| self.shard.fail(e))
     }
 
-    /// `SET key value PX ttl`, then a Lua script, in one round trip on this connection: the
-    /// script sees the value. Waits for the answer like [`Pinned::eval`].
+    /// `SET key value PX ttl`, then a Lua script, in one write and one round trip on this
+    /// connection (see [`Shard::connection`]): the script sees the value. Waits for the answer
+    /// like [`Pinned::eval`].
     pub async fn set_then_eval<R: FromValue>(
         &self,
         (key, value, ttl): (&str, Bytes, Duration),
@@ -95,15 +96,14 @@ impl Pinned {
     ) -> Result<R, ShardError> {
         self.shard.check_up()?;
         let started = std::time::Instant::now();
-        let p = self.pipeline();
-        let queued: Result<(), Error> = async {
-            let px = Some(Expiration::PX(ttl.as_millis() as i64));
-            p.set::<(), _, _>(key, value, px, None, false).await?;
-            super::queue_eval(&p, script, keys, args).await
-        }
-        .await;
-        queued.map_err(|e| self.shard.fail(e))?;
-        let (_, reply): (Value, R) = p.all().await.map_err(|e| self.shard.fail(e))?;
+        let c = self.client.with_options(&self.shard.options());
+        let px = Some(Expiration::PX(ttl.as_millis() as i64));
+        let (_, reply): ((), R) = futures_util::future::try_join(
+            c.set(key, value, px, None, false),
+            c.eval(script, keys, args),
+        )
+        .await
+        .map_err(|e| self.shard.fail(e))?;
         self.shard.observe(started);
         Ok(reply)
     }

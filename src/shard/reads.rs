@@ -7,13 +7,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use fred::prelude::*;
+use futures_util::future::{try_join, try_join3};
 
 use super::{FirstRead, InFlight, Shard, ShardError, SharedRead, IN_FLIGHT_SWEEP};
-
-/// The length of the value KEYS[1] and whether it is a member of the set KEYS[2].
-const LENGTH_AND_MEMBER_SCRIPT: &str = r#"
-return {redis.call('STRLEN', KEYS[1]), redis.call('SISMEMBER', KEYS[2], KEYS[1])}
-"#;
 
 impl Shard {
     /// Reads answered by joining an identical read already in flight, since this client was made.
@@ -98,7 +94,7 @@ impl Shard {
     }
 
     /// The first `len` bytes of a value, its length, and whether the key is in its media's
-    /// variant index `index`, in one round trip of two commands.
+    /// variant index `index`: three commands in one write and one round trip.
     ///
     /// The index is asked with it: an object that is not in it would escape a purge of every
     /// variant, so it is never served; and reading the index with every object of the media
@@ -112,18 +108,14 @@ impl Shard {
         len: usize,
     ) -> Result<FirstRead, ShardError> {
         let started = std::time::Instant::now();
-        let len = len.max(1);
-        let p = self.pipeline()?;
-        // The length and the index membership come from one small script: the client writes
-        // each command of a pipeline on its own, and two writes cost less than three.
-        let both = vec![key.to_owned(), index];
-        let queued: Result<(), Error> = async {
-            p.getrange::<(), _>(key, 0, len - 1).await?;
-            super::queue_eval(&p, LENGTH_AND_MEMBER_SCRIPT, both, Vec::new()).await
-        }
-        .await;
-        queued.map_err(|e| self.fail(e))?;
-        let (first, (total, member)): (Bytes, (u64, i64)) = self.finish(p).await?;
+        let c = self.connection()?;
+        let (first, total, member) = self
+            .bounded(try_join3(
+                c.getrange::<Bytes, _>(key, 0, len.max(1) - 1),
+                c.strlen::<u64, _>(key),
+                c.sismember::<i64, _, _>(index, key),
+            ))
+            .await?;
         self.observe(started);
         Ok(FirstRead {
             first,
@@ -138,14 +130,9 @@ impl Shard {
         key: &str,
         prefix_len: usize,
     ) -> Result<(u64, Bytes), ShardError> {
-        let p = self.pipeline()?;
-        let queued: Result<(), Error> = async {
-            p.strlen::<(), _>(key).await?;
-            p.getrange::<(), _>(key, 0, prefix_len - 1).await
-        }
-        .await;
-        queued.map_err(|e| self.fail(e))?;
-        self.finish(p).await
+        let c = self.connection()?;
+        self.bounded(try_join(c.strlen(key), c.getrange(key, 0, prefix_len - 1)))
+            .await
     }
 
     /// Bytes `[start, end)` of a value and then its first `prefix_len` bytes, read in that
@@ -158,15 +145,13 @@ impl Shard {
         prefix_len: usize,
     ) -> Result<(Bytes, Bytes), ShardError> {
         let started = std::time::Instant::now();
-        let p = self.pipeline()?;
-        let queued: Result<(), Error> = async {
-            p.getrange::<(), _>(key, start as usize, end as usize - 1)
-                .await?;
-            p.getrange::<(), _>(key, 0, prefix_len - 1).await
-        }
-        .await;
-        queued.map_err(|e| self.fail(e))?;
-        let read = self.finish(p).await;
+        let c = self.connection()?;
+        let read = self
+            .bounded(try_join(
+                c.getrange(key, start as usize, end as usize - 1),
+                c.getrange(key, 0, prefix_len - 1),
+            ))
+            .await;
         self.observe(started);
         read
     }

@@ -317,18 +317,34 @@ impl RedisShard {
         v
     }
 
-    /// How many times the shard has run `command` (e.g. `getrange`) without an error, from
-    /// `INFO commandstats`; commands run inside scripts count too.
-    pub async fn command_calls(&self, command: &str) -> u64 {
+    /// A section of the shard's `INFO`, on a connection of its own.
+    async fn info(&self, section: &str) -> String {
         let c = self.client().await;
         let info: String = c
             .custom(
                 fred::types::CustomCommand::new_static("INFO", None, false),
-                vec!["commandstats"],
+                vec![section],
             )
             .await
             .unwrap();
         let _ = c.quit().await;
+        info
+    }
+
+    /// How many reads of its clients' sockets the shard has made (`total_reads_processed`):
+    /// commands that arrive in one write are read in one.
+    pub async fn reads_processed(&self) -> u64 {
+        let info = self.info("stats").await;
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_reads_processed:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("INFO stats has total_reads_processed")
+    }
+
+    /// How many times the shard has run `command` (e.g. `getrange`) without an error, from
+    /// `INFO commandstats`; commands run inside scripts count too.
+    pub async fn command_calls(&self, command: &str) -> u64 {
+        let info = self.info("commandstats").await;
         let prefix = format!("cmdstat_{command}:");
         let Some(stats) = info.lines().find_map(|l| l.strip_prefix(prefix.as_str())) else {
             return 0;
