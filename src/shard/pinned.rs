@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::clients::{Pipeline, WithOptions};
 use fred::prelude::*;
+use futures_util::FutureExt;
 
 use super::{Shard, ShardError};
 
@@ -99,8 +100,8 @@ impl Pinned {
         let c = self.client.with_options(&self.shard.options());
         let px = Some(Expiration::PX(ttl.as_millis() as i64));
         let (_, reply): ((), R) = futures_util::future::try_join(
-            c.set(key, value, px, None, false),
-            c.eval(script, keys, args),
+            c.set(key, value, px, None, false).boxed(),
+            c.eval(script, keys, args).boxed(),
         )
         .await
         .map_err(|e| self.shard.fail(e))?;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use fred::prelude::*;
 use futures_util::future::{try_join, try_join3};
+use futures_util::FutureExt;
 
 use super::{FirstRead, InFlight, Shard, ShardError, SharedRead, IN_FLIGHT_SWEEP};
 
@@ -111,9 +112,9 @@ impl Shard {
         let c = self.connection()?;
         let (first, total, member) = self
             .bounded(try_join3(
-                c.getrange::<Bytes, _>(key, 0, len.max(1) - 1),
-                c.strlen::<u64, _>(key),
-                c.sismember::<i64, _, _>(index, key),
+                c.getrange::<Bytes, _>(key, 0, len.max(1) - 1).boxed(),
+                c.strlen::<u64, _>(key).boxed(),
+                c.sismember::<i64, _, _>(index, key).boxed(),
             ))
             .await?;
         self.observe(started);
@@ -131,8 +132,11 @@ impl Shard {
         prefix_len: usize,
     ) -> Result<(u64, Bytes), ShardError> {
         let c = self.connection()?;
-        self.bounded(try_join(c.strlen(key), c.getrange(key, 0, prefix_len - 1)))
-            .await
+        self.bounded(try_join(
+            c.strlen(key).boxed(),
+            c.getrange(key, 0, prefix_len - 1).boxed(),
+        ))
+        .await
     }
 
     /// Bytes `[start, end)` of a value and then its first `prefix_len` bytes, read in that
@@ -148,8 +152,8 @@ impl Shard {
         let c = self.connection()?;
         let read = self
             .bounded(try_join(
-                c.getrange(key, start as usize, end as usize - 1),
-                c.getrange(key, 0, prefix_len - 1),
+                c.getrange(key, start as usize, end as usize - 1).boxed(),
+                c.getrange(key, 0, prefix_len - 1).boxed(),
             ))
             .await;
         self.observe(started);
