@@ -17,6 +17,9 @@ RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin mediaca
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/mediacache /usr/local/bin/mediacache
 USER 65532:65532
+# No transparent huge pages for the allocator's memory even where the host turns them on for
+# every process: mimalloc then asks the kernel to keep them off (`PR_SET_THP_DISABLE`).
+ENV MIMALLOC_ALLOW_THP=0
 # gRPC, and metrics/health when metrics_listen is set.
 EXPOSE 50051 9100
 ENTRYPOINT ["/usr/local/bin/mediacache"]

@@ -583,8 +583,9 @@ async fn a_put_whose_piece_the_shard_has_no_memory_for_is_not_published() {
 }
 
 /// A read the shard refuses for a reason that says nothing against the value (here its ACL
-/// forbids `STRLEN`, which the first read asks the value's length with) is a miss, and the object is still there once the shard allows
-/// the read again: only a value of another type under our name is deleted.
+/// forbids `STRLEN`, which the first read asks the value's length with) is a miss, and the
+/// object is still there once the shard allows the read again: only a value of another type
+/// under our name is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_the_shard_refuses_is_a_miss_that_deletes_nothing() {
     let cluster = TestCluster::builder().shards(1).start().await;

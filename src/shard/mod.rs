@@ -260,11 +260,13 @@ impl Shard {
     /// One connected client of the pool (one connection), failing fast (not queueing) if its
     /// connection drops.
     ///
-    /// Several commands go to the shard in one write when their futures are joined in order
-    /// (`try_join`) and none is awaited first: the client queues a command for its connection
-    /// when its future is first polled, and writes what is queued together, in that order. A
-    /// fred `Pipeline` keeps the order too, but writes and flushes each of its commands on its
-    /// own, so that three commands cost three writes and often three wake-ups of the shard.
+    /// Several commands go to the shard in order and usually in one write when their futures
+    /// are joined in order (`try_join`) and none is awaited first: the client queues a command
+    /// for its connection when its future is first polled, and writes what is queued together.
+    /// (Not always: if the client's connection task is already running on the other worker, it
+    /// may write the first command before the next is queued.) A fred `Pipeline` keeps the
+    /// order too, but writes and flushes each of its commands on its own, so that three
+    /// commands cost three writes and often three wake-ups of the shard.
     /// Box each command's future before joining it: each one is about 6.6 KB (it holds the
     /// client's path for interrupting a blocked connection, unused here), and joined in place
     /// they made a Get's read some 20 KB, copied whole each time it moved (callgrind counted 2.3

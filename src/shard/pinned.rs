@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::clients::{Pipeline, WithOptions};
 use fred::prelude::*;
+use futures_util::future::try_join;
 use futures_util::FutureExt;
 
 use super::{Shard, ShardError};
@@ -85,9 +86,10 @@ impl Pinned {
             .map_err(|e| self.shard.fail(e))
     }
 
-    /// `SET key value PX ttl`, then a Lua script, in one write and one round trip on this
-    /// connection (see [`Shard::connection`]): the script sees the value. Waits for the answer
-    /// like [`Pinned::eval`].
+    /// `SET key value PX ttl`, then a Lua script, in one round trip on this connection (and
+    /// usually one write: the two are joined as the shard's reads join theirs): the script sees
+    /// the value. Waits for the answer like [`Pinned::eval`]. If the `SET` fails the script
+    /// may still run; it then finds no value of the expected length and publishes nothing.
     pub async fn set_then_eval<R: FromValue>(
         &self,
         (key, value, ttl): (&str, Bytes, Duration),
@@ -99,7 +101,7 @@ impl Pinned {
         let started = std::time::Instant::now();
         let c = self.client.with_options(&self.shard.options());
         let px = Some(Expiration::PX(ttl.as_millis() as i64));
-        let (_, reply): ((), R) = futures_util::future::try_join(
+        let (_, reply): ((), R) = try_join(
             c.set(key, value, px, None, false).boxed(),
             c.eval(script, keys, args).boxed(),
         )
@@ -116,7 +118,7 @@ impl Pinned {
     /// transaction's error (the others still ran). Bounded like [`Pinned::eval_bounded`].
     ///
     /// The transaction goes as a pipeline of its own `MULTI` and `EXEC`: the client writes a
-    /// pipeline's commands together, so nothing of another request comes between them, and
+    /// pipeline's commands one after another, with nothing of another request between them, and
     /// other requests on the connection are not held while it runs (the client's own
     /// transactions wait for every command in flight first and hold the connection for the
     /// round trip).

@@ -32,7 +32,6 @@ impl Shard {
         T: Clone + Send + Sync + 'static,
         F: std::future::Future<Output = Result<T, ShardError>> + Send + 'static,
     {
-        use futures_util::FutureExt;
         let mut reads = map(self).lock().unwrap_or_else(|p| p.into_inner());
         if let Some(read) = reads.get(&key).and_then(|weak| weak.upgrade()) {
             self.coalesced.fetch_add(1, Ordering::Relaxed);
