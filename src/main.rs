@@ -12,9 +12,10 @@ use mediacache::proto::{MediaInfo, MediaKey, PutOutcome};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc, not glibc's malloc: less CPU per small Get (BENCHMARKS.md, "The allocator").
+/// mimalloc, not glibc's malloc: less CPU per small Get (BENCHMARKS.md, "One write per read").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+const _: () = assert!(libmimalloc_sys::_mi_option_last == 47); // the option numbers `main` uses
 
 #[derive(Parser)]
 #[command(
@@ -222,9 +223,8 @@ impl Target {
 }
 
 fn main() -> ExitCode {
-    // mimalloc's `purge_delay` (15 in its mimalloc.h) 0: freed memory goes back at once.
-    // SAFETY: an integer option, which mimalloc lets a program set at any time.
-    unsafe { libmimalloc_sys::mi_option_set(15, 0) };
+    // SAFETY: no other thread exists yet. 15 is `purge_delay`: freed memory goes back in 10 ms.
+    unsafe { libmimalloc_sys::mi_option_set_default(15, 10) };
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
