@@ -1189,14 +1189,14 @@ fn agree(files: &[String]) {
                 .unwrap_or_else(|e| fail(format!("{f} is not a report: {e}")))
         })
         .collect();
-    for (run, f) in runs.iter().zip(files) {
-        if run["rows"].as_array().is_none_or(Vec::is_empty) {
-            fail(format!("{f} has no rows"));
-        }
-    }
-    let rows = |run: &serde_json::Value| -> Vec<serde_json::Value> {
-        run["rows"].as_array().cloned().unwrap_or_default()
-    };
+    let reports: Vec<&Vec<serde_json::Value>> = runs
+        .iter()
+        .zip(files)
+        .map(|(run, f)| match run["rows"].as_array() {
+            Some(rows) if !rows.is_empty() => rows,
+            _ => fail(format!("{f} has no rows")),
+        })
+        .collect();
     let id = |r: &serde_json::Value| {
         (
             r["size"].as_u64().unwrap_or(0),
@@ -1212,14 +1212,14 @@ fn agree(files: &[String]) {
         "{:>9} {:>4}  {:<17} {:>26}  {:>6}",
         "bytes", "conc", "path", "ratio in each run", "apart"
     );
-    for row in rows(&runs[0]) {
-        let (size, conc, path) = id(&row);
+    for row in reports[0] {
+        let (size, conc, path) = id(row);
         if baselines.iter().any(|b| b.as_str() == Some(path.as_str())) {
             continue;
         }
-        let ratios: Vec<f64> = runs
+        let ratios: Vec<f64> = reports
             .iter()
-            .filter_map(|run| rows(run).into_iter().find(|r| id(r) == id(&row)))
+            .filter_map(|rows| rows.iter().find(|r| id(r) == id(row)))
             .filter_map(|r| r["ratio"].as_f64())
             .collect();
         if ratios.len() < runs.len() {

@@ -267,6 +267,7 @@ impl Shard {
     /// may write the first command before the next is queued.) A fred `Pipeline` keeps the
     /// order too, but writes and flushes each of its commands on its own, so that three
     /// commands cost three writes and often three wake-ups of the shard.
+    ///
     /// Box each command's future before joining it: each one is about 6.6 KB (it holds the
     /// client's path for interrupting a blocked connection, unused here), and joined in place
     /// they made a Get's read some 20 KB, copied whole each time it moved (callgrind counted 2.3

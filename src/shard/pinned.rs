@@ -33,9 +33,14 @@ impl Pinned {
         &self.shard
     }
 
+    /// This connection with the shard's per-call options (timeout, fail fast, one attempt).
+    fn connection(&self) -> WithOptions<Client> {
+        self.client.with_options(&self.shard.options())
+    }
+
     /// A pipeline on this connection, with the shard's per-call options.
     fn pipeline(&self) -> Pipeline<WithOptions<Client>> {
-        Pipeline::from(self.client.with_options(&self.shard.options()))
+        Pipeline::from(self.connection())
     }
 
     /// Runs a Lua script on this connection, under the command timeout, its round trip counted
@@ -49,8 +54,10 @@ impl Pinned {
     ) -> Result<R, ShardError> {
         let started = std::time::Instant::now();
         self.shard.check_up()?;
-        let client = self.client.with_options(&self.shard.options());
-        let reply = self.shard.bounded(client.eval(script, keys, args)).await?;
+        let reply = self
+            .shard
+            .bounded(self.connection().eval(script, keys, args))
+            .await?;
         self.shard.observe(started);
         Ok(reply)
     }
@@ -73,8 +80,7 @@ impl Pinned {
     /// `SET key value PX ttl`.
     pub async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), ShardError> {
         self.shard.check_up()?;
-        self.client
-            .with_options(&self.shard.options())
+        self.connection()
             .set::<(), _, _>(
                 key,
                 value,
@@ -99,7 +105,7 @@ impl Pinned {
     ) -> Result<R, ShardError> {
         self.shard.check_up()?;
         let started = std::time::Instant::now();
-        let c = self.client.with_options(&self.shard.options());
+        let c = self.connection();
         let px = Some(Expiration::PX(ttl.as_millis() as i64));
         let (_, reply): ((), R) = try_join(
             c.set(key, value, px, None, false).boxed(),
@@ -170,8 +176,7 @@ impl Pinned {
 
     /// Deletes a key on this connection, after every command sent before it.
     pub async fn del(&self, key: &str) -> Result<(), ShardError> {
-        self.client
-            .with_options(&self.shard.options())
+        self.connection()
             .del::<(), _>(key)
             .await
             .map_err(|e| self.shard.fail(e))
