@@ -7,6 +7,7 @@
 //! - [`server`]: wires config, ring, store and services together and serves until shutdown.
 //! - [`auth`]: client tokens, checked by a tower layer in front of every gRPC service.
 //! - [`tls`]: TLS on the gRPC port, with certificates reloaded when their files change.
+//! - [`coalesce`]: a connection's small writes gathered into one system call per turn.
 //! - [`service`]: the gRPC services, thin adapters between the wire and the store.
 //! - [`key`]: media key validation and the Redis key names derived from it.
 //! - [`store`]: the memory tier and the Redis tier composed into one store.
@@ -27,6 +28,7 @@
 pub mod auth;
 pub mod client;
 pub mod clock;
+pub mod coalesce;
 pub mod config;
 pub mod events;
 pub mod key;

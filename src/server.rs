@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use futures_util::TryStreamExt;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::auth::{Auth, AuthLayer};
+use crate::coalesce::Coalesced;
 use crate::config::Loaded;
 use crate::events::Events;
 use crate::proto::{
@@ -231,13 +233,14 @@ pub async fn run(
     let serve = async move {
         match tls {
             Some(tls) => {
-                router
-                    .serve_with_incoming_shutdown(tls.incoming(listener), signal)
-                    .await
+                let incoming = tls.incoming(listener).map_ok(Coalesced::new);
+                router.serve_with_incoming_shutdown(incoming, signal).await
             }
             None => {
                 // Without it, small replies wait on the peer's delayed ACK (40 ms on Linux).
-                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                let incoming = TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .map_ok(Coalesced::new);
                 router.serve_with_incoming_shutdown(incoming, signal).await
             }
         }

@@ -384,3 +384,102 @@ async fn put_counting_calls(
     assert_eq!(got, data, "{id}");
     calls
 }
+
+/// A client connection to `addr` that keeps its socket's descriptor, to read its `TCP_INFO`.
+#[derive(Clone)]
+struct Watched {
+    addr: std::net::SocketAddr,
+    fd: std::sync::Arc<std::sync::Mutex<Option<std::os::fd::RawFd>>>,
+}
+
+impl tower_service::Service<tonic::codegen::http::Uri> for Watched {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = tokio::net::TcpStream::connect(this.addr).await?;
+            tcp.set_nodelay(true)?;
+            *this.fd.lock().unwrap() = Some(std::os::fd::AsRawFd::as_raw_fd(&tcp));
+            Ok(hyper_util::rt::TokioIo::new(tcp))
+        })
+    }
+}
+
+/// TCP segments with data (not bare acknowledgements) the socket `fd` has received.
+fn segments_in(fd: std::os::fd::RawFd) -> u32 {
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let done = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(done, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_data_segs_in
+}
+
+/// A small Get's whole response (headers, messages and trailers) reaches the client in one TCP
+/// segment; h2 alone sends the trailers in a write of their own (see `coalesce`).
+#[tokio::test]
+async fn a_small_gets_response_reaches_the_client_in_one_segment() {
+    let cluster = TestCluster::builder().shards(0).start().await;
+    let key = media_key("example.org", "one-segment", "");
+    let data = body(5000, 3);
+    let put = cluster
+        .client()
+        .await
+        .put_bytes(key.clone(), Default::default(), data.clone())
+        .await
+        .unwrap();
+    assert!(put.stored, "{put:?}");
+    let watched = Watched {
+        addr: cluster.addr(),
+        fd: Default::default(),
+    };
+    let channel = tonic::transport::Endpoint::from_shared(cluster.endpoint())
+        .unwrap()
+        .connect_with_connector(watched.clone())
+        .await
+        .unwrap();
+    let mut client = mediacache::client::Client::from_channel(channel);
+    let get = |client: &mut mediacache::client::Client| {
+        let (key, data) = (key.clone(), data.clone());
+        let mut client = client.clone();
+        async move {
+            let (_, got) = client.get_bytes(key).await.unwrap().expect("stored");
+            assert_eq!(got, data);
+        }
+    };
+    // The connection's start (settings, the first acknowledgements) is left out.
+    for _ in 0..20 {
+        get(&mut client).await;
+    }
+    let fd = watched.fd.lock().unwrap().expect("connected");
+    const GETS: u32 = 100;
+    let before = segments_in(fd);
+    for _ in 0..GETS {
+        get(&mut client).await;
+    }
+    let segments = segments_in(fd) - before;
+    // The server's answers to the client's pings and window updates add a few.
+    assert!(
+        (GETS..GETS * 3 / 2).contains(&segments),
+        "{segments} segments reached the client for {GETS} Gets"
+    );
+}
