@@ -10,8 +10,13 @@
 //! the next frame, and the turn of its connection task always ends in another flush (the one
 //! after it has queued every pending frame), or in a write that blocks and wakes the task again,
 //! or in a shutdown. That later flush writes everything at once. Any other flush writes at once.
-//! A write that would hold more than [`HOLD_BYTES`] goes out at once, behind what waits, in the
-//! same `writev`: large chunks are not copied.
+//! A write that would hold more than [`HOLD_BYTES`], or any write while the socket is backed up
+//! (it took less than it was offered), goes out at once, behind what waits, in the same
+//! `writev`: large chunks are not copied, and what is held never passes [`HOLD_BYTES`].
+//!
+//! Only HTTP/2 connections may be wrapped: HTTP/1 (hyper's `h1`) ends a response with a vectored
+//! write and one flush, which would be put off until the client spoke again. The gRPC port
+//! speaks HTTP/2 alone.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -33,8 +38,8 @@ const SLACK_BYTES: usize = 4 * 1024;
 /// idle connection holds no more than h2's own write buffer.
 const KEEP_BYTES: usize = 16 * 1024;
 
-/// Slices one `writev` carries at most (Linux takes 1024).
-const MAX_SLICES: usize = 64;
+/// Slices one `writev` carries at most (Linux takes 1024; tokio-util passes h2's 2).
+const MAX_SLICES: usize = 16;
 
 /// An I/O stream whose small writes wait for the flush after the next one (see the module).
 pub struct Coalesced<T> {
@@ -45,6 +50,9 @@ pub struct Coalesced<T> {
     /// The last bytes held came in a vectored write (h2's chained payload): the next flush is
     /// only h2 making room, and may wait for the one that ends the turn.
     chained: bool,
+    /// The socket last took less than it was offered: nothing more is held until what waits
+    /// has gone out.
+    backed_up: bool,
 }
 
 impl<T> Coalesced<T> {
@@ -54,6 +62,7 @@ impl<T> Coalesced<T> {
             held: Vec::new(),
             sent: 0,
             chained: false,
+            backed_up: false,
         }
     }
 
@@ -82,10 +91,18 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
     /// Writes everything held, then flushes `inner`.
     fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.waiting() > 0 {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held[self.sent..]))?;
+            let waiting = self.waiting();
+            let n = match Pin::new(&mut self.inner).poll_write(cx, &self.held[self.sent..]) {
+                Poll::Ready(written) => written?,
+                Poll::Pending => {
+                    self.backed_up = true;
+                    return Poll::Pending;
+                }
+            };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
+            self.backed_up = n < waiting;
             self.advance(n);
         }
         self.chained = false;
@@ -119,9 +136,19 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if this.waiting() + total <= HOLD_BYTES {
-            if this.held.capacity() - this.held.len() < total {
-                this.held.reserve(total + SLACK_BYTES);
+        if total == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        if !this.backed_up && this.waiting() + total <= HOLD_BYTES {
+            // Not backed up, so nothing was sent of what is held: it is all of `held`.
+            debug_assert_eq!(this.sent, 0);
+            let len = this.held.len();
+            if this.held.capacity() - len < total {
+                // Doubling, but never past the bound, and with room for what follows.
+                let room = (len + total + SLACK_BYTES)
+                    .max(2 * this.held.capacity())
+                    .min(HOLD_BYTES + SLACK_BYTES);
+                this.held.reserve_exact(room - len);
             }
             for b in bufs {
                 this.held.extend_from_slice(b);
@@ -132,17 +159,29 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
         // Too much to hold: what waits goes first, the new bytes behind it in the same call.
         loop {
             let waiting = this.waiting();
-            let n = {
-                let mut slices = Vec::with_capacity(MAX_SLICES);
-                if waiting > 0 {
-                    slices.push(IoSlice::new(&this.held[this.sent..]));
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut count = 0;
+            if waiting > 0 {
+                slices[0] = IoSlice::new(&this.held[this.sent..]);
+                count = 1;
+            }
+            let mut offered = waiting;
+            for b in bufs.iter().take(MAX_SLICES - count) {
+                slices[count] = *b;
+                count += 1;
+                offered += b.len();
+            }
+            let n = match Pin::new(&mut this.inner).poll_write_vectored(cx, &slices[..count]) {
+                Poll::Ready(written) => written?,
+                Poll::Pending => {
+                    this.backed_up = true;
+                    return Poll::Pending;
                 }
-                slices.extend(bufs.iter().take(MAX_SLICES - slices.len()).copied());
-                ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, &slices))?
             };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
+            this.backed_up = n < offered;
             if n > waiting {
                 this.advance(waiting);
                 return Poll::Ready(Ok(n - waiting));
@@ -185,10 +224,13 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
-    /// Records each write it is given, taking at most `per_write` bytes of it.
+    /// Records each write it is given, taking at most `per_write` bytes of it; with `stalls`,
+    /// every other write is refused as a full socket would (and the task woken at once).
     struct Recorder {
         writes: Vec<Vec<u8>>,
         per_write: usize,
+        stalls: bool,
+        calls: usize,
         shut: bool,
     }
 
@@ -196,6 +238,8 @@ mod tests {
         Coalesced::new(Recorder {
             writes: Vec::new(),
             per_write,
+            stalls: false,
+            calls: 0,
             shut: false,
         })
     }
@@ -211,9 +255,14 @@ mod tests {
 
         fn poll_write_vectored(
             mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
+            cx: &mut Context<'_>,
             bufs: &[IoSlice<'_>],
         ) -> Poll<io::Result<usize>> {
+            self.calls += 1;
+            if self.stalls && self.calls % 2 == 1 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
             let taken = all[..all.len().min(self.per_write)].to_vec();
             let n = taken.len();
@@ -292,6 +341,46 @@ mod tests {
         expected.extend(&large);
         expected.extend(b"end");
         assert_eq!(sent(&io), expected);
+    }
+
+    /// Writes a frame as h2 does, its head and payload in one vectored write, to the end.
+    async fn write_chained(io: &mut Coalesced<Recorder>, head: &[u8], payload: &[u8]) {
+        let mut done = 0;
+        while done < head.len() + payload.len() {
+            let n = if done < head.len() {
+                let slices = [IoSlice::new(&head[done..]), IoSlice::new(payload)];
+                io.write_vectored(&slices).await.unwrap()
+            } else {
+                io.write(&payload[done - head.len()..]).await.unwrap()
+            };
+            assert!(n > 0);
+            done += n;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backed_up_socket_holds_no_more_than_the_bound() {
+        let mut io = recorder(5000);
+        io.inner.stalls = true;
+        let mut expected = Vec::new();
+        let mut most_held = 0;
+        for i in 0..300u32 {
+            let head = i.to_be_bytes();
+            let payload = vec![i as u8; 16 * 1024];
+            write_chained(&mut io, &head, &payload).await;
+            io.flush().await.unwrap();
+            most_held = most_held.max(io.held.capacity());
+            expected.extend(head);
+            expected.extend(&payload);
+        }
+        io.write_all(b"trailers").await.unwrap();
+        io.flush().await.unwrap();
+        expected.extend(b"trailers");
+        assert_eq!(sent(&io), expected);
+        assert!(
+            most_held <= HOLD_BYTES + SLACK_BYTES,
+            "{most_held} bytes held at once"
+        );
     }
 
     #[tokio::test]

@@ -386,12 +386,14 @@ async fn put_counting_calls(
 }
 
 /// A client connection to `addr` that keeps its socket's descriptor, to read its `TCP_INFO`.
+#[cfg(target_os = "linux")]
 #[derive(Clone)]
 struct Watched {
     addr: std::net::SocketAddr,
     fd: std::sync::Arc<std::sync::Mutex<Option<std::os::fd::RawFd>>>,
 }
 
+#[cfg(target_os = "linux")]
 impl tower_service::Service<tonic::codegen::http::Uri> for Watched {
     type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
     type Error = std::io::Error;
@@ -418,6 +420,7 @@ impl tower_service::Service<tonic::codegen::http::Uri> for Watched {
 }
 
 /// TCP segments with data (not bare acknowledgements) the socket `fd` has received.
+#[cfg(target_os = "linux")]
 fn segments_in(fd: std::os::fd::RawFd) -> u32 {
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -436,6 +439,7 @@ fn segments_in(fd: std::os::fd::RawFd) -> u32 {
 
 /// A small Get's whole response (headers, messages and trailers) reaches the client in one TCP
 /// segment; h2 alone sends the trailers in a write of their own (see `coalesce`).
+#[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_small_gets_response_reaches_the_client_in_one_segment() {
     let cluster = TestCluster::builder().shards(0).start().await;
