@@ -12,7 +12,9 @@
 //! or in a shutdown. That later flush writes everything at once. Any other flush writes at once.
 //! A write that would hold more than [`HOLD_BYTES`], or any write while the socket is backed up
 //! (it took less than it was offered), goes out at once, behind what waits, in the same
-//! `writev`: large chunks are not copied, and what is held never passes [`HOLD_BYTES`].
+//! `writev`, and what is held never passes [`HOLD_BYTES`]. A chunk sent as one frame larger than
+//! that (a client that allows large frames, as ours does) is not copied; a client on HTTP/2's
+//! default 16 KiB frames has most frames of a large chunk copied here, sent up to 128 KiB a write.
 //!
 //! Only HTTP/2 connections may be wrapped: HTTP/1 (hyper's `h1`) ends a response with a vectored
 //! write and one flush, which would be put off until the client spoke again. The gRPC port
@@ -25,9 +27,9 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes held for the next flush at most; a write that would pass it goes out at once. A
-/// thumbnail's whole response fits, and a chunk of the default `chunk_bytes` (256 KiB) does not:
-/// the chunks of a large object are sent from where they lie, never copied here. Copying 64 KiB
-/// cost the service less than the second write it saves (BENCHMARKS.md).
+/// thumbnail's whole response fits, and a frame carrying a whole chunk of the default
+/// `chunk_bytes` (256 KiB) does not: that is sent from where it lies. Copying 64 KiB cost the
+/// service less than the second write it saves (BENCHMARKS.md).
 pub const HOLD_BYTES: usize = 128 * 1024;
 
 /// Room made beyond a write that does not fit what is held, for the frames that follow it (a
@@ -157,6 +159,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
             return Poll::Ready(Ok(total));
         }
         // Too much to hold: what waits goes first, the new bytes behind it in the same call.
+        this.chained = false;
         loop {
             let waiting = this.waiting();
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
@@ -166,7 +169,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
                 count = 1;
             }
             let mut offered = waiting;
-            for b in bufs.iter().take(MAX_SLICES - count) {
+            for b in bufs
+                .iter()
+                .filter(|b| !b.is_empty())
+                .take(MAX_SLICES - count)
+            {
                 slices[count] = *b;
                 count += 1;
                 offered += b.len();
@@ -381,6 +388,32 @@ mod tests {
             most_held <= HOLD_BYTES + SLACK_BYTES,
             "{most_held} bytes held at once"
         );
+    }
+
+    #[test]
+    fn a_write_after_a_partly_sent_flush_goes_behind_what_waits() {
+        let mut io = recorder(5000);
+        io.inner.stalls = true;
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let first: Vec<u8> = (0..12_000u32).map(|i| i as u8).collect();
+        let n = Pin::new(&mut io).poll_write(&mut cx, &first);
+        assert!(matches!(n, Poll::Ready(Ok(12_000))));
+        // Refused, then 5,000 bytes out and refused again: the socket is backed up.
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_pending());
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_pending());
+        assert_eq!(sent(&io).len(), 5000);
+        // A small write now is not held behind the rest: it goes through, in order.
+        let mut written = 0;
+        while written == 0 {
+            if let Poll::Ready(n) = Pin::new(&mut io).poll_write(&mut cx, b"next") {
+                written = n.unwrap();
+            }
+        }
+        assert!(io.held.len() <= first.len(), "nothing more was held");
+        while Pin::new(&mut io).poll_flush(&mut cx).is_pending() {}
+        let mut expected = first;
+        expected.extend(&b"next"[..written]);
+        assert_eq!(sent(&io), expected);
     }
 
     #[tokio::test]
