@@ -68,10 +68,6 @@ impl<T> Coalesced<T> {
         }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     fn waiting(&self) -> usize {
         self.held.len() - self.sent
     }
@@ -90,22 +86,50 @@ impl<T> Coalesced<T> {
 }
 
 impl<T: AsyncWrite + Unpin> Coalesced<T> {
+    /// Offers what waits and then `bufs` to `inner` in one write. Returns how many bytes of
+    /// `bufs` it took: none while only held bytes went out.
+    fn poll_offer(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let waiting = self.waiting();
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut count = 0;
+        if waiting > 0 {
+            slices[0] = IoSlice::new(&self.held[self.sent..]);
+            count = 1;
+        }
+        let mut offered = waiting;
+        for b in bufs
+            .iter()
+            .filter(|b| !b.is_empty())
+            .take(MAX_SLICES - count)
+        {
+            slices[count] = *b;
+            count += 1;
+            offered += b.len();
+        }
+        let n = match Pin::new(&mut self.inner).poll_write_vectored(cx, &slices[..count]) {
+            Poll::Ready(written) => written?,
+            Poll::Pending => {
+                self.backed_up = true;
+                return Poll::Pending;
+            }
+        };
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        self.backed_up = n < offered;
+        let held_out = n.min(waiting);
+        self.advance(held_out);
+        Poll::Ready(Ok(n - held_out))
+    }
+
     /// Writes everything held, then flushes `inner`.
     fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.waiting() > 0 {
-            let waiting = self.waiting();
-            let n = match Pin::new(&mut self.inner).poll_write(cx, &self.held[self.sent..]) {
-                Poll::Ready(written) => written?,
-                Poll::Pending => {
-                    self.backed_up = true;
-                    return Poll::Pending;
-                }
-            };
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.backed_up = n < waiting;
-            self.advance(n);
+            ready!(self.poll_offer(cx, &[]))?;
         }
         self.chained = false;
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -161,40 +185,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
         // Too much to hold: what waits goes first, the new bytes behind it in the same call.
         this.chained = false;
         loop {
-            let waiting = this.waiting();
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let mut count = 0;
-            if waiting > 0 {
-                slices[0] = IoSlice::new(&this.held[this.sent..]);
-                count = 1;
+            let taken = ready!(this.poll_offer(cx, bufs))?;
+            if taken > 0 {
+                return Poll::Ready(Ok(taken));
             }
-            let mut offered = waiting;
-            for b in bufs
-                .iter()
-                .filter(|b| !b.is_empty())
-                .take(MAX_SLICES - count)
-            {
-                slices[count] = *b;
-                count += 1;
-                offered += b.len();
-            }
-            let n = match Pin::new(&mut this.inner).poll_write_vectored(cx, &slices[..count]) {
-                Poll::Ready(written) => written?,
-                Poll::Pending => {
-                    this.backed_up = true;
-                    return Poll::Pending;
-                }
-            };
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            this.backed_up = n < offered;
-            if n > waiting {
-                this.advance(waiting);
-                return Poll::Ready(Ok(n - waiting));
-            }
-            // Only held bytes went out: none of the caller's yet.
-            this.advance(n);
         }
     }
 
@@ -288,16 +282,16 @@ mod tests {
     }
 
     fn sent(io: &Coalesced<Recorder>) -> Vec<u8> {
-        io.get_ref().writes.concat()
+        io.inner.writes.concat()
     }
 
     #[tokio::test]
     async fn a_plain_write_goes_out_at_its_flush() {
         let mut io = recorder(usize::MAX);
         io.write_all(b"headers").await.unwrap();
-        assert!(io.get_ref().writes.is_empty());
+        assert!(io.inner.writes.is_empty());
         io.flush().await.unwrap();
-        assert_eq!(io.get_ref().writes, vec![b"headers".to_vec()]);
+        assert_eq!(io.inner.writes, vec![b"headers".to_vec()]);
     }
 
     #[tokio::test]
@@ -308,13 +302,13 @@ mod tests {
         let n = io.write_vectored(&chained).await.unwrap();
         assert_eq!(n, 10 + payload.len());
         io.flush().await.unwrap();
-        assert!(io.get_ref().writes.is_empty(), "h2 flushes only for room");
+        assert!(io.inner.writes.is_empty(), "h2 flushes only for room");
         io.write_all(b"trailers").await.unwrap();
         io.flush().await.unwrap();
         let mut expected = b"frame head".to_vec();
         expected.extend(&payload);
         expected.extend(b"trailers");
-        assert_eq!(io.get_ref().writes, vec![expected], "one write for all");
+        assert_eq!(io.inner.writes, vec![expected], "one write for all");
     }
 
     #[tokio::test]
@@ -330,9 +324,9 @@ mod tests {
         );
         let mut expected = b"small".to_vec();
         expected.extend(&large);
-        assert_eq!(io.get_ref().writes, vec![expected]);
+        assert_eq!(io.inner.writes, vec![expected]);
         io.flush().await.unwrap();
-        assert_eq!(io.get_ref().writes.len(), 1, "nothing was left held");
+        assert_eq!(io.inner.writes.len(), 1, "nothing was left held");
     }
 
     #[tokio::test]
@@ -428,6 +422,6 @@ mod tests {
         io.flush().await.unwrap();
         io.shutdown().await.unwrap();
         assert_eq!(sent(&io).len(), 4 + payload.len());
-        assert!(io.get_ref().shut);
+        assert!(io.inner.shut);
     }
 }
