@@ -11,7 +11,9 @@
 //! the memory tier off, one serving from it) and, when `nutcracker` is installed, a twemproxy in
 //! front of the same shards. Then, for each object size and client concurrency, it drives every
 //! path for a fixed time and prints one table: throughput, p50/p99 time to last byte, and ratios
-//! to `redis-direct` from the same run. It also measures the service's peak RSS under large and
+//! to `redis-direct` from the same run. `grpc-floor` is a bodiless gRPC health check to the
+//! memory-tier service, counted as one object: the ceiling of any gRPC Get of a small object. It
+//! also measures the service's peak RSS under large and
 //! slow downloads, and the CPU each process spends at 16 clients, per object for the 8 and 64 KiB
 //! cells and per GiB for the larger ones (kernel user+system time, the counters `getrusage`
 //! reports, read from `/proc/<pid>/stat` for the child processes).
@@ -37,6 +39,9 @@ use mediacache::client::{media_key, Client};
 use mediacache::proto::{MediaInfo, MediaKey};
 use serde::Serialize;
 use support::{rss_bytes, sample_rss, Service};
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -322,6 +327,8 @@ struct Rig {
     service_memory: Service,
     redis_clients: Vec<Client>,
     memory_clients: Vec<Client>,
+    /// gRPC health clients of the memory-tier service, for [`PathKind::GrpcFloor`].
+    floor_clients: Vec<HealthClient<Channel>>,
     shards: Vec<RedisShard>,
 }
 
@@ -332,16 +339,18 @@ enum PathKind {
     Twemproxy,
     ServiceRedis,
     ServiceMemory,
+    GrpcFloor,
     RedisDirectSet,
     ServicePut,
 }
 
 impl PathKind {
-    const ALL: [PathKind; 6] = [
+    const ALL: [PathKind; 7] = [
         Self::RedisDirect,
         Self::Twemproxy,
         Self::ServiceRedis,
         Self::ServiceMemory,
+        Self::GrpcFloor,
         Self::RedisDirectSet,
         Self::ServicePut,
     ];
@@ -352,9 +361,16 @@ impl PathKind {
             Self::Twemproxy => "twemproxy",
             Self::ServiceRedis => "service-redis",
             Self::ServiceMemory => "service-memory",
+            Self::GrpcFloor => "grpc-floor",
             Self::RedisDirectSet => "redis-direct SET",
             Self::ServicePut => "service-put",
         }
+    }
+
+    /// Whether the path runs in cells of `size`: a bodiless round trip counted as an object
+    /// bounds only the small ones, where the round trip and not the bytes takes the time.
+    fn runs_at(self, size: usize) -> bool {
+        self != Self::GrpcFloor || size < MIB
     }
 
     /// The path this one's ratios are taken against.
@@ -420,6 +436,13 @@ impl Rig {
             PathKind::ServiceMemory => {
                 let c = &self.memory_clients[client % self.memory_clients.len()];
                 service_get(c, service_key(size, i)).await
+            }
+            PathKind::GrpcFloor => {
+                // No body: counted as one object of the cell's size, the most a service could
+                // deliver if a Get cost nothing but its round trip.
+                let mut c = self.floor_clients[client % self.floor_clients.len()].clone();
+                c.check(HealthCheckRequest::default()).await.expect("Check");
+                size
             }
             PathKind::RedisDirectSet => {
                 // One key per client, overwritten: a SET of a new value each time.
@@ -487,7 +510,7 @@ struct Row {
 /// The processes whose CPU time is recorded for each cell.
 fn watched(rig: &Rig, path: PathKind) -> Vec<(&'static str, Vec<u32>)> {
     let service = match path {
-        PathKind::ServiceMemory => rig.service_memory.pid(),
+        PathKind::ServiceMemory | PathKind::GrpcFloor => rig.service_memory.pid(),
         _ => rig.service_redis.pid(),
     };
     let mut w = vec![
@@ -1041,6 +1064,7 @@ async fn run(opts: Opts) -> bool {
     let service_memory = Service::start(&all, &memory(2048 * MIB, 32 * MIB)).await;
     let redis_clients = service_redis.clients(MAX_CONNECTIONS).await;
     let memory_clients = service_memory.clients(MAX_CONNECTIONS).await;
+    let floor_clients = service_memory.health_clients(MAX_CONNECTIONS).await;
     let rig = Arc::new(Rig {
         shards,
         direct,
@@ -1049,6 +1073,7 @@ async fn run(opts: Opts) -> bool {
         service_memory,
         redis_clients,
         memory_clients,
+        floor_clients,
     });
 
     let mut paths = vec![PathKind::RedisDirect];
@@ -1058,6 +1083,7 @@ async fn run(opts: Opts) -> bool {
     paths.extend([
         PathKind::ServiceRedis,
         PathKind::ServiceMemory,
+        PathKind::GrpcFloor,
         PathKind::RedisDirectSet,
         PathKind::ServicePut,
     ]);
@@ -1093,18 +1119,22 @@ async fn run(opts: Opts) -> bool {
         .iter()
         .flat_map(|&(size, objects)| opts.concurrency.iter().map(move |&c| (size, objects, c)))
         .collect();
+    let cell_paths: Vec<Vec<PathKind>> = cells
+        .iter()
+        .map(|&(size, _, _)| paths.iter().copied().filter(|&p| p.runs_at(size)).collect())
+        .collect();
     let mut rounds: Vec<Vec<Vec<Row>>> = vec![Vec::new(); cells.len()];
     let slice = opts.cell / opts.rounds as u32;
     let per_pass = opts.rounds.div_ceil(PASSES);
     let warm = opts.cell / 5 / PASSES as u32;
     let most = opts.rounds * MORE_ROUNDS;
-    let enough = |done: &[Vec<Row>]| {
-        done.len() >= most || (done.len() >= opts.rounds && settled(&paths, done))
+    let enough = |paths: &[PathKind], done: &[Vec<Row>]| {
+        done.len() >= most || (done.len() >= opts.rounds && settled(paths, done))
     };
     for pass in 0.. {
         let mut ran = 0;
-        for (cell, done) in cells.iter().zip(rounds.iter_mut()) {
-            if enough(done) {
+        for ((cell, paths), done) in cells.iter().zip(&cell_paths).zip(rounds.iter_mut()) {
+            if enough(paths, done) {
                 continue;
             }
             ran += 1;
@@ -1119,8 +1149,8 @@ async fn run(opts: Opts) -> bool {
                 }
                 done.push(this);
             }
-            if enough(done) {
-                print_cell(&combine(&paths, done));
+            if enough(paths, done) {
+                print_cell(&combine(paths, done));
             }
         }
         if ran == 0 {
@@ -1128,7 +1158,11 @@ async fn run(opts: Opts) -> bool {
         }
         eprintln!("pass {}: {ran} of {} cells", pass + 1, cells.len());
     }
-    let rows: Vec<Row> = rounds.iter().flat_map(|r| combine(&paths, r)).collect();
+    let rows: Vec<Row> = rounds
+        .iter()
+        .zip(&cell_paths)
+        .flat_map(|(r, paths)| combine(paths, r))
+        .collect();
 
     let rss = if opts.rss {
         rss_phases(&rig, &opts).await

@@ -108,6 +108,25 @@ impl Service {
         }
         clients
     }
+
+    /// Plain channels to the service's gRPC health check, each on its own connection.
+    #[allow(dead_code)]
+    pub async fn health_clients(
+        &self,
+        n: usize,
+    ) -> Vec<tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>> {
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            let channel = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
+                .expect("endpoint")
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .expect("connect");
+            clients.push(tonic_health::pb::health_client::HealthClient::new(channel));
+        }
+        clients
+    }
 }
 
 impl Drop for Service {
