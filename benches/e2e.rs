@@ -1119,10 +1119,24 @@ async fn run(opts: Opts) -> bool {
         .iter()
         .flat_map(|&(size, objects)| opts.concurrency.iter().map(move |&c| (size, objects, c)))
         .collect();
-    let cell_paths: Vec<Vec<PathKind>> = cells
-        .iter()
-        .map(|&(size, _, _)| paths.iter().copied().filter(|&p| p.runs_at(size)).collect())
-        .collect();
+    // Each cell's paths; with `--path`, only the cells where an asked-for path runs.
+    let asked = |p: &PathKind| opts.only.is_empty() || opts.only.iter().any(|o| o == p.name());
+    let (cells, cell_paths): (Vec<_>, Vec<Vec<PathKind>>) = cells
+        .into_iter()
+        .map(|cell| {
+            let here = paths
+                .iter()
+                .copied()
+                .filter(|p| p.runs_at(cell.0))
+                .collect();
+            (cell, here)
+        })
+        .filter(|(_, here): &(_, Vec<PathKind>)| here.iter().any(asked))
+        .unzip();
+    if cells.is_empty() {
+        eprintln!("--path: none of {:?} runs at these sizes", opts.only);
+        return false;
+    }
     let mut rounds: Vec<Vec<Vec<Row>>> = vec![Vec::new(); cells.len()];
     let slice = opts.cell / opts.rounds as u32;
     let per_pass = opts.rounds.div_ceil(PASSES);
