@@ -12,7 +12,7 @@
 //! front of the same shards. Then, for each object size and client concurrency, it drives every
 //! path for a fixed time and prints one table: throughput, p50/p99 time to last byte, and ratios
 //! to `redis-direct` from the same run. `grpc-floor` is a bodiless gRPC health check to the
-//! memory-tier service, counted as one object: the ceiling of any gRPC Get of a small object. It
+//! memory-tier service, counted as one object: an approximate ceiling of a small-object Get. It
 //! also measures the service's peak RSS under large and
 //! slow downloads, and the CPU each process spends at 16 clients, per object for the 8 and 64 KiB
 //! cells and per GiB for the larger ones (kernel user+system time, the counters `getrusage`

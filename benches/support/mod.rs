@@ -123,7 +123,20 @@ impl Service {
                 .connect()
                 .await
                 .expect("connect");
-            clients.push(tonic_health::pb::health_client::HealthClient::new(channel));
+            let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+            // A floor timed on answers other than SERVING would measure something else.
+            let status = client
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .expect("Check")
+                .into_inner()
+                .status;
+            assert_eq!(
+                status,
+                tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+                "the service is not SERVING"
+            );
+            clients.push(client);
         }
         clients
     }
