@@ -1087,19 +1087,29 @@ async fn run(opts: Opts) -> bool {
         PathKind::RedisDirectSet,
         PathKind::ServicePut,
     ]);
-    if !opts.only.is_empty() {
-        let wanted = |p: PathKind| opts.only.iter().any(|o| o == p.name());
-        let kept: Vec<PathKind> = paths
-            .iter()
-            .copied()
-            .filter(|&p| wanted(p) || paths.iter().any(|&q| wanted(q) && q.baseline() == p))
-            .collect();
-        if kept.is_empty() {
-            // Returning (not exiting) stops the processes this run started.
-            eprintln!("--path: none of {:?} is a path here", opts.only);
-            return false;
+    // `--path`: the paths asked for (every path when none is), with their baselines.
+    let asked = |p: PathKind| opts.only.is_empty() || opts.only.iter().any(|o| o == p.name());
+    let paths: Vec<PathKind> = paths
+        .iter()
+        .copied()
+        .filter(|&p| asked(p) || paths.iter().any(|&q| asked(q) && q.baseline() == p))
+        .collect();
+    // The cells where an asked-for path runs, each with the paths that run in it.
+    let mut cells: Vec<(usize, usize, usize)> = Vec::new();
+    let mut cell_paths: Vec<Vec<PathKind>> = Vec::new();
+    for &(size, objects) in &opts.sizes {
+        let here: Vec<PathKind> = paths.iter().copied().filter(|p| p.runs_at(size)).collect();
+        if here.iter().any(|&p| asked(p)) {
+            for &conc in &opts.concurrency {
+                cells.push((size, objects, conc));
+                cell_paths.push(here.clone());
+            }
         }
-        paths = kept;
+    }
+    if cells.is_empty() {
+        // Returning (not exiting) stops the processes this run started.
+        eprintln!("--path: none of {:?} runs here at these sizes", opts.only);
+        return false;
     }
     // For attaching a profiler to one cell.
     eprintln!(
@@ -1111,32 +1121,11 @@ async fn run(opts: Opts) -> bool {
     // Every cell runs in several passes over all of them, so that a cell's rounds are spread
     // over the whole run and a slow minute of the machine falls on every cell a little.
     for &(size, objects) in &opts.sizes {
-        load(&rig, size, objects).await;
+        if cells.iter().any(|c| c.0 == size) {
+            load(&rig, size, objects).await;
+        }
     }
     eprintln!("loaded after {:.0} s", started.elapsed().as_secs_f64());
-    let cells: Vec<(usize, usize, usize)> = opts
-        .sizes
-        .iter()
-        .flat_map(|&(size, objects)| opts.concurrency.iter().map(move |&c| (size, objects, c)))
-        .collect();
-    // Each cell's paths; with `--path`, only the cells where an asked-for path runs.
-    let asked = |p: &PathKind| opts.only.is_empty() || opts.only.iter().any(|o| o == p.name());
-    let (cells, cell_paths): (Vec<_>, Vec<Vec<PathKind>>) = cells
-        .into_iter()
-        .map(|cell| {
-            let here = paths
-                .iter()
-                .copied()
-                .filter(|p| p.runs_at(cell.0))
-                .collect();
-            (cell, here)
-        })
-        .filter(|(_, here): &(_, Vec<PathKind>)| here.iter().any(asked))
-        .unzip();
-    if cells.is_empty() {
-        eprintln!("--path: none of {:?} runs at these sizes", opts.only);
-        return false;
-    }
     let mut rounds: Vec<Vec<Vec<Row>>> = vec![Vec::new(); cells.len()];
     let slice = opts.cell / opts.rounds as u32;
     let per_pass = opts.rounds.div_ceil(PASSES);

@@ -4,11 +4,21 @@ mod common;
 
 use common::{body, TestCluster};
 use mediacache::client::media_key;
-use mediacache::proto::{MediaInfo, PutOutcome};
+use mediacache::proto::{MediaInfo, MediaKey, PutOutcome};
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
 const CHUNK: usize = 64 * 1024;
+
+/// Gets `key` and checks that it reads back as `data`.
+async fn get_expecting(client: &mut mediacache::client::Client, key: &MediaKey, data: &[u8]) {
+    let (_, got) = client
+        .get_bytes(key.clone())
+        .await
+        .unwrap()
+        .expect("stored");
+    assert_eq!(got, data);
+}
 
 fn sizes() -> Vec<usize> {
     vec![0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * 1024 * 1024 + 17]
@@ -342,12 +352,7 @@ async fn a_gets_first_read_reaches_the_shard_in_one_write() {
     const GETS: u64 = 100;
     let before = shard.reads_processed().await;
     for _ in 0..GETS {
-        let (_, got) = client
-            .get_bytes(key.clone())
-            .await
-            .unwrap()
-            .expect("stored");
-        assert_eq!(got, data);
+        get_expecting(&mut client, &key, &data).await;
     }
     let reads = shard.reads_processed().await - before;
     // The health check's pings and the counting connection's own commands add a few.
@@ -466,17 +471,12 @@ async fn a_small_gets_response_reaches_the_client_in_one_segment() {
     // The connection's start (settings, the first acknowledgements) is left out.
     const WARM_UP: u32 = 20;
     const GETS: u32 = 100;
-    let mut before = 0;
-    for round in 0..WARM_UP + GETS {
-        if round == WARM_UP {
-            before = segments_in(fd);
-        }
-        let (_, got) = client
-            .get_bytes(key.clone())
-            .await
-            .unwrap()
-            .expect("stored");
-        assert_eq!(got, data);
+    for _ in 0..WARM_UP {
+        get_expecting(&mut client, &key, &data).await;
+    }
+    let before = segments_in(fd);
+    for _ in 0..GETS {
+        get_expecting(&mut client, &key, &data).await;
     }
     let segments = segments_in(fd) - before;
     // The server's answers to the client's pings and window updates add a few.
