@@ -1076,36 +1076,29 @@ async fn run(opts: Opts) -> bool {
         floor_clients,
     });
 
-    let mut paths = vec![PathKind::RedisDirect];
-    if rig.twemproxy.is_some() {
-        paths.push(PathKind::Twemproxy);
-    }
-    paths.extend([
-        PathKind::ServiceRedis,
-        PathKind::ServiceMemory,
-        PathKind::GrpcFloor,
-        PathKind::RedisDirectSet,
-        PathKind::ServicePut,
-    ]);
+    // Every path in table order, twemproxy only when it is installed.
+    let available: Vec<PathKind> = PathKind::ALL
+        .into_iter()
+        .filter(|&p| p != PathKind::Twemproxy || rig.twemproxy.is_some())
+        .collect();
     // `--path`: the paths asked for (every path when none is), with their baselines.
     let asked = |p: PathKind| opts.only.is_empty() || opts.only.iter().any(|o| o == p.name());
-    let paths: Vec<PathKind> = paths
+    let paths: Vec<PathKind> = available
         .iter()
         .copied()
-        .filter(|&p| asked(p) || paths.iter().any(|&q| asked(q) && q.baseline() == p))
+        .filter(|&p| asked(p) || available.iter().any(|&q| asked(q) && q.baseline() == p))
         .collect();
-    // The cells where an asked-for path runs, each with the paths that run in it.
-    let mut cells: Vec<(usize, usize, usize)> = Vec::new();
-    let mut cell_paths: Vec<Vec<PathKind>> = Vec::new();
-    for &(size, objects) in &opts.sizes {
-        let here: Vec<PathKind> = paths.iter().copied().filter(|p| p.runs_at(size)).collect();
-        if here.iter().any(|&p| asked(p)) {
-            for &conc in &opts.concurrency {
-                cells.push((size, objects, conc));
-                cell_paths.push(here.clone());
-            }
-        }
-    }
+    // The paths that run in cells of `size`.
+    let paths_at = |size: usize| -> Vec<PathKind> {
+        paths.iter().copied().filter(|p| p.runs_at(size)).collect()
+    };
+    // The cells where an asked-for path runs.
+    let cells: Vec<(usize, usize, usize)> = opts
+        .sizes
+        .iter()
+        .filter(|&&(size, _)| paths_at(size).into_iter().any(asked))
+        .flat_map(|&(size, objects)| opts.concurrency.iter().map(move |&c| (size, objects, c)))
+        .collect();
     if cells.is_empty() {
         // Returning (not exiting) stops the processes this run started.
         eprintln!("--path: none of {:?} runs here at these sizes", opts.only);
@@ -1136,7 +1129,8 @@ async fn run(opts: Opts) -> bool {
     };
     for pass in 0.. {
         let mut ran = 0;
-        for ((cell, paths), done) in cells.iter().zip(&cell_paths).zip(rounds.iter_mut()) {
+        for (cell, done) in cells.iter().zip(rounds.iter_mut()) {
+            let paths = &paths_at(cell.0);
             if enough(paths, done) {
                 continue;
             }
@@ -1163,8 +1157,8 @@ async fn run(opts: Opts) -> bool {
     }
     let rows: Vec<Row> = rounds
         .iter()
-        .zip(&cell_paths)
-        .flat_map(|(r, paths)| combine(paths, r))
+        .zip(&cells)
+        .flat_map(|(r, cell)| combine(&paths_at(cell.0), r))
         .collect();
 
     let rss = if opts.rss {
