@@ -43,11 +43,11 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-/// The bench's own clients (fred for the baselines, tonic for the service paths) run on the
-/// service's allocator. On glibc's `malloc` what they cost depended on what the process had
-/// freed before: until it freed a large block, as a whole run does while it loads 16 MiB
-/// values, glibc gave memory back after each 64 KiB reply and faulted it in again, and a cell
-/// run alone measured against a slower direct `GET` than the same cell in a whole run
+/// The bench's own clients (fred for the baselines, tonic for the service paths) run on
+/// mimalloc, with its defaults. On glibc's `malloc` what they cost depended on what the process
+/// had freed before: until it freed a large block, as a whole run does while it loads 16 MiB
+/// values, glibc kept giving the top of its heap back and faulting it in again, and a cell run
+/// alone measured against a slower direct `GET` than the same cell in a whole run
 /// (BENCHMARKS.md, "The bench's own allocator").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
