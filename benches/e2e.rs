@@ -1105,7 +1105,7 @@ async fn run(opts: Opts) -> bool {
     let cells: Vec<(usize, usize, usize)> = opts
         .sizes
         .iter()
-        .filter(|&&(size, _)| paths_at(size).into_iter().any(asked))
+        .filter(|&&(size, _)| paths.iter().any(|&p| p.runs_at(size) && asked(p)))
         .flat_map(|&(size, objects)| opts.concurrency.iter().map(move |&c| (size, objects, c)))
         .collect();
     if cells.is_empty() {

@@ -6,6 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mediacache::client::Client;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 use crate::common::{free_port, shards_up_within, RedisShard};
 
@@ -111,29 +115,26 @@ impl Service {
 
     /// Plain channels to the service's gRPC health check, each on its own connection.
     #[allow(dead_code)]
-    pub async fn health_clients(
-        &self,
-        n: usize,
-    ) -> Vec<tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>> {
+    pub async fn health_clients(&self, n: usize) -> Vec<HealthClient<Channel>> {
         let mut clients = Vec::new();
         for _ in 0..n {
-            let channel = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
+            let channel = Endpoint::from_shared(self.endpoint.clone())
                 .expect("endpoint")
                 .tcp_nodelay(true)
                 .connect()
                 .await
                 .expect("connect");
-            let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+            let mut client = HealthClient::new(channel);
             // A floor timed on answers other than SERVING would measure something else.
             let status = client
-                .check(tonic_health::pb::HealthCheckRequest::default())
+                .check(HealthCheckRequest::default())
                 .await
                 .expect("Check")
                 .into_inner()
                 .status;
             assert_eq!(
                 status,
-                tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+                ServingStatus::Serving as i32,
                 "the service is not SERVING"
             );
             clients.push(client);
