@@ -324,7 +324,7 @@ async fn cancelled_put_leaves_nothing() {
         drop(rt);
     });
     let owner = cluster.owner("example.org", "cancelled");
-    common::temp_key_appears(&cluster.shards[owner]).await;
+    common::put_under_way(&cluster.shards[owner]).await;
     // Not the stream's end: the process stops before sending it.
     let _ = stop_tx.send(());
     client_thread.join().unwrap();

@@ -479,7 +479,12 @@ async fn shard_closing_connections_mid_reply_gives_clean_errors_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_whose_temporary_key_vanished_is_not_recreated() {
-    let cluster = TestCluster::builder().shards(1).start().await;
+    // Written in pieces: a value sent as one `SET` has no temporary key until it is whole.
+    let cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| c.redis.upload_max_bytes = 0)
+        .start()
+        .await;
     let shard = &cluster.shards[0];
     let key = media_key("example.org", "vanished", "");
     // Past the first write: the temporary key holds the header and the first megabyte.
@@ -508,12 +513,74 @@ async fn a_put_whose_temporary_key_vanished_is_not_recreated() {
     assert!(shard.keys().await.is_empty(), "nothing left behind");
 }
 
+/// A long Put streamed to a shard that hangs part way (it stops reading, its connections stay
+/// open) fails within about the command timeout instead of waiting on the shard, and one to a
+/// shard that dies part way fails at once. Neither leaves anything behind, and Puts work again
+/// once the shard is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_put_to_a_shard_that_hangs_or_dies_fails_in_bounded_time() {
+    let mut cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| c.redis.command_timeout = Duration::from_millis(300))
+        .start()
+        .await;
+    let client = cluster.client().await;
+    let sent = common::STREAMED_AFTER;
+    // Far more than the loopback socket buffers hold, so that the writes to a hung shard block.
+    let size = 24 * 1024 * 1024;
+    for (round, hang) in [(0, true), (1, false)] {
+        let key = media_key("example.org", &format!("cut-{round}"), "");
+        let put =
+            common::OpenPut::start(cluster.raw().await, key.clone(), body(size, round), sent).await;
+        common::put_under_way(&cluster.shards[0]).await;
+        if hang {
+            cluster.shards[0].pause(true);
+        } else {
+            cluster.shards[0].kill();
+        }
+        let started = Instant::now();
+        let answer = put.finish().await;
+        let waited = started.elapsed();
+        assert!(!answer.stored, "round {round}: {answer:?}");
+        assert_eq!(
+            answer.outcome,
+            PutOutcome::Unavailable as i32,
+            "round {round}"
+        );
+        assert!(
+            waited < Duration::from_secs(5),
+            "round {round}: the Put waited {waited:?}"
+        );
+        if hang {
+            cluster.shards[0].pause(false);
+        } else {
+            cluster.shards[0].restart().await;
+        }
+        eventually_stored(
+            ("Puts work again", Duration::from_secs(15)),
+            &client,
+            &media_key("example.org", &format!("after-{round}"), ""),
+            body(3 * sent, round + 10),
+        )
+        .await;
+        let keys = cluster.shards[0].keys().await;
+        assert!(
+            keys.iter().all(|k| !k.contains(":tmp:")),
+            "round {round}: nothing left behind: {keys:?}"
+        );
+    }
+}
+
 /// A shard that comes back with an older copy of a temporary key (a restart from a snapshot
 /// taken mid-Put) holds a value with writes missing: the Put's next write notices, or its
 /// publish when no write is left, and nothing with a hole in it is ever published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_whose_temporary_key_went_back_in_time_is_not_published() {
-    let cluster = TestCluster::builder().shards(1).start().await;
+    let cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| c.redis.upload_max_bytes = 0)
+        .start()
+        .await;
     let shard = &cluster.shards[0];
     let sent = common::STREAMED_AFTER;
     // More to write after the rollback (the write notices), and nothing (the publish does).
@@ -545,16 +612,25 @@ async fn a_put_whose_temporary_key_went_back_in_time_is_not_published() {
     }
 }
 
-/// A shard out of memory refuses a Put's piece part way through the value: the Put fails, no
-/// value with a hole where the piece should be is ever published, nothing is left behind, and
-/// the refusal (a reply, not a fault) never marks the shard down.
+/// A shard out of memory refuses a long Put, sent as one `SET` or a piece part way through the
+/// value: the Put fails, no value with a hole where the piece should be is ever published,
+/// nothing is left behind, and the refusal (a reply, not a fault) never marks the shard down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_put_whose_piece_the_shard_has_no_memory_for_is_not_published() {
+async fn a_put_the_shard_has_no_memory_for_is_not_published() {
+    for upload_max_bytes in [mediacache::config::MAX_UPLOAD_BYTES, 0] {
+        no_memory_for_a_put(upload_max_bytes).await;
+    }
+}
+
+async fn no_memory_for_a_put(upload_max_bytes: u64) {
     let metrics = common::free_addr();
     let cluster = TestCluster::builder()
         .shards(1)
         .redis_args(&["--maxmemory", "6mb", "--maxmemory-policy", "noeviction"])
-        .configure(|c| c.metrics_listen = Some(metrics))
+        .configure(|c| {
+            c.metrics_listen = Some(metrics);
+            c.redis.upload_max_bytes = upload_max_bytes;
+        })
         .start()
         .await;
     let shard = &cluster.shards[0];

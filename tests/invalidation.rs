@@ -320,7 +320,7 @@ async fn a_put_in_flight_does_not_fill_memory_past_a_purge() {
     let sent = common::STREAMED_AFTER;
     let put =
         common::OpenPut::start(cluster.raw().await, key.clone(), body(2 * sent, 5), sent).await;
-    common::temp_key_appears(&cluster.shards[0]).await;
+    common::put_under_way(&cluster.shards[0]).await;
     // The purge comes while A's copy is being gathered.
     b.purge(key.clone(), false, false).await.unwrap();
     let answer = put.finish().await;

@@ -395,7 +395,7 @@ async fn purge_and_quarantine_reach_every_copy() {
     let put =
         common::OpenPut::start(cluster.raw().await, late.clone(), body(2 * sent, 6), sent).await;
     let late_owner = cluster.owner("bad.example", "late");
-    common::temp_key_appears(&cluster.shards[late_owner]).await;
+    common::put_under_way(&cluster.shards[late_owner]).await;
     r1.purge(late.clone(), false, true).await.unwrap();
     let answer = put.finish().await;
     assert_eq!(answer.outcome, PutOutcome::Quarantined as i32);

@@ -303,7 +303,7 @@ async fn purge_reaches_copies_on_every_shard() {
 /// temporary key (no `RENAME`, no `SETRANGE`). An object that fits the first write reaches its
 /// shard in one round trip: one `SET` of the whole value and the publish script (its one
 /// `RENAME`, and one `SETRANGE` of the header); no piece is written in place. A bigger one is
-/// written in pieces.
+/// one `SET` too, streamed over a connection of its own, and the same publish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_put_is_one_set_and_one_publish_and_a_big_one_streams() {
     let cluster = TestCluster::builder().shards(1).start().await;
@@ -320,11 +320,34 @@ async fn a_small_put_is_one_set_and_one_publish_and_a_big_one_streams() {
         [1, 1, 1, 0],
         "SET, RENAME, SETRANGE and APPEND calls of one small Put"
     );
-    let streamed = put_counting_calls(shard, &mut client, "big-put", body(3_000_000, 2)).await;
-    assert!(
-        streamed[2] >= 4,
-        "a body past the first write is written in pieces: {streamed:?}"
+    // Past the first write: one `SET` streamed to the shard, then the same publish.
+    assert_eq!(
+        put_counting_calls(shard, &mut client, "big-put", body(3_000_000, 2)).await,
+        [1, 1, 1, 0],
+        "SET, RENAME, SETRANGE and APPEND calls of one long Put"
     );
+    assert!(shard.keys().await.iter().all(|k| !k.contains(":tmp:")));
+}
+
+/// A value longer than `redis.upload_max_bytes` is written after its first megabyte a piece at
+/// a time, each piece one `SETRANGE`, and reads back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_past_the_upload_limit_is_written_in_pieces() {
+    let cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| c.redis.upload_max_bytes = 2_000_000)
+        .start()
+        .await;
+    let shard = &cluster.shards[0];
+    let mut client = cluster.client().await;
+    let under = put_counting_calls(shard, &mut client, "under", body(1_900_000, 5)).await;
+    assert_eq!(under, [1, 1, 1, 0], "one SET under the limit");
+    let over = put_counting_calls(shard, &mut client, "over", body(3_000_000, 6)).await;
+    assert!(
+        over[2] >= 3,
+        "a body past the limit is written in pieces: {over:?}"
+    );
+    assert!(shard.keys().await.iter().all(|k| !k.contains(":tmp:")));
 }
 
 /// A Get's first read (the window, the value's length and its variant index membership)

@@ -471,15 +471,18 @@ async fn shards_with_an_acl_user_and_a_password_file() {
     assert!(!format!("{ring:?}").contains(password));
     for i in 0..8 {
         let key = media_key("example.org", &format!("acl-{i}"), "");
+        // The first is long enough to be streamed over a connection of its own, which logs in
+        // as the pool's do.
+        let size = if i == 0 { 3_000_000 } else { 2000 };
         assert!(
             client
-                .put_bytes(key.clone(), Default::default(), body(2000, i))
+                .put_bytes(key.clone(), Default::default(), body(size, i))
                 .await
                 .unwrap()
                 .stored
         );
         let (_, got) = client.get_bytes(key).await.unwrap().expect("hit");
-        assert_eq!(got, body(2000, i));
+        assert_eq!(got, body(size, i));
     }
 
     // A wrong password: the shards stay down and Puts are refused, nothing is written. The
@@ -560,20 +563,28 @@ async fn rediss_shards_are_verified_against_the_configured_ca() {
         .await;
     let mut client = cluster.client().await;
     let key = media_key("example.org", "over-rediss", "");
-    assert!(
-        client
-            .put_bytes(key.clone(), Default::default(), body(700_000, 7))
-            .await
-            .unwrap()
-            .stored
-    );
-    let (_, got) = client.get_bytes(key.clone()).await.unwrap().expect("hit");
-    assert_eq!(got, body(700_000, 7));
-    // It really went over TLS to that shard: the object is there.
+    // One value sent with the publish, and one streamed over a TLS connection of its own.
+    for (id, size) in [
+        ("over-rediss", 700_000),
+        ("streamed-over-rediss", 3_000_000),
+    ] {
+        let key = media_key("example.org", id, "");
+        assert!(
+            client
+                .put_bytes(key.clone(), Default::default(), body(size, 7))
+                .await
+                .unwrap()
+                .stored,
+            "{id}"
+        );
+        let (_, got) = client.get_bytes(key).await.unwrap().expect("hit");
+        assert_eq!(got, body(size, 7), "{id}");
+    }
+    // It really went over TLS to that shard: the objects are there.
     let objects = shard.keys().await;
     assert_eq!(
         objects.iter().filter(|k| k.starts_with("mc:1:o:")).count(),
-        1,
+        2,
         "{objects:?}"
     );
 

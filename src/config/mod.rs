@@ -275,6 +275,11 @@ pub struct RedisConfig {
     /// that crashed leaks nothing for longer than this.
     #[serde(default = "default_temp_key_ttl", with = "humantime_serde")]
     pub temp_key_ttl: Duration,
+    /// Longest value (header and body) a Put sends its shard as one `SET`, streamed over a
+    /// connection of its own as the body arrives; a longer one is written a megabyte at a
+    /// time. 0 writes every value past its first megabyte in pieces.
+    #[serde(default = "default_upload_max_bytes")]
+    pub upload_max_bytes: u64,
     /// Redis ACL user of every shard; none means the default user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
@@ -292,6 +297,12 @@ fn default_listen() -> SocketAddr {
 }
 fn default_chunk_bytes() -> u64 {
     256 * KIB
+}
+/// Redis refuses a bulk string longer than its `proto-max-bulk-len`, 512 MiB unless configured
+/// otherwise: the most `redis.upload_max_bytes` may be.
+pub const MAX_UPLOAD_BYTES: u64 = 512 * MIB;
+fn default_upload_max_bytes() -> u64 {
+    MAX_UPLOAD_BYTES
 }
 fn default_max_object_bytes() -> u64 {
     100 * MIB
@@ -412,6 +423,7 @@ impl Default for RedisConfig {
             health_interval: default_health_interval(),
             event_buffer: default_event_buffer(),
             temp_key_ttl: default_temp_key_ttl(),
+            upload_max_bytes: default_upload_max_bytes(),
             username: None,
             password_file: None,
             tls_ca_file: None,

@@ -96,6 +96,24 @@ fn a_temp_key_ttl_must_outlast_a_client_pause() {
 }
 
 #[test]
+fn an_upload_limit_past_what_redis_takes_is_refused() {
+    let problems = Config::from_yaml("redis: { upload_max_bytes: 536870913 }\n")
+        .unwrap_err()
+        .problems();
+    assert_eq!(
+        problems,
+        vec!["redis.upload_max_bytes: must be at most 536870912 (Redis's default proto-max-bulk-len), got 536870913".to_owned()],
+    );
+    for ok in ["0", "536870912"] {
+        let c = Config::from_yaml(&format!("redis: {{ upload_max_bytes: {ok} }}\n"))
+            .unwrap()
+            .config;
+        assert_eq!(c.redis.upload_max_bytes.to_string(), ok);
+    }
+    assert_eq!(Config::default().redis.upload_max_bytes, MAX_UPLOAD_BYTES);
+}
+
+#[test]
 fn digest_follows_the_text() {
     let a = Config::from_yaml("shards: []").unwrap();
     assert_eq!(a.digest, digest("shards: []"));

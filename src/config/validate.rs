@@ -169,6 +169,16 @@ impl Config {
                 format!("must be between 5s and 1h, got {:?}", r.temp_key_ttl),
             );
         }
+        if r.upload_max_bytes > super::MAX_UPLOAD_BYTES {
+            problem(
+                "redis.upload_max_bytes".into(),
+                format!(
+                    "must be at most {} (Redis's default proto-max-bulk-len), got {}",
+                    super::MAX_UPLOAD_BYTES,
+                    r.upload_max_bytes
+                ),
+            );
+        }
         if r.username.as_deref().is_some_and(|u| {
             u.is_empty() || u.len() > 128 || u.bytes().any(|b| b.is_ascii_whitespace())
         }) {

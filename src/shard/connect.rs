@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::*;
+use fred::types::config::ServerConfig;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tracing::warn;
 
-use super::{health_loop, Shard, Subscription};
+use super::{health_loop, Direct, Shard, Subscription};
 use crate::config::{redact_url, RedisConfig, ShardConfig};
 
 impl Shard {
@@ -35,12 +36,28 @@ impl Shard {
         if let Some(path) = &redis.password_file {
             config.password = Some(read_password(path)?);
         }
-        if tls {
+        let tls = if tls {
             let ca = redis.tls_ca_file.as_deref().ok_or_else(|| {
                 Error::new(ErrorKind::Config, "rediss:// needs redis.tls_ca_file")
             })?;
-            config.tls = Some(shard_tls(ca)?.into());
-        }
+            let tls = Arc::new(shard_tls(ca)?);
+            config.tls = Some(tokio_rustls::TlsConnector::from(tls.clone()).into());
+            Some(tls)
+        } else {
+            None
+        };
+        let ServerConfig::Centralized { server } = &config.server else {
+            return Err(Error::new(ErrorKind::Config, "a shard is one Redis server"));
+        };
+        let direct = Direct {
+            host: server.host.to_string(),
+            port: server.port,
+            tls,
+            username: config.username.clone(),
+            password: config.password.clone(),
+            database: config.database,
+            connect_timeout: redis.connect_timeout,
+        };
         let subscriber = Builder::from_config(config.clone())
             .with_connection_config(|c| {
                 c.connection_timeout = redis.connect_timeout;
@@ -101,6 +118,7 @@ impl Shard {
             errors: AtomicU64::new(0),
             latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             command_timeout: redis.command_timeout,
+            direct,
             health: std::sync::Mutex::new(None),
             went_down: tokio::sync::Notify::new(),
             subscriber,

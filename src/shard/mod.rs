@@ -11,11 +11,13 @@
 //! - `reads`: `GETRANGE` window reads, shared by every request that asks for the same bytes.
 //! - [`pinned`]: one connection held for the commands of a write, in order.
 //! - `subscription`: the pub/sub loop that delivers a shard's events.
+//! - [`upload`]: a long value sent as one `SET`, streamed over a connection of its own.
 
 mod connect;
 pub mod pinned;
 mod reads;
 mod subscription;
+pub mod upload;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -140,6 +142,18 @@ impl ShardError {
     }
 }
 
+/// How to open a connection of one's own to a shard (an [`upload`]): what its pool was built
+/// with.
+struct Direct {
+    host: String,
+    port: u16,
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    username: Option<String>,
+    password: Option<String>,
+    database: Option<u8>,
+    connect_timeout: Duration,
+}
+
 pub struct Shard {
     name: String,
     /// The configured URL, kept to tell whether a reload changed the connection settings.
@@ -153,6 +167,8 @@ pub struct Shard {
     /// Round trips of reads and writes, for metrics.
     latency: Histogram,
     command_timeout: Duration,
+    /// How an upload opens its own connection.
+    direct: Direct,
     health: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// Wakes requests waiting on this shard when it is found down, so a command sent just
     /// before a crash is not left to run out its whole timeout.

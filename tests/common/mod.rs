@@ -358,6 +358,28 @@ impl RedisShard {
         field("calls") - field("failed_calls")
     }
 
+    /// The longest query buffer of the shard's connections (`CLIENT LIST`'s `qbuf`): a command
+    /// still arriving.
+    pub async fn largest_query_buffer(&self) -> u64 {
+        let c = self.client().await;
+        let list: String = c
+            .custom(
+                fred::types::CustomCommand::new_static("CLIENT", None, false),
+                vec!["LIST"],
+            )
+            .await
+            .unwrap();
+        let _ = c.quit().await;
+        list.lines()
+            .filter_map(|l| {
+                l.split(' ')
+                    .find_map(|f| f.strip_prefix("qbuf="))
+                    .and_then(|v| v.parse().ok())
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Clients subscribed to the event channel: one per replica once it hears this shard.
     pub async fn subscribers(&self) -> u64 {
         let c = self.client().await;
@@ -566,6 +588,25 @@ pub async fn temp_key_appears(shard: &RedisShard) {
                 .iter()
                 .any(|k| k.starts_with("mc:1:tmp:"))
                 .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Waits until a Put of more than its first write is under way on `shard`: a value sent as one
+/// streamed `SET` is half-read in a connection's query buffer (`CLIENT LIST`'s `qbuf`), one
+/// written in pieces has its temporary key.
+pub async fn put_under_way(shard: &RedisShard) {
+    eventually(
+        "a Put under way on the shard",
+        Duration::from_secs(5),
+        || async {
+            let temp = shard
+                .keys()
+                .await
+                .iter()
+                .any(|k| k.starts_with("mc:1:tmp:"));
+            (temp || shard.largest_query_buffer().await >= 512 * 1024).then_some(())
         },
     )
     .await;

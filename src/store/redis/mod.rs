@@ -310,6 +310,7 @@ impl RedisStore {
             pending,
             size: info.size,
             created: false,
+            upload: None,
             written: 0,
             ttl: self.temp_key_ttl,
             refreshed: std::time::Instant::now(),

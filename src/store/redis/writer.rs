@@ -1,9 +1,11 @@
 //! A Put on its way to one shard, over one pinned connection. A body of up to
 //! [`FIRST_WRITE_BYTES`] (with its header) is gathered here and stored in one round trip: the
-//! whole value set on a temporary key and published at once. A longer one starts the temporary
-//! key with its first megabyte and writes the rest a megabyte at a time at its offset, the key
-//! grown by doubling (see `scripts`); it is published under its final name in the same atomic
-//! step.
+//! whole value set on a temporary key and published at once. A longer one is sent as one `SET`
+//! of the temporary key streamed over a connection of its own ([`Upload`]), starting with the
+//! gathered megabyte; the publish follows on the pinned connection once the shard has it all.
+//! A value longer than `redis.upload_max_bytes` starts the temporary key with its first
+//! megabyte and writes the rest a megabyte at a time at its offset, the key grown by doubling
+//! (see `scripts`). Either way it is published under its final name in one atomic step.
 
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use crate::key::Key;
 use crate::object;
 use crate::proto::{MediaInfo, PutOutcome};
 use crate::shard::pinned::Pinned;
+use crate::shard::upload::Upload;
 use crate::store::types::{PutError, StoreError};
 
 /// Deletes a temporary key that was never published, also when the Put's future is dropped
@@ -60,8 +63,10 @@ pub struct RedisWriter {
     pub(super) pending: BytesMut,
     /// Length of the whole body.
     pub(super) size: u64,
-    /// Whether the temporary key was written.
+    /// Whether the temporary key was written (or, with `upload`, its `SET` begun).
     pub(super) created: bool,
+    /// The temporary key's `SET` in progress, for a value sent whole.
+    pub(super) upload: Option<Upload>,
     /// Body bytes in the temporary key.
     pub(super) written: u64,
     pub(super) ttl: Duration,
@@ -94,6 +99,10 @@ impl RedisWriter {
             }
             return Ok(());
         }
+        if let Some(upload) = &mut self.upload {
+            self.written = checked_total(self.written, chunk.len(), self.size)?;
+            return Ok(upload.send(&chunk).await?);
+        }
         if self.pending.is_empty() && chunk.len() >= WRITE_BYTES {
             return self.write_piece(chunk).await;
         }
@@ -106,9 +115,27 @@ impl RedisWriter {
         Ok(())
     }
 
-    /// Writes the temporary key with the draft header and the body so far.
+    /// Writes the temporary key with the draft header and the body so far, or begins its `SET`
+    /// when the whole value fits in one.
     async fn create(&mut self) -> Result<(), PutError> {
         let body = self.pending.len() as u64 - self.header_len;
+        let whole = self.header_len + self.size;
+        if self.conn().shard().uploads(whole) {
+            checked_total(0, body as usize, self.size)?;
+            // The value reaches the shard whole or not at all, so its draft header carries the
+            // write counter of the whole body, which the publish checks.
+            let counter = scripts::write_counter(self.size);
+            self.pending[..counter.len()].copy_from_slice(counter.as_bytes());
+            let shard = self.conn().shard().clone();
+            let upload = shard
+                .upload(&self.guard.temp, whole, self.ttl, &self.pending)
+                .await?;
+            self.upload = Some(upload);
+            self.created = true;
+            self.written = body;
+            self.pending = BytesMut::new();
+            return Ok(());
+        }
         // The write counter goes over the draft header's first bytes before the value is sent:
         // a key that vanishes after this write fails the next write's check of it.
         let counter = scripts::write_counter(body);
@@ -124,12 +151,7 @@ impl RedisWriter {
 
     /// Writes the next body bytes in place.
     async fn write_piece(&mut self, data: Bytes) -> Result<(), PutError> {
-        let len = data.len() as u64;
-        if self.written + len > self.size {
-            return Err(PutError::Failed(StoreError::Internal(
-                "more body than declared reached the writer".into(),
-            )));
-        }
+        let total = checked_total(self.written, data.len(), self.size)?;
         let at = (self.guard.temp.as_str(), self.ttl);
         let sizes = (self.header_len, self.header_len + self.size);
         let kept = scripts::write_piece(self.conn(), at, sizes, self.written, data).await?;
@@ -137,7 +159,7 @@ impl RedisWriter {
             return Err(StoreError::Lost.into());
         }
         self.refreshed = std::time::Instant::now();
-        self.written += len;
+        self.written = total;
         Ok(())
     }
 
@@ -150,7 +172,18 @@ impl RedisWriter {
                 "header length changed between start and publish".into(),
             )));
         }
-        let published = if self.created {
+        let published = if let Some(upload) = self.upload.take() {
+            upload.finish().await?;
+            scripts::publish(
+                self.conn(),
+                &self.guard.temp,
+                &self.key,
+                header,
+                self.written,
+                self.nonce,
+            )
+            .await?
+        } else if self.created {
             if !self.pending.is_empty() {
                 let data = self.pending.split().freeze();
                 self.write_piece(data).await?;
@@ -185,4 +218,15 @@ impl RedisWriter {
             Published::Quarantined => Err(PutError::Refused(PutOutcome::Quarantined)),
         }
     }
+}
+
+/// Body bytes written once `more` are added to `written`, or an error if that passes `size`.
+fn checked_total(written: u64, more: usize, size: u64) -> Result<u64, PutError> {
+    let total = written + more as u64;
+    if total > size {
+        return Err(PutError::Failed(StoreError::Internal(
+            "more body than declared reached the writer".into(),
+        )));
+    }
+    Ok(total)
 }
