@@ -284,10 +284,21 @@ async fn too_large_is_refused_without_reading_the_body() {
 }
 
 /// The client process goes away mid-Put: its runtime (and so its connection) is torn down while
-/// the body is still being sent.
+/// the body is still being sent. Streamed to its shard as one `SET`, the half-sent command is
+/// dropped with its connection; written in pieces, the temporary key is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_put_leaves_nothing() {
-    let cluster = TestCluster::builder().shards(3).start().await;
+    for upload_max_bytes in [mediacache::config::MAX_UPLOAD_BYTES, 0] {
+        cancelled_put(upload_max_bytes).await;
+    }
+}
+
+async fn cancelled_put(upload_max_bytes: u64) {
+    let cluster = TestCluster::builder()
+        .shards(3)
+        .configure(|c| c.redis.upload_max_bytes = upload_max_bytes)
+        .start()
+        .await;
     let endpoint = cluster.endpoint();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let client_thread = std::thread::spawn(move || {
@@ -313,7 +324,7 @@ async fn cancelled_put_leaves_nothing() {
             ))
             .await
             .unwrap();
-            // Past the first write, so that the temporary key exists.
+            // Past the first write, so that the upload or the temporary key exists.
             for part in body(6 * 256 * 1024, 8).chunks(256 * 1024) {
                 tx.send(chunk(part)).await.unwrap();
             }
@@ -324,9 +335,20 @@ async fn cancelled_put_leaves_nothing() {
         drop(rt);
     });
     let owner = cluster.owner("example.org", "cancelled");
-    common::put_under_way(&cluster.shards[owner]).await;
+    let shard = &cluster.shards[owner];
+    if upload_max_bytes == 0 {
+        common::temp_key_appears(shard).await;
+    } else {
+        common::put_under_way(shard).await;
+    }
     // Not the stream's end: the process stops before sending it.
     let _ = stop_tx.send(());
     client_thread.join().unwrap();
     assert_nothing_stored(&cluster).await;
+    eventually(
+        "the half-sent upload's connection closed",
+        Duration::from_secs(5),
+        || async { (shard.largest_query_buffer().await < 512 * 1024).then_some(()) },
+    )
+    .await;
 }

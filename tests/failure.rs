@@ -571,6 +571,87 @@ async fn a_streamed_put_to_a_shard_that_hangs_or_dies_fails_in_bounded_time() {
     }
 }
 
+/// A replica streams at most 4 × `pool_size` Puts to one shard at once (each holds the
+/// whole value's room on the shard from its start); one past that is written in pieces, and
+/// all are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_past_their_limit_are_written_in_pieces() {
+    let cluster = TestCluster::builder()
+        .shards(1)
+        .configure(|c| c.redis.pool_size = 1)
+        .start()
+        .await;
+    let shard = &cluster.shards[0];
+    let sent = common::STREAMED_AFTER;
+    let mut puts = Vec::new();
+    for i in 0..mediacache::shard::upload::UPLOADS_PER_POOL_CONNECTION {
+        let key = media_key("example.org", &format!("upload-{i}"), "");
+        let put =
+            common::OpenPut::start(cluster.raw().await, key, body(2 * sent, i as u64), sent).await;
+        puts.push(put);
+        common::put_under_way(shard).await;
+    }
+    assert!(
+        shard.keys().await.iter().all(|k| !k.contains(":tmp:")),
+        "uploads have no temporary key until they are whole"
+    );
+    let key = media_key("example.org", "in-pieces", "");
+    puts.push(common::OpenPut::start(cluster.raw().await, key, body(2 * sent, 99), sent).await);
+    common::temp_key_appears(shard).await;
+    for put in puts {
+        let answer = put.finish().await;
+        assert!(answer.stored, "{answer:?}");
+    }
+    let mut client = cluster.client().await;
+    for (id, seed) in [("upload-0", 0), ("in-pieces", 99)] {
+        let (_, got) = client
+            .get_bytes(media_key("example.org", id, ""))
+            .await
+            .unwrap()
+            .expect("stored");
+        assert_eq!(got, body(2 * sent, seed), "{id}");
+    }
+}
+
+/// A shard that refuses an upload (here its `proto-max-bulk-len` is below the value) refuses
+/// that Put, but the shard is not taken for down: its other requests go on, and no command
+/// error of the pool is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upload_does_not_take_the_shard_down() {
+    let metrics = common::free_addr();
+    let cluster = TestCluster::builder()
+        .shards(1)
+        .redis_args(&["--proto-max-bulk-len", "2mb"])
+        .configure(|c| c.metrics_listen = Some(metrics))
+        .start()
+        .await;
+    let mut client = cluster.client().await;
+    let key = media_key("example.org", "too-long-for-the-shard", "");
+    let answer = client
+        .put_bytes(key.clone(), Default::default(), body(3_000_000, 1))
+        .await
+        .unwrap();
+    assert!(!answer.stored, "{answer:?}");
+    assert_eq!(answer.outcome, PutOutcome::Unavailable as i32);
+    let ring = cluster.ring_status().await;
+    assert!(ring.shards[0].up, "{ring:?}");
+    let errors = common::metric_sum(metrics, "mediacache_shard_command_errors").await;
+    assert_eq!(errors, 0.0, "an upload's failure is not the pool's");
+    let small = media_key("example.org", "fits", "");
+    assert!(
+        client
+            .put_bytes(small.clone(), Default::default(), body(100_000, 2))
+            .await
+            .unwrap()
+            .stored
+    );
+    assert!(cluster.shards[0]
+        .keys()
+        .await
+        .iter()
+        .all(|k| !k.contains(":tmp:")));
+}
+
 /// A shard that comes back with an older copy of a temporary key (a restart from a snapshot
 /// taken mid-Put) holds a value with writes missing: the Put's next write notices, or its
 /// publish when no write is left, and nothing with a hole in it is ever published.

@@ -271,13 +271,15 @@ pub struct RedisConfig {
     /// memory tier). Preallocated: about 0.7 MiB per 1024 per shard.
     #[serde(default = "default_event_buffer")]
     pub event_buffer: usize,
-    /// TTL of the temporary key a Put writes to; refreshed while the Put is alive, so a writer
-    /// that crashed leaks nothing for longer than this.
+    /// TTL of the temporary key a Put writes to; refreshed while a Put written in pieces is
+    /// alive, so a writer that crashed leaks nothing for longer than this.
     #[serde(default = "default_temp_key_ttl", with = "humantime_serde")]
     pub temp_key_ttl: Duration,
     /// Longest value (header and body) a Put sends its shard as one `SET`, streamed over a
     /// connection of its own as the body arrives; a longer one is written a megabyte at a
-    /// time. 0 writes every value past its first megabyte in pieces.
+    /// time. 0 writes every value past its first megabyte in pieces. A shard's
+    /// `proto-max-bulk-len` and `client-query-buffer-limit` must be at least this; it counts
+    /// the whole value in its memory from the upload's start.
     #[serde(default = "default_upload_max_bytes")]
     pub upload_max_bytes: u64,
     /// Redis ACL user of every shard; none means the default user.

@@ -10,6 +10,7 @@ use fred::types::config::ServerConfig;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tracing::warn;
 
+use super::upload::UPLOADS_PER_POOL_CONNECTION;
 use super::{health_loop, Direct, Shard, Subscription};
 use crate::config::{redact_url, RedisConfig, ShardConfig};
 
@@ -119,6 +120,9 @@ impl Shard {
             latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             command_timeout: redis.command_timeout,
             direct,
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(
+                redis.pool_size * UPLOADS_PER_POOL_CONNECTION,
+            )),
             health: std::sync::Mutex::new(None),
             went_down: tokio::sync::Notify::new(),
             subscriber,

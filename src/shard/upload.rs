@@ -8,8 +8,20 @@
 //! 32 KiB or more it sizes its read buffer to the argument and keeps it), so the shard copies
 //! nothing. The Redis client cannot send an argument it does not hold whole, so this writes the
 //! command itself, on a connection opened as the pool's are (TLS, `AUTH`, `SELECT`) and closed
-//! with the write: a partly sent command on it belongs to no one else, and a write given up
-//! halfway closes the connection before the shard ever runs the command, leaving nothing.
+//! after it: a partly sent command on it belongs to no one else, and an upload given up before
+//! its last byte closes the connection before the shard ever runs the command, leaving nothing.
+//! (One given up after that may still be run by the shard; its temporary key then expires.)
+//!
+//! The cost moves to memory: the shard reserves the whole value's room, counted in its
+//! `used_memory`, as soon as the `SET`'s length arrives, and for a moment holds twice it when the
+//! command runs (Redis makes a new read buffer of the same size after a large argument, until
+//! the connection closes). So at most [`UPLOADS_PER_POOL_CONNECTION`] per pool connection run at
+//! once on a shard; a Put past that is written in pieces.
+//!
+//! A failed upload fails its Put but does not mark the shard down: the pool's own connections and
+//! health checks judge the shard, and what goes wrong on an upload's connection (a limit of the
+//! shard's on bulk strings, query buffers or clients, a connection closed after an idle client
+//! pause) says little about them.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -18,55 +30,62 @@ use std::time::Duration;
 use fred::prelude::{Error, ErrorKind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::rustls;
+use tracing::{debug, warn};
 
-use super::{Direct, Shard, ShardError};
+use super::{is_fault, Direct, Shard, ShardError};
 
 /// The longest reply line read (an error message).
 const MAX_REPLY: usize = 4096;
+
+/// Uploads in flight to one shard from one replica, per connection of its pool.
+pub const UPLOADS_PER_POOL_CONNECTION: usize = 4;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 impl Direct {
     /// Connects, with TLS when the pool uses it, and authenticates and selects the database as
-    /// the pool does.
-    async fn open(&self) -> Result<Box<dyn Io>, Error> {
+    /// the pool does: the connection within the connect timeout, the rest within the command
+    /// timeout.
+    async fn open(&self, command_timeout: Duration) -> Result<Box<dyn Io>, Error> {
+        // A URL's IPv6 host keeps its brackets, which an address does not have.
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
         let connect = async {
-            let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+            let tcp = TcpStream::connect((host, self.port)).await?;
             tcp.set_nodelay(true)?;
-            let mut io: Box<dyn Io> = match &self.tls {
+            Ok::<Box<dyn Io>, Error>(match &self.tls {
                 Some(tls) => {
-                    let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+                    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
                         .map_err(|e| Error::new(ErrorKind::Tls, e.to_string()))?;
                     let connector = tokio_rustls::TlsConnector::from(tls.clone());
                     Box::new(connector.connect(name, tcp).await?)
                 }
                 None => Box::new(tcp),
-            };
+            })
+        };
+        let mut io = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(io) => io?,
+            Err(_) => return Err(Error::new(ErrorKind::Timeout, "connection timed out")),
+        };
+        let login = async {
             if let Some(password) = &self.password {
                 let mut words = vec!["AUTH".as_bytes()];
                 if let Some(user) = &self.username {
                     words.push(user.as_bytes());
                 }
                 words.push(password.as_bytes());
-                command(&mut io, &words).await.map_err(|e| {
-                    // The pool reports a refused password as an authentication failure.
-                    if e.kind() == &ErrorKind::Unknown {
-                        Error::new(ErrorKind::Auth, e.details().to_owned())
-                    } else {
-                        e
-                    }
-                })?;
+                command(&mut io, &words).await?;
             }
             if let Some(db) = self.database {
                 command(&mut io, &[b"SELECT", db.to_string().as_bytes()]).await?;
             }
-            Ok::<_, Error>(io)
+            Ok::<_, Error>(())
         };
-        match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(io) => io,
-            Err(_) => Err(Error::new(ErrorKind::Timeout, "connection timed out")),
+        match tokio::time::timeout(command_timeout, login).await {
+            Ok(done) => done.map(|()| io),
+            Err(_) => Err(Error::new(ErrorKind::Timeout, "login timed out")),
         }
     }
 }
@@ -87,7 +106,7 @@ async fn command(io: &mut Box<dyn Io>, words: &[&[u8]]) -> Result<(), Error> {
 
 /// Reads one reply: `+…` is success, `-…` the shard's error (as fred reports it: its code and
 /// message, of no kind of its own), anything else a protocol error.
-async fn read_status(io: &mut Box<dyn Io>) -> Result<(), Error> {
+async fn read_status<R: AsyncRead + Unpin + ?Sized>(io: &mut R) -> Result<(), Error> {
     let mut line = Vec::with_capacity(64);
     let mut byte = [0u8; 1];
     while !line.ends_with(b"\r\n") {
@@ -102,10 +121,10 @@ async fn read_status(io: &mut Box<dyn Io>) -> Result<(), Error> {
         }
         line.push(byte[0]);
     }
-    let text = String::from_utf8_lossy(&line[1..line.len() - 2]).into_owned();
+    let text = String::from_utf8_lossy(&line[1.min(line.len() - 2)..line.len() - 2]);
     match line[0] {
         b'+' => Ok(()),
-        b'-' => Err(Error::new(ErrorKind::Unknown, text)),
+        b'-' => Err(Error::new(ErrorKind::Unknown, text.into_owned())),
         _ => Err(Error::new(
             ErrorKind::Protocol,
             format!("unexpected reply {:?}", String::from_utf8_lossy(&line)),
@@ -121,26 +140,36 @@ pub struct Upload {
     left: u64,
     /// The arguments after the value.
     tail: String,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Shard {
-    /// Whether a value (header and body) of `len` bytes is sent as one `SET`
+    /// Whether a value (header and body) of `len` bytes may be sent as one `SET`
     /// (`redis.upload_max_bytes`).
     pub fn uploads(&self, len: u64) -> bool {
         len <= self.redis.upload_max_bytes
     }
 
     /// Opens a connection of its own to this shard and starts `SET key value PX ttl` for a value
-    /// of `len` bytes, sending `first` of them.
+    /// of `len` bytes, sending `first` of them. `None` when as many uploads as this replica
+    /// allows itself are already under way to this shard.
     pub async fn upload(
         self: &Arc<Self>,
         key: &str,
         len: u64,
         ttl: Duration,
         first: &[u8],
-    ) -> Result<Upload, ShardError> {
+    ) -> Result<Option<Upload>, ShardError> {
         self.check_up()?;
-        let io = self.bounded(self.direct.open()).await?;
+        let Ok(slot) = self.upload_slots.clone().try_acquire_owned() else {
+            debug!(shard = %self.name, "uploads at their limit: writing in pieces");
+            return Ok(None);
+        };
+        let io = self
+            .direct
+            .open(self.command_timeout)
+            .await
+            .map_err(|e| self.upload_failed(e))?;
         let mut head = String::with_capacity(64 + key.len());
         // Writing to a String cannot fail.
         let _ = write!(
@@ -154,10 +183,22 @@ impl Shard {
             io,
             left: len,
             tail: format!("\r\n$2\r\nPX\r\n${}\r\n{ttl}\r\n", ttl.len()),
+            _slot: slot,
         };
         upload.raw(head.as_bytes()).await?;
         upload.send(first).await?;
-        Ok(upload)
+        Ok(Some(upload))
+    }
+
+    /// The error of a failed upload, logged with its cause; the shard is not marked down.
+    fn upload_failed(&self, e: Error) -> ShardError {
+        let shard = self.name.clone();
+        warn!(shard = %shard, error = %e, "upload failed");
+        if is_fault(&e) {
+            ShardError::Fault { shard, source: e }
+        } else {
+            ShardError::Reply { shard, source: e }
+        }
     }
 }
 
@@ -179,7 +220,9 @@ impl Upload {
         Ok(())
     }
 
-    /// Ends the command once the whole value was sent, and waits for the shard's answer.
+    /// Ends the command once the whole value was sent, and waits for the shard's answer. The
+    /// connection is then closed from the shard's side (`QUIT`), in the background, so that
+    /// closed connections do not pile up in this host's `TIME_WAIT`.
     pub async fn finish(mut self) -> Result<(), ShardError> {
         if self.left != 0 {
             return Err(ShardError::Reply {
@@ -194,22 +237,100 @@ impl Upload {
         self.raw(tail.as_bytes()).await?;
         let started = std::time::Instant::now();
         let io = &mut self.io;
-        self.shard
-            .bounded(async {
-                io.flush().await?;
-                read_status(io).await
-            })
-            .await?;
+        bounded(&self.shard, async {
+            io.flush().await?;
+            read_status(io).await
+        })
+        .await?;
         self.shard.observe(started);
+        let Upload {
+            shard,
+            mut io,
+            _slot,
+            ..
+        } = self;
+        let wait = shard.command_timeout;
+        tokio::spawn(async move {
+            let quit = async {
+                io.write_all(b"*1\r\n$4\r\nQUIT\r\n").await?;
+                io.flush().await?;
+                let mut rest = [0u8; 64];
+                while io.read(&mut rest).await? > 0 {}
+                Ok::<_, std::io::Error>(())
+            };
+            let _ = tokio::time::timeout(wait, quit).await;
+            drop(_slot);
+        });
         Ok(())
     }
 
     /// Writes bytes of the command, under the command timeout: a shard that stops reading them
-    /// fails the write as any stalled command does.
+    /// fails the upload as a stalled command fails.
     async fn raw(&mut self, data: &[u8]) -> Result<(), ShardError> {
         let io = &mut self.io;
-        self.shard
-            .bounded(async { Ok(io.write_all(data).await?) })
-            .await
+        bounded(&self.shard, async { Ok(io.write_all(data).await?) }).await
+    }
+}
+
+/// Runs one step of an upload under the command timeout, ended early if the shard is found down.
+async fn bounded<R>(
+    shard: &Shard,
+    step: impl std::future::Future<Output = Result<R, Error>>,
+) -> Result<R, ShardError> {
+    let down = shard.went_down.notified();
+    tokio::pin!(down);
+    down.as_mut().enable();
+    tokio::select! {
+        done = tokio::time::timeout(shard.command_timeout, step) => match done {
+            Ok(result) => result.map_err(|e| shard.upload_failed(e)),
+            Err(_) => Err(shard.upload_failed(Error::new(ErrorKind::Timeout, "upload timed out"))),
+        },
+        () = &mut down => Err(ShardError::Down(shard.name.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn reply(bytes: &[&[u8]]) -> Result<(), Error> {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let parts: Vec<Vec<u8>> = bytes.iter().map(|p| p.to_vec()).collect();
+        let writer = tokio::spawn(async move {
+            for p in parts {
+                // Fails once the reader gave up (a line too long): nothing more to send.
+                if a.write_all(&p).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        let got = read_status(&mut b).await;
+        drop(b);
+        writer.await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn replies_are_read_whole_however_they_arrive() {
+        reply(&[b"+OK\r\n"]).await.unwrap();
+        reply(&[b"+O", b"K\r", b"\n"]).await.unwrap();
+        let e = reply(&[b"-OOM command not allowed\r\n"]).await.unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::Unknown);
+        assert_eq!(e.details(), "OOM command not allowed");
+        assert!(!is_fault(&e), "the shard's answer, not a fault");
+    }
+
+    #[tokio::test]
+    async fn malformed_replies_are_errors_not_panics() {
+        for bad in [&b"\r\n"[..], b":1\r\n", b"$3\r\nabc\r\n"] {
+            let e = reply(&[bad]).await.unwrap_err();
+            assert_eq!(e.kind(), &ErrorKind::Protocol, "{bad:?}");
+        }
+        let e = reply(&[b"+OK"]).await.unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::IO, "closed before the line ended");
+        let long = vec![b'-'; MAX_REPLY + 10];
+        let e = reply(&[&long]).await.unwrap_err();
+        assert_eq!(e.kind(), &ErrorKind::Protocol);
     }
 }

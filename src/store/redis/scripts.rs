@@ -42,7 +42,8 @@ macro_rules! lua_now {
 /// KEYS: temporary, final, quarantine hash, variant index, media tombstone, origin tombstone
 /// (the tombstones are how releases before the quarantine hash quarantine). ARGV: expected
 /// length, header, channel, event, media field, origin field, and the write counter the value
-/// must hold (see [`WRITTEN_SCRIPT`]; '' for a value set whole).
+/// must hold (see [`WRITTEN_SCRIPT`]; an uploaded value holds the whole body's; '' for a value
+/// set whole with its publish).
 /// Returns 1 published, 0 lost (temporary key missing, short, or not all written), 2
 /// quarantined.
 const PUBLISH_SCRIPT: &str = concat!(
@@ -146,8 +147,9 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 "#;
 
-/// The write counter of a value being written in pieces: the body bytes written so far, over
-/// the first bytes of the draft header (the publish writes the real header over it).
+/// The write counter of a value being written in pieces (the body bytes written so far) or
+/// uploaded (its whole body), over the first bytes of the draft header (the publish writes the
+/// real header over it).
 pub fn write_counter(written: u64) -> String {
     format!("{written:012}")
 }
@@ -392,8 +394,8 @@ fn published(done: i64) -> Published {
     }
 }
 
-/// Writes `header` at the start of a complete temporary key written in pieces (holding the write
-/// counter of `written` body bytes) and renames it to `key`, announcing the fill with the
+/// Writes `header` at the start of a complete temporary key, written in pieces or uploaded
+/// (holding the write counter of `written` body bytes), and renames it to `key`, announcing the fill with the
 /// publish's `version` (see [`PUBLISH_SCRIPT`]).
 pub async fn publish(
     conn: &Pinned,

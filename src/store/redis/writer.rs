@@ -45,8 +45,8 @@ impl Drop for TempGuard {
 }
 
 /// Bytes (header and body) gathered before the temporary key is written at all: a body that
-/// fits is stored in one round trip, and a longer one starts with one `SET` of this much
-/// instead of a `SET` of its header and an append.
+/// fits is stored in one round trip, and a longer one starts its upload (or, written in pieces,
+/// its first `SET`) with this much.
 pub const FIRST_WRITE_BYTES: usize = 1024 * 1024 + object::MAX_HEADER_LEN;
 
 /// Body bytes a write in place carries at most: fewer, larger writes cost the shard less.
@@ -58,8 +58,9 @@ pub struct RedisWriter {
     pub(super) key: Key,
     pub(super) nonce: u64,
     pub(super) header_len: u64,
-    /// Until the temporary key exists: the draft header and the body so far. After: client
-    /// chunks gathered up to [`WRITE_BYTES`] before a write.
+    /// Until the temporary key exists (or its upload began): the draft header and the body so
+    /// far. After, written in pieces: client chunks gathered up to [`WRITE_BYTES`] before a
+    /// write; uploaded: empty, chunks go out as they come.
     pub(super) pending: BytesMut,
     /// Length of the whole body.
     pub(super) size: u64,
@@ -127,14 +128,16 @@ impl RedisWriter {
             let counter = scripts::write_counter(self.size);
             self.pending[..counter.len()].copy_from_slice(counter.as_bytes());
             let shard = self.conn().shard().clone();
-            let upload = shard
+            if let Some(upload) = shard
                 .upload(&self.guard.temp, whole, self.ttl, &self.pending)
-                .await?;
-            self.upload = Some(upload);
-            self.created = true;
-            self.written = body;
-            self.pending = BytesMut::new();
-            return Ok(());
+                .await?
+            {
+                self.upload = Some(upload);
+                self.created = true;
+                self.written = body;
+                self.pending = BytesMut::new();
+                return Ok(());
+            }
         }
         // The write counter goes over the draft header's first bytes before the value is sent:
         // a key that vanishes after this write fails the next write's check of it.
