@@ -299,13 +299,22 @@ impl Shard {
         &self,
         command: impl std::future::Future<Output = Result<R, Error>>,
     ) -> Result<R, ShardError> {
+        self.bounded_as(command, |e| self.fail(e)).await
+    }
+
+    /// [`Shard::bounded`], its failures (a timeout among them) judged by `fail`.
+    async fn bounded_as<R>(
+        &self,
+        command: impl std::future::Future<Output = Result<R, Error>>,
+        fail: impl Fn(Error) -> ShardError,
+    ) -> Result<R, ShardError> {
         let down = self.went_down.notified();
         tokio::pin!(down);
         down.as_mut().enable();
         tokio::select! {
             done = tokio::time::timeout(self.command_timeout, command) => match done {
-                Ok(result) => result.map_err(|e| self.fail(e)),
-                Err(_) => Err(self.fail(Error::new(ErrorKind::Timeout, "command timed out"))),
+                Ok(result) => result.map_err(fail),
+                Err(_) => Err(fail(Error::new(ErrorKind::Timeout, "command timed out"))),
             },
             () = &mut down => Err(ShardError::Down(self.name.clone())),
         }

@@ -272,21 +272,13 @@ impl Upload {
     }
 }
 
-/// Runs one step of an upload under the command timeout, ended early if the shard is found down.
+/// Runs one step of an upload under the command timeout, ended early if the shard is found down;
+/// a failure does not mark the shard down.
 async fn bounded<R>(
     shard: &Shard,
     step: impl std::future::Future<Output = Result<R, Error>>,
 ) -> Result<R, ShardError> {
-    let down = shard.went_down.notified();
-    tokio::pin!(down);
-    down.as_mut().enable();
-    tokio::select! {
-        done = tokio::time::timeout(shard.command_timeout, step) => match done {
-            Ok(result) => result.map_err(|e| shard.upload_failed(e)),
-            Err(_) => Err(shard.upload_failed(Error::new(ErrorKind::Timeout, "upload timed out"))),
-        },
-        () = &mut down => Err(ShardError::Down(shard.name.clone())),
-    }
+    shard.bounded_as(step, |e| shard.upload_failed(e)).await
 }
 
 #[cfg(test)]

@@ -175,19 +175,10 @@ impl RedisWriter {
                 "header length changed between start and publish".into(),
             )));
         }
-        let published = if let Some(upload) = self.upload.take() {
-            upload.finish().await?;
-            scripts::publish(
-                self.conn(),
-                &self.guard.temp,
-                &self.key,
-                header,
-                self.written,
-                self.nonce,
-            )
-            .await?
-        } else if self.created {
-            if !self.pending.is_empty() {
+        let published = if self.created {
+            if let Some(upload) = self.upload.take() {
+                upload.finish().await?;
+            } else if !self.pending.is_empty() {
                 let data = self.pending.split().freeze();
                 self.write_piece(data).await?;
             }
