@@ -571,9 +571,9 @@ async fn a_streamed_put_to_a_shard_that_hangs_or_dies_fails_in_bounded_time() {
     }
 }
 
-/// A replica streams at most 4 × `pool_size` Puts to one shard at once (each holds the
-/// whole value's room on the shard from its start); one past that is written in pieces, and
-/// all are stored.
+/// The uploads one replica has in flight to one shard hold at most 64 MiB per connection of its
+/// pool, by the values' whole lengths (each holds its value's room on the shard from its start);
+/// a Put past that is written in pieces, and all are stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_past_their_limit_are_written_in_pieces() {
     let cluster = TestCluster::builder()
@@ -583,33 +583,38 @@ async fn uploads_past_their_limit_are_written_in_pieces() {
         .await;
     let shard = &cluster.shards[0];
     let sent = common::STREAMED_AFTER;
+    // Two of these fit in 64 MiB, a third does not.
+    let size = 24 * 1024 * 1024;
     let mut puts = Vec::new();
-    for i in 0..mediacache::shard::upload::UPLOADS_PER_POOL_CONNECTION {
+    for i in 0..2 {
         let key = media_key("example.org", &format!("upload-{i}"), "");
-        let put =
-            common::OpenPut::start(cluster.raw().await, key, body(2 * sent, i as u64), sent).await;
-        puts.push(put);
-        common::put_under_way(shard).await;
+        puts.push(common::OpenPut::start(cluster.raw().await, key, body(size, i), sent).await);
+        common::uploads_under_way(shard, i as usize + 1).await;
     }
     assert!(
         shard.keys().await.iter().all(|k| !k.contains(":tmp:")),
         "uploads have no temporary key until they are whole"
     );
     let key = media_key("example.org", "in-pieces", "");
-    puts.push(common::OpenPut::start(cluster.raw().await, key, body(2 * sent, 99), sent).await);
+    puts.push(common::OpenPut::start(cluster.raw().await, key, body(size, 9), sent).await);
     common::temp_key_appears(shard).await;
+    assert_eq!(
+        shard.uploads_under_way().await,
+        2,
+        "the third is not uploaded"
+    );
     for put in puts {
         let answer = put.finish().await;
         assert!(answer.stored, "{answer:?}");
     }
     let mut client = cluster.client().await;
-    for (id, seed) in [("upload-0", 0), ("in-pieces", 99)] {
+    for (id, seed) in [("upload-0", 0), ("upload-1", 1), ("in-pieces", 9)] {
         let (_, got) = client
             .get_bytes(media_key("example.org", id, ""))
             .await
             .unwrap()
             .expect("stored");
-        assert_eq!(got, body(2 * sent, seed), "{id}");
+        assert_eq!(got, body(size, seed), "{id}");
     }
 }
 

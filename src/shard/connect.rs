@@ -10,7 +10,7 @@ use fred::types::config::ServerConfig;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tracing::warn;
 
-use super::upload::UPLOADS_PER_POOL_CONNECTION;
+use super::upload::UPLOAD_MIB_PER_POOL_CONNECTION;
 use super::{health_loop, Direct, Shard, Subscription};
 use crate::config::{redact_url, RedisConfig, ShardConfig};
 
@@ -121,7 +121,7 @@ impl Shard {
             command_timeout: redis.command_timeout,
             direct,
             upload_slots: Arc::new(tokio::sync::Semaphore::new(
-                redis.pool_size * UPLOADS_PER_POOL_CONNECTION,
+                redis.pool_size * UPLOAD_MIB_PER_POOL_CONNECTION,
             )),
             health: std::sync::Mutex::new(None),
             went_down: tokio::sync::Notify::new(),

@@ -169,7 +169,7 @@ pub struct Shard {
     command_timeout: Duration,
     /// How an upload opens its own connection.
     direct: Direct,
-    /// Uploads this replica may have in flight to the shard at once.
+    /// MiB of values this replica may be uploading to the shard at once.
     upload_slots: Arc<tokio::sync::Semaphore>,
     health: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// Wakes requests waiting on this shard when it is found down, so a command sent just

@@ -15,8 +15,10 @@
 //! The cost moves to memory: the shard reserves the whole value's room, counted in its
 //! `used_memory`, as soon as the `SET`'s length arrives, and for a moment holds twice it when the
 //! command runs (Redis makes a new read buffer of the same size after a large argument, until
-//! the connection closes). So at most [`UPLOADS_PER_POOL_CONNECTION`] per pool connection run at
-//! once on a shard; a Put past that is written in pieces.
+//! the connection closes). So the uploads one replica has in flight to one shard hold at most
+//! [`UPLOAD_MIB_PER_POOL_CONNECTION`] MiB per connection of its pool (256 MiB with the default
+//! `pool_size` of 4), counted by the values' whole lengths; a Put past that is written in
+//! pieces.
 //!
 //! A failed upload fails its Put but does not mark the shard down: the pool's own connections and
 //! health checks judge the shard, and what goes wrong on an upload's connection (a limit of the
@@ -39,8 +41,10 @@ use super::{is_fault, Direct, Shard, ShardError};
 /// The longest reply line read (an error message).
 const MAX_REPLY: usize = 4096;
 
-/// Uploads in flight to one shard from one replica, per connection of its pool.
-pub const UPLOADS_PER_POOL_CONNECTION: usize = 4;
+/// MiB of values one replica may be uploading to one shard at once, per connection of its pool.
+pub const UPLOAD_MIB_PER_POOL_CONNECTION: usize = 64;
+
+const MIB: u64 = 1024 * 1024;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -161,8 +165,9 @@ impl Shard {
         first: &[u8],
     ) -> Result<Option<Upload>, ShardError> {
         self.check_up()?;
-        let Ok(slot) = self.upload_slots.clone().try_acquire_owned() else {
-            debug!(shard = %self.name, "uploads at their limit: writing in pieces");
+        let mib = u32::try_from(len.div_ceil(MIB)).unwrap_or(u32::MAX);
+        let Ok(slot) = self.upload_slots.clone().try_acquire_many_owned(mib) else {
+            debug!(shard = %self.name, len, "uploads at their limit: writing in pieces");
             return Ok(None);
         };
         let io = self
@@ -258,7 +263,11 @@ impl Upload {
                 while io.read(&mut rest).await? > 0 {}
                 Ok::<_, std::io::Error>(())
             };
-            let _ = tokio::time::timeout(wait, quit).await;
+            match tokio::time::timeout(wait, quit).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(error = %e, "upload connection closed uncleanly"),
+                Err(_) => debug!("shard did not close an upload connection after QUIT"),
+            }
             drop(_slot);
         });
         Ok(())

@@ -358,9 +358,19 @@ impl RedisShard {
         field("calls") - field("failed_calls")
     }
 
-    /// The longest query buffer of the shard's connections (`CLIENT LIST`'s `qbuf`): a command
-    /// still arriving.
-    pub async fn largest_query_buffer(&self) -> u64 {
+    /// Connections of the shard with half a megabyte or more of a command still arriving: the
+    /// service's uploads under way.
+    pub async fn uploads_under_way(&self) -> usize {
+        self.query_buffers()
+            .await
+            .into_iter()
+            .filter(|&q| q >= 512 * 1024)
+            .count()
+    }
+
+    /// The query buffers of the shard's connections (`CLIENT LIST`'s `qbuf`): commands still
+    /// arriving.
+    async fn query_buffers(&self) -> Vec<u64> {
         let c = self.client().await;
         let list: String = c
             .custom(
@@ -376,8 +386,7 @@ impl RedisShard {
                     .find_map(|f| f.strip_prefix("qbuf="))
                     .and_then(|v| v.parse().ok())
             })
-            .max()
-            .unwrap_or(0)
+            .collect()
     }
 
     /// Clients subscribed to the event channel: one per replica once it hears this shard.
@@ -593,6 +602,14 @@ pub async fn temp_key_appears(shard: &RedisShard) {
     .await;
 }
 
+/// Waits until `n` of the service's uploads are under way on `shard`.
+pub async fn uploads_under_way(shard: &RedisShard, n: usize) {
+    eventually("uploads under way", Duration::from_secs(5), || async {
+        (shard.uploads_under_way().await >= n).then_some(())
+    })
+    .await;
+}
+
 /// Waits until a Put of more than its first write is under way on `shard`: a value sent as one
 /// streamed `SET` is half-read in a connection's query buffer (`CLIENT LIST`'s `qbuf`), one
 /// written in pieces has its temporary key.
@@ -606,7 +623,7 @@ pub async fn put_under_way(shard: &RedisShard) {
                 .await
                 .iter()
                 .any(|k| k.starts_with("mc:1:tmp:"));
-            (temp || shard.largest_query_buffer().await >= 512 * 1024).then_some(())
+            (temp || shard.uploads_under_way().await > 0).then_some(())
         },
     )
     .await;
