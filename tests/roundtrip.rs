@@ -508,3 +508,30 @@ async fn a_small_gets_response_reaches_the_client_in_one_segment() {
         "{segments} segments reached the client for {GETS} Gets"
     );
 }
+
+/// A shard URL that names a database: the pool and an upload's own connection both select it,
+/// so a long Put's temporary key and its object land there, and read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_urls_database_is_used_by_uploads_too() {
+    let shard = common::RedisShard::start_with("db", &[]).await;
+    let mut config = mediacache::config::Config::default();
+    config.shards = vec![mediacache::config::ShardConfig {
+        name: shard.name.clone(),
+        url: format!("{}/2", shard.url()),
+        weight: 1,
+    }];
+    let cluster = TestCluster::builder().with_config(config).start().await;
+    let mut client = cluster.client().await;
+    for (id, size) in [("whole", 700_000), ("uploaded", 3_000_000)] {
+        let key = media_key("example.org", id, "");
+        let answer = client
+            .put_bytes(key.clone(), Default::default(), body(size, 3))
+            .await
+            .unwrap();
+        assert!(answer.stored, "{id}: {answer:?}");
+        let (_, got) = client.get_bytes(key).await.unwrap().expect("hit");
+        assert_eq!(got, body(size, 3), "{id}");
+    }
+    let keys = shard.keys().await;
+    assert!(keys.is_empty(), "nothing in database 0: {keys:?}");
+}
