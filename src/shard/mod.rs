@@ -254,14 +254,23 @@ impl Shard {
 
     /// Classifies a fred error: connection trouble marks the shard down.
     fn fail(&self, e: Error) -> ShardError {
-        let shard = self.name.clone();
-        if !is_fault(&e) {
-            return ShardError::Reply { shard, source: e };
+        let e = self.classify(e);
+        if let ShardError::Fault { source, .. } = &e {
+            warn!(shard = %self.name, error = %source, "shard command failed");
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            self.set_up(false);
         }
-        warn!(shard = %self.name, error = %e, "shard command failed");
-        self.errors.fetch_add(1, Ordering::Relaxed);
-        self.set_up(false);
-        ShardError::Fault { shard, source: e }
+        e
+    }
+
+    /// A fault (of the connection or the client) or the shard's answer, as [`is_fault`] tells.
+    fn classify(&self, e: Error) -> ShardError {
+        let shard = self.name.clone();
+        if is_fault(&e) {
+            ShardError::Fault { shard, source: e }
+        } else {
+            ShardError::Reply { shard, source: e }
+        }
     }
 
     /// A connected client of the pool, or the reason there is none.

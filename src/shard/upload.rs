@@ -25,7 +25,6 @@
 //! shard's on bulk strings, query buffers or clients, a connection closed after an idle client
 //! pause) says little about them.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +35,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::rustls;
 use tracing::{debug, warn};
 
-use super::{is_fault, Direct, Shard, ShardError};
+use super::{Direct, Shard, ShardError};
 
 /// The longest reply line read (an error message).
 const MAX_REPLY: usize = 4096;
@@ -94,14 +93,18 @@ impl Direct {
     }
 }
 
+/// Appends `word` to a command as a RESP bulk string.
+fn push_bulk(out: &mut Vec<u8>, word: &[u8]) {
+    out.extend_from_slice(format!("${}\r\n", word.len()).as_bytes());
+    out.extend_from_slice(word);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Sends one command and reads its answer, which must be a simple string.
 async fn command(io: &mut Box<dyn Io>, words: &[&[u8]]) -> Result<(), Error> {
-    let mut out = Vec::new();
-    out.extend_from_slice(format!("*{}\r\n", words.len()).as_bytes());
+    let mut out = format!("*{}\r\n", words.len()).into_bytes();
     for w in words {
-        out.extend_from_slice(format!("${}\r\n", w.len()).as_bytes());
-        out.extend_from_slice(w);
-        out.extend_from_slice(b"\r\n");
+        push_bulk(&mut out, w);
     }
     io.write_all(&out).await?;
     io.flush().await?;
@@ -143,67 +146,70 @@ pub struct Upload {
     /// Value bytes still to send.
     left: u64,
     /// The arguments after the value.
-    tail: String,
+    tail: Vec<u8>,
     _slot: OwnedSemaphorePermit,
 }
 
+/// Room for one upload among those this replica has in flight to a shard.
+pub struct UploadSlot {
+    len: u64,
+    permit: OwnedSemaphorePermit,
+}
+
 impl Shard {
-    /// Whether a value (header and body) of `len` bytes may be sent as one `SET`
-    /// (`redis.upload_max_bytes`).
-    pub fn uploads(&self, len: u64) -> bool {
-        len <= self.redis.upload_max_bytes
+    /// Room to send a value (header and body) of `len` bytes as one `SET`: `None` when it is
+    /// longer than `redis.upload_max_bytes`, or the uploads under way to this shard already hold
+    /// what this replica allows itself.
+    pub fn upload_slot(&self, len: u64) -> Option<UploadSlot> {
+        if len > self.redis.upload_max_bytes {
+            return None;
+        }
+        let mib = u32::try_from(len.div_ceil(MIB)).unwrap_or(u32::MAX);
+        let Ok(permit) = self.upload_slots.clone().try_acquire_many_owned(mib) else {
+            debug!(shard = %self.name, len, "uploads at their limit: writing in pieces");
+            return None;
+        };
+        Some(UploadSlot { len, permit })
     }
 
-    /// Opens a connection of its own to this shard and starts `SET key value PX ttl` for a value
-    /// of `len` bytes, sending `first` of them. `None` when as many uploads as this replica
-    /// allows itself are already under way to this shard.
+    /// Opens a connection of its own to this shard and starts `SET key value PX ttl` for the
+    /// value `slot` was taken for, sending `first` of its bytes.
     pub async fn upload(
         self: &Arc<Self>,
+        slot: UploadSlot,
         key: &str,
-        len: u64,
         ttl: Duration,
         first: &[u8],
-    ) -> Result<Option<Upload>, ShardError> {
+    ) -> Result<Upload, ShardError> {
         self.check_up()?;
-        let mib = u32::try_from(len.div_ceil(MIB)).unwrap_or(u32::MAX);
-        let Ok(slot) = self.upload_slots.clone().try_acquire_many_owned(mib) else {
-            debug!(shard = %self.name, len, "uploads at their limit: writing in pieces");
-            return Ok(None);
-        };
         let io = self
             .direct
             .open(self.command_timeout)
             .await
             .map_err(|e| self.upload_failed(e))?;
-        let mut head = String::with_capacity(64 + key.len());
-        // Writing to a String cannot fail.
-        let _ = write!(
-            head,
-            "*5\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${len}\r\n",
-            key.len()
-        );
-        let ttl = ttl.as_millis().max(1).to_string();
+        let mut head = b"*5\r\n".to_vec();
+        push_bulk(&mut head, b"SET");
+        push_bulk(&mut head, key.as_bytes());
+        head.extend_from_slice(format!("${}\r\n", slot.len).as_bytes());
+        let mut tail = b"\r\n".to_vec();
+        push_bulk(&mut tail, b"PX");
+        push_bulk(&mut tail, ttl.as_millis().max(1).to_string().as_bytes());
         let mut upload = Upload {
             shard: self.clone(),
             io,
-            left: len,
-            tail: format!("\r\n$2\r\nPX\r\n${}\r\n{ttl}\r\n", ttl.len()),
-            _slot: slot,
+            left: slot.len,
+            tail,
+            _slot: slot.permit,
         };
-        upload.raw(head.as_bytes()).await?;
+        upload.raw(&head).await?;
         upload.send(first).await?;
-        Ok(Some(upload))
+        Ok(upload)
     }
 
     /// The error of a failed upload, logged with its cause; the shard is not marked down.
     fn upload_failed(&self, e: Error) -> ShardError {
-        let shard = self.name.clone();
-        warn!(shard = %shard, error = %e, "upload failed");
-        if is_fault(&e) {
-            ShardError::Fault { shard, source: e }
-        } else {
-            ShardError::Reply { shard, source: e }
-        }
+        warn!(shard = %self.name, error = %e, "upload failed");
+        self.classify(e)
     }
 }
 
@@ -212,13 +218,7 @@ impl Upload {
     /// nothing is sent.
     pub async fn send(&mut self, data: &[u8]) -> Result<(), ShardError> {
         if data.len() as u64 > self.left {
-            return Err(ShardError::Reply {
-                shard: self.shard.name().to_owned(),
-                source: Error::new(
-                    ErrorKind::InvalidArgument,
-                    "more bytes than the value was announced with",
-                ),
-            });
+            return Err(self.misuse("more bytes than the value was announced with".into()));
         }
         self.raw(data).await?;
         self.left -= data.len() as u64;
@@ -230,16 +230,11 @@ impl Upload {
     /// closed connections do not pile up in this host's `TIME_WAIT`.
     pub async fn finish(mut self) -> Result<(), ShardError> {
         if self.left != 0 {
-            return Err(ShardError::Reply {
-                shard: self.shard.name().to_owned(),
-                source: Error::new(
-                    ErrorKind::InvalidArgument,
-                    format!("{} bytes of the value were never sent", self.left),
-                ),
-            });
+            let left = self.left;
+            return Err(self.misuse(format!("{left} bytes of the value were never sent")));
         }
         let tail = std::mem::take(&mut self.tail);
-        self.raw(tail.as_bytes()).await?;
+        self.raw(&tail).await?;
         let started = std::time::Instant::now();
         let io = &mut self.io;
         bounded(&self.shard, async {
@@ -273,6 +268,14 @@ impl Upload {
         Ok(())
     }
 
+    /// An upload used against its announced length: refused, nothing sent.
+    fn misuse(&self, what: String) -> ShardError {
+        ShardError::Reply {
+            shard: self.shard.name().to_owned(),
+            source: Error::new(ErrorKind::InvalidArgument, what),
+        }
+    }
+
     /// Writes bytes of the command, under the command timeout: a shard that stops reading them
     /// fails the upload as a stalled command fails.
     async fn raw(&mut self, data: &[u8]) -> Result<(), ShardError> {
@@ -292,6 +295,7 @@ async fn bounded<R>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::is_fault;
     use super::*;
 
     async fn reply(bytes: &[&[u8]]) -> Result<(), Error> {

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fred::prelude::{Builder, ClientLike, Config as FredConfig, KeysInterface, Value};
+use fred::prelude::{Builder, ClientLike, Config as FredConfig, FromValue, KeysInterface, Value};
 use mediacache::client::Client;
 use mediacache::config::{Config, ShardConfig};
 use mediacache::proto::media_cache_service_client::MediaCacheServiceClient;
@@ -289,18 +289,23 @@ impl RedisShard {
         client
     }
 
-    /// Every key on the shard.
-    pub async fn keys(&self) -> Vec<String> {
+    /// Runs one command on a connection of its own and returns its answer.
+    async fn run<R: FromValue>(&self, command: &'static str, args: Vec<&str>) -> R {
         let c = self.client().await;
-        let keys: Vec<String> = c
+        let reply: R = c
             .custom(
-                fred::types::CustomCommand::new_static("KEYS", None, false),
-                vec!["*"],
+                fred::types::CustomCommand::new_static(command, None, false),
+                args,
             )
             .await
             .unwrap();
         let _ = c.quit().await;
-        keys
+        reply
+    }
+
+    /// Every key on the shard.
+    pub async fn keys(&self) -> Vec<String> {
+        self.run("KEYS", vec!["*"]).await
     }
 
     /// The stored objects on the shard (not leases, indexes or quarantines).
@@ -319,16 +324,7 @@ impl RedisShard {
 
     /// A section of the shard's `INFO`, on a connection of its own.
     async fn info(&self, section: &str) -> String {
-        let c = self.client().await;
-        let info: String = c
-            .custom(
-                fred::types::CustomCommand::new_static("INFO", None, false),
-                vec![section],
-            )
-            .await
-            .unwrap();
-        let _ = c.quit().await;
-        info
+        self.run("INFO", vec![section]).await
     }
 
     /// How many reads of its clients' sockets the shard has made (`total_reads_processed`):
@@ -371,15 +367,7 @@ impl RedisShard {
     /// The query buffers of the shard's connections (`CLIENT LIST`'s `qbuf`): commands still
     /// arriving.
     async fn query_buffers(&self) -> Vec<u64> {
-        let c = self.client().await;
-        let list: String = c
-            .custom(
-                fred::types::CustomCommand::new_static("CLIENT", None, false),
-                vec!["LIST"],
-            )
-            .await
-            .unwrap();
-        let _ = c.quit().await;
+        let list: String = self.run("CLIENT", vec!["LIST"]).await;
         list.lines()
             .filter_map(|l| {
                 l.split(' ')
@@ -391,29 +379,15 @@ impl RedisShard {
 
     /// Clients subscribed to the event channel: one per replica once it hears this shard.
     pub async fn subscribers(&self) -> u64 {
-        let c = self.client().await;
-        let reply: Vec<Value> = c
-            .custom(
-                fred::types::CustomCommand::new_static("PUBSUB", None, false),
-                vec!["NUMSUB", "mc:1:events"],
-            )
-            .await
-            .unwrap();
-        let _ = c.quit().await;
+        let reply: Vec<Value> = self.run("PUBSUB", vec!["NUMSUB", "mc:1:events"]).await;
         reply.get(1).and_then(Value::as_u64).unwrap_or(0)
     }
 
     /// Any command, for state the service's own writes would leave (e.g. `SADD`).
     pub async fn raw_command(&self, command: &'static str, args: Vec<String>) {
-        let c = self.client().await;
-        let _: Value = c
-            .custom(
-                fred::types::CustomCommand::new_static(command, None, false),
-                args,
-            )
-            .await
-            .unwrap();
-        let _ = c.quit().await;
+        let _: Value = self
+            .run(command, args.iter().map(String::as_str).collect())
+            .await;
     }
 
     pub async fn raw_set(&self, key: &str, value: Vec<u8>) {

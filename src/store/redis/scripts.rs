@@ -395,8 +395,8 @@ fn published(done: i64) -> Published {
 }
 
 /// Writes `header` at the start of a complete temporary key, written in pieces or uploaded
-/// (holding the write counter of `written` body bytes), and renames it to `key`, announcing the fill with the
-/// publish's `version` (see [`PUBLISH_SCRIPT`]).
+/// (holding the write counter of `written` body bytes), and renames it to `key`, announcing the
+/// fill with the publish's `version` (see [`PUBLISH_SCRIPT`]).
 pub async fn publish(
     conn: &Pinned,
     temp: &str,

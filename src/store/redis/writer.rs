@@ -120,29 +120,24 @@ impl RedisWriter {
     /// when the whole value fits in one.
     async fn create(&mut self) -> Result<(), PutError> {
         let body = self.pending.len() as u64 - self.header_len;
-        let whole = self.header_len + self.size;
-        if self.conn().shard().uploads(whole) {
-            checked_total(0, body as usize, self.size)?;
-            // The value reaches the shard whole or not at all, so its draft header carries the
-            // write counter of the whole body, which the publish checks.
-            let counter = scripts::write_counter(self.size);
-            self.pending[..counter.len()].copy_from_slice(counter.as_bytes());
-            let shard = self.conn().shard().clone();
-            if let Some(upload) = shard
-                .upload(&self.guard.temp, whole, self.ttl, &self.pending)
-                .await?
-            {
-                self.upload = Some(upload);
-                self.created = true;
-                self.written = body;
-                self.pending = BytesMut::new();
-                return Ok(());
-            }
-        }
+        let shard = self.conn().shard().clone();
+        let slot = shard.upload_slot(self.header_len + self.size);
         // The write counter goes over the draft header's first bytes before the value is sent:
-        // a key that vanishes after this write fails the next write's check of it.
-        let counter = scripts::write_counter(body);
+        // a key that vanishes after this write fails the next write's check of it. An uploaded
+        // value reaches the shard whole or not at all, so it carries the whole body's.
+        let counter = scripts::write_counter(if slot.is_some() { self.size } else { body });
         self.pending[..counter.len()].copy_from_slice(counter.as_bytes());
+        if let Some(slot) = slot {
+            checked_total(0, body as usize, self.size)?;
+            let upload = shard
+                .upload(slot, &self.guard.temp, self.ttl, &self.pending)
+                .await?;
+            self.upload = Some(upload);
+            self.created = true;
+            self.written = body;
+            self.pending = BytesMut::new();
+            return Ok(());
+        }
         let first = self.pending.split().freeze();
         self.conn().set(&self.guard.temp, first, self.ttl).await?;
         self.created = true;
