@@ -492,12 +492,7 @@ async fn a_put_whose_temporary_key_vanished_is_not_recreated() {
     let put =
         common::OpenPut::start(cluster.raw().await, key.clone(), body(3 * sent, 8), sent).await;
     common::temp_key_appears(shard).await;
-    let temp: Vec<String> = shard
-        .keys()
-        .await
-        .into_iter()
-        .filter(|k| k.starts_with("mc:1:tmp:"))
-        .collect();
+    let temp = shard.temp_keys().await;
     assert_eq!(temp.len(), 1, "{temp:?}");
     let writes = shard.command_calls("setrange").await;
     // The key expires (or the shard restarts) under the Put.
@@ -563,10 +558,10 @@ async fn a_streamed_put_to_a_shard_that_hangs_or_dies_fails_in_bounded_time() {
             body(3 * sent, round + 10),
         )
         .await;
-        let keys = cluster.shards[0].keys().await;
+        let temp = cluster.shards[0].temp_keys().await;
         assert!(
-            keys.iter().all(|k| !k.contains(":tmp:")),
-            "round {round}: nothing left behind: {keys:?}"
+            temp.is_empty(),
+            "round {round}: nothing left behind: {temp:?}"
         );
     }
 }
@@ -592,7 +587,7 @@ async fn uploads_past_their_limit_are_written_in_pieces() {
         common::uploads_under_way(shard, i as usize + 1).await;
     }
     assert!(
-        shard.keys().await.iter().all(|k| !k.contains(":tmp:")),
+        shard.temp_keys().await.is_empty(),
         "uploads have no temporary key until they are whole"
     );
     let key = media_key("example.org", "in-pieces", "");
@@ -650,11 +645,7 @@ async fn a_refused_upload_does_not_take_the_shard_down() {
             .unwrap()
             .stored
     );
-    assert!(cluster.shards[0]
-        .keys()
-        .await
-        .iter()
-        .all(|k| !k.contains(":tmp:")));
+    assert!(cluster.shards[0].temp_keys().await.is_empty());
 }
 
 /// A shard that comes back with an older copy of a temporary key (a restart from a snapshot
@@ -675,12 +666,7 @@ async fn a_put_whose_temporary_key_went_back_in_time_is_not_published() {
         let put =
             common::OpenPut::start(cluster.raw().await, key.clone(), body(size, 9), sent).await;
         common::temp_key_appears(shard).await;
-        let temp = shard
-            .keys()
-            .await
-            .into_iter()
-            .find(|k| k.starts_with("mc:1:tmp:"))
-            .unwrap();
+        let temp = shard.temp_keys().await.remove(0);
         // What the value looked like before its first megabyte was written: its write counter
         // at zero.
         shard

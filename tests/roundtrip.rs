@@ -314,7 +314,7 @@ async fn a_small_put_is_one_set_and_one_publish_and_a_big_one_streams() {
         [1, 0, 0, 0],
         "SET, RENAME, SETRANGE and APPEND calls of one thumbnail's Put"
     );
-    assert!(shard.keys().await.iter().all(|k| !k.contains(":tmp:")));
+    assert!(shard.temp_keys().await.is_empty());
     assert_eq!(
         put_counting_calls(shard, &mut client, "small-put", body(900_000, 1)).await,
         [1, 1, 1, 0],
@@ -326,7 +326,7 @@ async fn a_small_put_is_one_set_and_one_publish_and_a_big_one_streams() {
         [1, 1, 1, 0],
         "SET, RENAME, SETRANGE and APPEND calls of one long Put"
     );
-    assert!(shard.keys().await.iter().all(|k| !k.contains(":tmp:")));
+    assert!(shard.temp_keys().await.is_empty());
 }
 
 /// A value longer than `redis.upload_max_bytes` is written after its first megabyte a piece at
@@ -347,7 +347,7 @@ async fn a_value_past_the_upload_limit_is_written_in_pieces() {
         over[2] >= 3,
         "a body past the limit is written in pieces: {over:?}"
     );
-    assert!(shard.keys().await.iter().all(|k| !k.contains(":tmp:")));
+    assert!(shard.temp_keys().await.is_empty());
 }
 
 /// A Get's first read (the window, the value's length and its variant index membership)

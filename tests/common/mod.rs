@@ -308,6 +308,13 @@ impl RedisShard {
         self.run("KEYS", vec!["*"]).await
     }
 
+    /// Temporary keys of Puts in progress (or abandoned and not yet expired).
+    pub async fn temp_keys(&self) -> Vec<String> {
+        let mut keys = self.keys().await;
+        keys.retain(|k| k.starts_with("mc:1:tmp:"));
+        keys
+    }
+
     /// The stored objects on the shard (not leases, indexes or quarantines).
     pub async fn objects(&self) -> Vec<String> {
         let mut keys = self.keys().await;
@@ -564,14 +571,7 @@ pub async fn temp_key_appears(shard: &RedisShard) {
     eventually(
         "a temporary key of a Put in progress",
         Duration::from_secs(5),
-        || async {
-            shard
-                .keys()
-                .await
-                .iter()
-                .any(|k| k.starts_with("mc:1:tmp:"))
-                .then_some(())
-        },
+        || async { (!shard.temp_keys().await.is_empty()).then_some(()) },
     )
     .await;
 }
@@ -592,11 +592,7 @@ pub async fn put_under_way(shard: &RedisShard) {
         "a Put under way on the shard",
         Duration::from_secs(5),
         || async {
-            let temp = shard
-                .keys()
-                .await
-                .iter()
-                .any(|k| k.starts_with("mc:1:tmp:"));
+            let temp = !shard.temp_keys().await.is_empty();
             (temp || shard.uploads_under_way().await > 0).then_some(())
         },
     )
